@@ -1,0 +1,27 @@
+"""`latent` mode: the MMD² gradient on the Tweedie estimate x̂0, no backprop through the denoiser.
+
+g = ∇_{x̂0} MMD²(x̂0(X_t), Y); x̂0 ← x̂0 − Δ(g); the sampler then recomposes x_{t−1} from the moved x̂0
+and the unchanged predicted noise. Clean-to-clean: x̂0 is compared with clean reference latents.
+Cost: two kernel blocks, O(B·(B+M)·d) per step, no extra network call.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .mmd import MMDTarget, SampleMemory
+from .schedules import StepNormalization, guidance_step
+
+
+def latent_guidance_delta(
+    x0_hat: torch.Tensor,
+    target: MMDTarget,
+    strength: float,
+    *,
+    x_cond: torch.Tensor | None = None,
+    normalization: StepNormalization = "per_sample",
+    memory: SampleMemory | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(Δ to subtract from x̂0, MMD² of the batch before the move)."""
+    grad, value = target.grad(x0_hat.detach(), x_cond=x_cond, memory=memory)
+    return guidance_step(grad, x0_hat, strength, normalization), value

@@ -1,0 +1,43 @@
+"""Conversions between model parameterisations in variance-preserving (VP) form.
+
+x_t = α_t x0 + σ_t ε with α_t² + σ_t² = 1 (DDPM/DDIM, Ho et al. 2020 eq. 4). A model predicts ε,
+v = α_t ε − σ_t x0 (Salimans & Ho 2022, eq. 7) or x0 directly ("sample").
+"""
+
+from __future__ import annotations
+
+import torch
+
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+
+
+def _check(prediction_type: str) -> None:
+    if prediction_type not in PREDICTION_TYPES:
+        raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
+
+
+def to_x0_eps(
+    model_output: torch.Tensor, x_t: torch.Tensor, alpha: torch.Tensor, sigma: torch.Tensor, prediction_type: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x̂0, ε̂) from a model output; x̂0 is the Tweedie estimate E[x0 | x_t]."""
+    _check(prediction_type)
+    if prediction_type == "epsilon":
+        eps = model_output
+        x0 = (x_t - sigma * eps) / alpha  # x0 = (x_t − σ ε)/α
+    elif prediction_type == "v_prediction":
+        x0 = alpha * x_t - sigma * model_output  # x0 = α x_t − σ v
+        eps = sigma * x_t + alpha * model_output  # ε = σ x_t + α v
+    else:
+        x0 = model_output
+        eps = (x_t - alpha * x0) / sigma
+    return x0, eps
+
+
+def from_x0_eps(x0: torch.Tensor, eps: torch.Tensor, alpha: torch.Tensor, sigma: torch.Tensor, prediction_type: str):
+    """The model output that encodes (x0, ε) in `prediction_type`."""
+    _check(prediction_type)
+    if prediction_type == "epsilon":
+        return eps
+    if prediction_type == "v_prediction":
+        return alpha * eps - sigma * x0
+    return x0

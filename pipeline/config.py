@@ -1,0 +1,114 @@
+"""The one validated, frozen, serialisable config object that flows from the CLI/flow down to workers."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+SamplerName = Literal["ddim", "ddpm", "euler", "dpmpp"]
+GuidanceName = Literal["none", "latent", "posterior", "lookahead"]
+KernelName = Literal["rbf", "rbf-multi", "imq", "cubic", "rff"]
+ScheduleName = Literal["constant", "interval", "linear_decay", "linear_ramp"]
+NormalizationName = Literal["per_sample", "batch", "raw"]
+DTypeName = Literal["auto", "float32", "float16", "bfloat16"]
+
+#: Fields that do not change which samples are produced (excluded from the config hash).
+RUNTIME_FIELDS = frozenset({"out", "device", "processes", "progress", "cache_dir"})
+
+
+class AugmentConfig(BaseModel):
+    """Everything that defines an `augment` run. Its hash goes into every sample's metadata."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    # what and where
+    ref: str = Field(description="reference folder or fsspec URL")
+    out: str = Field(description="output folder")
+    n: int = Field(ge=1, description="number of samples to keep")
+    model: str | None = Field(default=None, description="diffusers folder/hub id, or 'pkg.mod:factory'; None = shipped")
+    prefix: str = Field(default="synthetic", pattern=r"^[A-Za-z0-9_-]+$")
+    seed: int = Field(default=0, ge=0)
+    cache_dir: str | None = None
+
+    # sampling
+    sampler: SamplerName = "ddim"
+    steps: int = Field(default=50, ge=1, le=1000)
+    eta: float = Field(default=0.0, ge=0.0, le=1.0)
+    batch_size: int = Field(default=64, ge=1)
+    cfg_scale: float = Field(default=1.0, ge=0.0)
+    ig_scale: float = Field(default=1.0, ge=0.0)
+    ig_interval: tuple[float, float] | None = None
+
+    # MMD guidance
+    guidance: GuidanceName = "latent"
+    lookahead_steps: int | None = Field(default=2, ge=1)
+    kernel: KernelName = "rbf"
+    bandwidth_factors: tuple[float, ...] = (0.5, 1.0, 2.0)
+    rff_features: int = Field(default=2048, ge=16)
+    strength: float = Field(default=0.05, ge=0.0)
+    schedule: ScheduleName = "constant"
+    schedule_start: float = Field(default=0.0, ge=0.0, le=1.0)
+    schedule_end: float = Field(default=1.0, ge=0.0, le=1.0)
+    normalization: NormalizationName = "per_sample"
+    memory: int = Field(default=0, ge=0, description="finished samples remembered per shard (0 = off)")
+    class_aware: bool = True
+    class_balance: Literal["reference", "uniform"] = "reference"
+
+    # filter and output
+    keep: float = Field(default=0.9, gt=0.0, le=1.0)
+    shard_size: int = Field(default=1000, ge=1)
+    save_latents: bool = False
+    keep_rejected: bool = False
+
+    # runtime only (not hashed)
+    device: str = "auto"
+    dtype: DTypeName = "auto"
+    processes: int = Field(default=1, ge=1)
+    progress: Literal["bar", "quiet", "json"] = "bar"
+
+    @model_validator(mode="after")
+    def _check(self) -> AugmentConfig:
+        if self.schedule_start > self.schedule_end:
+            raise ValueError(f"schedule_start ({self.schedule_start}) must be <= schedule_end ({self.schedule_end})")
+        if self.ig_interval is not None and not 0.0 <= self.ig_interval[0] <= self.ig_interval[1] <= 1.0:
+            raise ValueError(f"ig_interval must satisfy 0 <= start <= end <= 1, got {self.ig_interval}")
+        if any(f <= 0 for f in self.bandwidth_factors):
+            raise ValueError(f"bandwidth_factors must be positive, got {self.bandwidth_factors}")
+        return self
+
+    # --- derived quantities -------------------------------------------------------------------
+    @property
+    def samples_per_shard(self) -> int:
+        """Generated samples per shard: over-generate so that `shard_size` are kept after filtering."""
+        return math.ceil(self.shard_size / self.keep)
+
+    def hashed_fields(self) -> dict:
+        return {k: v for k, v in self.model_dump(mode="json").items() if k not in RUNTIME_FIELDS}
+
+    @property
+    def config_hash(self) -> str:
+        """sha256 of the sample-defining fields (16 hex chars)."""
+        payload = json.dumps(self.hashed_fields(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+    def to_json(self) -> str:
+        return self.model_dump_json(indent=2)
+
+    @classmethod
+    def from_file(cls, path: str | Path, **overrides: object) -> AugmentConfig:
+        """Load a JSON (or TOML) config file; keyword overrides win."""
+        path = Path(path)
+        text = path.read_text()
+        if path.suffix == ".toml":
+            import tomllib
+
+            data = tomllib.loads(text)
+        else:
+            data = json.loads(text)
+        data.update({k: v for k, v in overrides.items() if v is not None})
+        return cls.model_validate(data)

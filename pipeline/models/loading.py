@@ -1,0 +1,195 @@
+"""One loading path for every model: the shipped prior, a diffusers folder or hub id, or an import path.
+
+Everything ends as a `LoadedModel`: a `Denoiser`, a scheduler, and an optional VAE with batched,
+sliced encode/decode. The device and dtype are decided once, here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..adapters import InternalGuidanceUNetAdapter, adapter_for, load_object
+from ..denoiser import Denoiser
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    """CUDA when present (or MPS), else CPU; an explicit name wins."""
+    if device != "auto":
+        return torch.device(device)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """float32 on CPU; float16 on CUDA unless bf16 is supported (then bfloat16); explicit names win."""
+    if dtype == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[dtype]
+
+
+def configure_backends(device: torch.device) -> None:
+    """Allow TF32 matmuls on Ampere+ (the MMD math itself runs in float32 regardless)."""
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+
+@dataclass
+class LoadedModel:
+    """A denoiser with its scheduler and (for latent models) its VAE."""
+
+    denoiser: Denoiser
+    scheduler: Any
+    model_id: str
+    vae: Any | None = None
+    image_channels: int = 3
+    image_size: int = 64
+    num_classes: int | None = None
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    dtype: torch.dtype = torch.float32
+    extras: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def scaling_factor(self) -> float:
+        return float(getattr(self.vae.config, "scaling_factor", 1.0)) if self.vae is not None else 1.0
+
+    @torch.no_grad()
+    def encode(self, images: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
+        """Images in [−1, 1] -> latents (VAE posterior mode × scaling factor), float32, in batches."""
+        if self.vae is None:
+            return images.float()
+        out = []
+        for chunk in images.split(batch_size):
+            dist = self.vae.encode(chunk.to(self.device, self.dtype)).latent_dist
+            out.append((dist.mode() * self.scaling_factor).float())
+        return torch.cat(out)
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
+        """Latents -> images in [−1, 1], float32 on the CPU, in batches (bounded memory)."""
+        if self.vae is None:
+            return latents.float().cpu().clamp(-1, 1)
+        out = []
+        for chunk in latents.split(batch_size):
+            img = self.vae.decode(chunk.to(self.device, self.dtype) / self.scaling_factor).sample
+            out.append(img.float().cpu().clamp(-1, 1))
+        return torch.cat(out)
+
+
+def load_model(spec: str | None = None, device: str = "auto", dtype: str = "auto") -> LoadedModel:
+    """Load a model by spec.
+
+    - None or "shipped": the small MNIST latent diffusion prior inside the package (offline);
+    - "package.module:factory": a callable returning a LoadedModel or a Denoiser (a pixel-space model
+      then needs its own scheduler: return a LoadedModel);
+    - a local diffusers folder or a hub id: `DiffusionPipeline.from_pretrained` (UNet2DModel, DiT,
+      UNet2DConditionModel + text encoder), adapted to the denoiser contract.
+    """
+    dev = resolve_device(device)
+    dt = resolve_dtype(dtype, dev)
+    configure_backends(dev)
+    if spec is None or spec == "shipped":
+        return _load_shipped(dev, dt)
+    if ":" in spec and not Path(spec).exists() and "://" not in spec:
+        return _load_import_path(spec, dev, dt)
+    return _load_diffusers(spec, dev, dt)
+
+
+def _load_shipped(device: torch.device, dtype: torch.dtype, path: str | Path | None = None) -> LoadedModel:
+    from .shipped import SHIPPED_MODEL_DIR, load_shipped
+
+    prior = load_shipped(path or SHIPPED_MODEL_DIR, device=device)
+    prior.unet.to(dtype)
+    prior.vae.to(dtype)
+    info = prior.info
+    denoiser = InternalGuidanceUNetAdapter(prior.unet, null_class=int(info["null_class"]))
+    return LoadedModel(
+        denoiser=denoiser,
+        scheduler=prior.scheduler,
+        model_id=prior.model_id,
+        vae=prior.vae,
+        image_channels=int(info["channels"]),
+        image_size=int(info["image_size"]),
+        num_classes=int(info["num_classes"]),
+        device=device,
+        dtype=dtype,
+        extras={"classifier": prior.classifier, "info": info},
+    )
+
+
+def _load_import_path(spec: str, device: torch.device, dtype: torch.dtype) -> LoadedModel:
+    factory: Callable[..., Any] = load_object(spec)
+    obj = factory(device=device, dtype=dtype) if callable(factory) and not isinstance(factory, Denoiser) else factory
+    if isinstance(obj, LoadedModel):
+        return obj
+    raise ValueError(
+        f"{spec!r} returned a {type(obj).__name__}; a custom model factory must return a "
+        "pipeline.models.loading.LoadedModel (a Denoiser plus its scheduler and optional VAE)"
+    )
+
+
+def _load_diffusers(spec: str, device: torch.device, dtype: torch.dtype) -> LoadedModel:
+    from diffusers import DiffusionPipeline
+
+    try:
+        pipe = DiffusionPipeline.from_pretrained(spec, torch_dtype=dtype)
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"cannot load a diffusers model from {spec!r}: {exc}") from exc
+    pipe.to(device)
+    scheduler = pipe.scheduler
+    prediction_type = getattr(scheduler.config, "prediction_type", "epsilon")
+    vae = getattr(pipe, "vae", None)
+    num_classes = None
+    if getattr(pipe, "transformer", None) is not None:
+        model = pipe.transformer
+        denoiser = adapter_for(model, prediction_type=prediction_type)
+        num_classes = model.config.num_embeds_ada_norm
+    elif getattr(pipe, "text_encoder", None) is not None:
+        denoiser = adapter_for(
+            pipe.unet, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer, prediction_type=prediction_type
+        )
+    else:
+        model = pipe.unet
+        null = None
+        if model.config.num_class_embeds is not None:
+            num_classes = model.config.num_class_embeds - 1
+            null = num_classes  # convention: the last class id is the null class
+        denoiser = adapter_for(model, prediction_type=prediction_type, null_class=null)
+    channels = vae.config.in_channels if vae is not None else denoiser.latent_shape[0]
+    factor = 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 1
+    return LoadedModel(
+        denoiser=denoiser,
+        scheduler=scheduler,
+        model_id=_model_id(spec),
+        vae=vae,
+        image_channels=channels,
+        image_size=denoiser.latent_shape[-1] * factor,
+        num_classes=num_classes,
+        device=device,
+        dtype=dtype,
+    )
+
+
+def _model_id(spec: str) -> str:
+    """A stable id: the hub id, or the folder name plus a hash of its model_index/config files."""
+    path = Path(spec)
+    if not path.exists():
+        return spec
+    import hashlib
+
+    h = hashlib.sha256()
+    for cfg in sorted(path.rglob("*.json")):
+        h.update(cfg.relative_to(path).as_posix().encode())
+        h.update(cfg.read_bytes())
+    for weights in sorted(path.rglob("*.safetensors")):
+        h.update(f"{weights.relative_to(path).as_posix()}:{weights.stat().st_size}".encode())
+    return f"{path.name}@{h.hexdigest()[:12]}"
+

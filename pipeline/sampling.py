@@ -1,0 +1,214 @@
+"""The sampling loop: any diffusers scheduler, per-sample seeds, CFG, Internal Guidance, MMD guidance.
+
+Like k-diffusion's samplers, it is a function of (denoiser, scheduler, initial noise); it knows nothing
+about the model beyond the `Denoiser` contract. All guidance math runs in float32 in the VP
+parameterisation x_t = α_t x0 + σ_t ε of the model input (after `scheduler.scale_model_input`).
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from diffusers import SchedulerMixin
+
+from guidance.cfg import cfg_combine
+from guidance.internal import ig_active, ig_combine
+from guidance.latent import latent_guidance_delta
+from guidance.lookahead import ddim_lookahead_x0, gradient_guidance_delta
+from guidance.mmd_guidance import MMDGuidance
+from guidance.parameterization import from_x0_eps, to_x0_eps
+
+from .denoiser import Denoiser
+from .seeding import noise_generator, step_generator
+
+#: Called after each step with (step index, number of steps).
+ProgressCallback = Callable[[int, int], None]
+
+
+@dataclass
+class SamplingResult:
+    """Clean latents [B, C, H, W] (float32) and, for guided runs, MMD² of the batch's x̂0 per step."""
+
+    latents: torch.Tensor
+    mmd2_trace: list[float] = field(default_factory=list)
+    denoiser_calls: int = 0
+
+
+def fresh_scheduler(scheduler: SchedulerMixin) -> SchedulerMixin:
+    """A new scheduler with the same config: schedulers are stateful (step index, solver history)."""
+    return scheduler.__class__.from_config(scheduler.config)
+
+
+def vp_coefficients(scheduler: SchedulerMixin, step_index: int, t: torch.Tensor) -> tuple[float, float]:
+    """(α_t, σ_t) of the model input at this step, from the scheduler's own noise levels.
+
+    Sigma-based schedulers (Euler, DPM-Solver) carry σ_VE per step: α = 1/√(1+σ²), σ_VP = σ α.
+    Others (DDIM, DDPM) use ᾱ_t = alphas_cumprod[t]: α = √ᾱ, σ = √(1−ᾱ).
+    """
+    sigmas = getattr(scheduler, "sigmas", None)
+    if sigmas is not None and len(sigmas) == len(scheduler.timesteps) + 1:
+        s = float(sigmas[step_index])
+        alpha = 1.0 / math.sqrt(1.0 + s * s)
+        return alpha, s * alpha
+    abar = float(scheduler.alphas_cumprod[int(round(float(t)))])
+    return math.sqrt(abar), math.sqrt(1.0 - abar)
+
+
+def _training_alpha_sigma(scheduler: SchedulerMixin) -> Callable[[float], tuple[float, float]]:
+    """τ -> (α_τ, σ_τ) on the training schedule (integer timesteps; τ = 0 is the clean end)."""
+    abar = scheduler.alphas_cumprod.double()
+
+    def alpha_sigma(tau: float) -> tuple[float, float]:
+        a = float(abar[int(round(tau))])
+        return math.sqrt(a), math.sqrt(1.0 - a)
+
+    return alpha_sigma
+
+
+def model_output(
+    denoiser: Denoiser,
+    x: torch.Tensor,
+    t: torch.Tensor | float,
+    condition: Any,
+    cfg_scale: float = 1.0,
+    ig_scale: float = 1.0,
+) -> tuple[torch.Tensor, int]:
+    """The guided model output and the number of network evaluations (batch-rows / B) it cost.
+
+    Internal Guidance inside each branch (out = out_l + w(out_L − out_l)), CFG on top
+    (ε = ε_∅ + w(ε_c − ε_∅)); CFG batches the conditional and null halves into one call.
+    """
+    use_cfg = cfg_scale != 1.0 and denoiser.supports_cfg and condition is not None
+    use_ig = ig_scale != 1.0
+    if use_ig and not denoiser.supports_internal_guidance:
+        raise ValueError("ig_scale != 1 needs a model with an Internal-Guidance head; this denoiser has none")
+    batch = x.shape[0]
+    t = torch.as_tensor(t, device=x.device)
+    if use_cfg:
+        null = denoiser.null_condition(batch)
+        out = denoiser(torch.cat([x, x]), t, _concat_conditions(condition, null))
+        main_c, main_u = out.sample.float().chunk(2)
+        if use_ig:
+            inter_c, inter_u = out.intermediate.float().chunk(2)
+            main_c, main_u = ig_combine(inter_c, main_c, ig_scale), ig_combine(inter_u, main_u, ig_scale)
+        return cfg_combine(main_u, main_c, cfg_scale), 2
+    out = denoiser(x, t, condition)
+    main = out.sample.float()
+    if use_ig:
+        main = ig_combine(out.intermediate.float(), main, ig_scale)
+    return main, 1
+
+
+def _concat_conditions(a: Any, b: Any) -> Any:
+    if isinstance(a, torch.Tensor):
+        return torch.cat([a, b.to(a.device)])
+    return list(a) + list(b)
+
+
+def initial_noise(
+    seeds: Sequence[int], shape: tuple[int, ...], device: torch.device | str = "cpu"
+) -> torch.Tensor:
+    """x_T for each sample from its own generator: sample i never depends on the batch it is in."""
+    noise = [torch.randn(shape, generator=noise_generator(int(s))) for s in seeds]
+    return torch.stack(noise).to(device)
+
+
+def sample_latents(
+    denoiser: Denoiser,
+    scheduler: SchedulerMixin,
+    seeds: Sequence[int],
+    *,
+    num_steps: int = 50,
+    condition: Any = None,
+    cfg_scale: float = 1.0,
+    ig_scale: float = 1.0,
+    ig_interval: tuple[float, float] | None = None,
+    guidance: MMDGuidance | None = None,
+    mmd_condition: torch.Tensor | None = None,
+    eta: float = 0.0,
+    device: torch.device | str = "cpu",
+    callback: ProgressCallback | None = None,
+) -> SamplingResult:
+    """Sample one batch of clean latents, one per seed.
+
+    `condition` is what the model sees (class labels, prompt embeddings, or None); `mmd_condition`
+    is what the product kernel sees (class labels of the target class of each sample). Everything
+    runs under `torch.no_grad` except the differentiable sub-solve of `posterior`/`lookahead` modes.
+    """
+    if len(seeds) == 0:
+        raise ValueError("seeds must name at least one sample")
+    if num_steps < 1:
+        raise ValueError(f"num_steps must be >= 1, got {num_steps}")
+    sched = fresh_scheduler(scheduler)
+    sched.set_timesteps(num_steps, device=device)
+    timesteps = sched.timesteps
+    ptype = denoiser.prediction_type
+    x = initial_noise(seeds, denoiser.latent_shape, device) * float(sched.init_noise_sigma)
+    step_kwargs: dict[str, Any] = {}
+    step_params = inspect.signature(sched.step).parameters
+    if "generator" in step_params:
+        step_kwargs["generator"] = [step_generator(int(s)) for s in seeds]
+    if "eta" in step_params:
+        step_kwargs["eta"] = eta
+    alpha_sigma = _training_alpha_sigma(sched)
+    result = SamplingResult(latents=x)
+    calls = 0
+
+    for i, t in enumerate(timesteps):
+        progress = i / len(timesteps)
+        w_ig = ig_scale if ig_active(progress, ig_interval) else 1.0
+        strength = guidance.schedule(progress) if guidance is not None else 0.0
+        with torch.no_grad():
+            x_in = sched.scale_model_input(x, t)
+            c_in = float(sched.scale_model_input(torch.ones(1, device=x.device), t))
+        alpha, sigma = vp_coefficients(sched, i, t)
+        needs_grad = strength > 0 and guidance is not None and guidance.needs_denoiser_gradient
+        with torch.set_grad_enabled(needs_grad):
+            x_vp = x_in.detach().float().requires_grad_(needs_grad)
+            out, n = model_output(denoiser, x_vp, t, condition, cfg_scale, w_ig)
+            calls += n
+            x0, eps = to_x0_eps(out, x_vp, alpha, sigma, ptype)
+            delta = None
+            if strength > 0 and guidance is not None:
+                if guidance.mode == "latent":
+                    delta, value = latent_guidance_delta(
+                        x0, guidance.target, strength, x_cond=mmd_condition,
+                        normalization=guidance.normalization, memory=guidance.memory,
+                    )
+                else:
+                    k = guidance.substeps(len(timesteps) - i)
+
+                    def predict(xs: torch.Tensor, tau: float) -> tuple[torch.Tensor, torch.Tensor]:
+                        a, s = alpha_sigma(tau)
+                        o, _ = model_output(denoiser, xs, round(tau), condition, cfg_scale, w_ig)
+                        return to_x0_eps(o, xs, a, s, ptype)
+
+                    x0_final = ddim_lookahead_x0(x_vp, float(t), predict, alpha_sigma, k, first=(x0, eps))
+                    calls += n * (k - 1)
+                    delta, value = gradient_guidance_delta(
+                        x_vp, x0_final, guidance.target, strength, x_cond=mmd_condition,
+                        normalization=guidance.normalization, memory=guidance.memory,
+                    )
+                result.mmd2_trace.append(float(value))
+        with torch.no_grad():
+            out = out.detach()
+            if delta is not None:
+                # Move x̂0 and keep ε̂: x_t' = α(x̂0 − Δ) + σ ε̂, re-expressed in the model's parameterisation.
+                x0 = x0.detach() - delta
+                eps = eps.detach()
+                x = ((alpha * x0 + sigma * eps) / c_in).to(x.dtype)
+                out = from_x0_eps(x0, eps, alpha, sigma, ptype)
+            x = sched.step(out, t, x, **step_kwargs).prev_sample
+        if callback is not None:
+            callback(i, len(timesteps))
+
+    if guidance is not None and guidance.memory is not None:
+        guidance.memory.add(x.detach().float(), mmd_condition)
+    result.latents = x.float()
+    result.denoiser_calls = calls
+    return result
