@@ -17,7 +17,11 @@ def _check(prediction_type: str) -> None:
 
 
 def to_x0_eps(
-    model_output: torch.Tensor, x_t: torch.Tensor, alpha: torch.Tensor, sigma: torch.Tensor, prediction_type: str
+    model_output: torch.Tensor,
+    x_t: torch.Tensor,
+    alpha: torch.Tensor,
+    sigma: torch.Tensor,
+    prediction_type: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(x̂0, ε̂) from a model output; x̂0 is the Tweedie estimate E[x0 | x_t]."""
     _check(prediction_type)
@@ -33,7 +37,9 @@ def to_x0_eps(
     return x0, eps
 
 
-def from_x0_eps(x0: torch.Tensor, eps: torch.Tensor, alpha: torch.Tensor, sigma: torch.Tensor, prediction_type: str):
+def from_x0_eps(
+    x0: torch.Tensor, eps: torch.Tensor, alpha: torch.Tensor, sigma: torch.Tensor, prediction_type: str
+):
     """The model output that encodes (x0, ε) in `prediction_type`."""
     _check(prediction_type)
     if prediction_type == "epsilon":

@@ -30,7 +30,9 @@ class StrengthSchedule:
         if self.strength < 0:
             raise ValueError(f"strength must be >= 0, got {self.strength}")
         if not 0.0 <= self.start <= self.end <= 1.0:
-            raise ValueError(f"schedule interval must satisfy 0 <= start <= end <= 1, got [{self.start}, {self.end})")
+            raise ValueError(
+                f"schedule interval must satisfy 0 <= start <= end <= 1, got [{self.start}, {self.end})"
+            )
 
     def __call__(self, progress: float) -> float:
         if not self.start <= progress < self.end and not (self.end == 1.0 and progress >= 1.0):
@@ -58,13 +60,13 @@ def guidance_step(
         return torch.zeros_like(x)
     g = grad.flatten(1).float()
     xf = x.flatten(1).float()
-    eps = torch.finfo(torch.float32).tiny
+    eps = 1e-30  # a zero gradient (e.g. far outside every kernel's reach) gives a zero step, never NaN
     if normalization == "raw":
         step = strength * g
     elif normalization == "per_sample":
-        step = strength * g * (xf.norm(dim=1, keepdim=True) / g.norm(dim=1, keepdim=True).clamp_min(eps))
+        step = strength * xf.norm(dim=1, keepdim=True) * (g / g.norm(dim=1, keepdim=True).clamp_min(eps))
     elif normalization == "batch":
-        step = strength * g * (xf.norm(dim=1).mean() / g.norm(dim=1).mean().clamp_min(eps))
+        step = strength * xf.norm(dim=1).mean() * (g / g.norm(dim=1).mean().clamp_min(eps))
     else:
         raise ValueError(f"normalization must be 'per_sample', 'batch' or 'raw', got {normalization!r}")
     return step.reshape(x.shape).to(x.dtype)

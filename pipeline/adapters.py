@@ -56,7 +56,9 @@ class UNet2DAdapter(_LabelAdapter):
 
     supports_internal_guidance = False
 
-    def __init__(self, unet: torch.nn.Module, prediction_type: str = "epsilon", null_class: int | None = None):
+    def __init__(
+        self, unet: torch.nn.Module, prediction_type: str = "epsilon", null_class: int | None = None
+    ):
         self.unet = unet
         self.prediction_type = prediction_type
         cfg = unet.config
@@ -149,7 +151,11 @@ class UNet2DConditionAdapter:
     @torch.no_grad()
     def encode_prompts(self, prompts: Sequence[str]) -> torch.Tensor:
         tokens = self.tokenizer(
-            list(prompts), padding="max_length", max_length=self.max_length, truncation=True, return_tensors="pt"
+            list(prompts),
+            padding="max_length",
+            max_length=self.max_length,
+            truncation=True,
+            return_tensors="pt",
         )
         ids = tokens["input_ids"] if isinstance(tokens, dict) else tokens.input_ids
         out = self.text_encoder(ids.to(self.device))
@@ -202,7 +208,9 @@ class CallableAdapter:
 
     def null_condition(self, batch_size: int) -> Any:
         if self._null is None:
-            raise ValueError("this denoiser defines no null condition, so classifier-free guidance is not possible")
+            raise ValueError(
+                "this denoiser defines no null condition, so classifier-free guidance is not possible"
+            )
         return self._null(batch_size)
 
 

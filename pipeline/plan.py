@@ -45,13 +45,17 @@ class JobPlan:
             f"({self.num_kept / self.num_generated:.1%})",
         ]
         for s in self.shards[:3]:
-            lines.append(f"  shard {s.shard_id:06d}: indices {s.first_index}..{s.first_index + s.num_generated - 1}"
-                         f" generate {s.num_generated}, keep {s.num_kept}")
+            lines.append(
+                f"  shard {s.shard_id:06d}: indices {s.first_index}..{s.first_index + s.num_generated - 1}"
+                f" generate {s.num_generated}, keep {s.num_kept}"
+            )
         if len(self.shards) > 3:
             lines.append(f"  ... {len(self.shards) - 3} more")
         if seconds_per_sample is not None:
             total = seconds_per_sample * self.num_generated
-            lines.append(f"estimated time: {_fmt_seconds(total)} at {seconds_per_sample:.3f} s/sample (one process)")
+            lines.append(
+                f"estimated time: {_fmt_seconds(total)} at {seconds_per_sample:.3f} s/sample (one process)"
+            )
         return "\n".join(lines)
 
 
@@ -87,7 +91,9 @@ def class_proportions(labels: torch.Tensor | None, num_classes: int, balance: st
     return counts / counts.sum()
 
 
-def assign_classes(cfg: AugmentConfig, shard: ShardPlan, proportions: torch.Tensor | None) -> torch.Tensor | None:
+def assign_classes(
+    cfg: AugmentConfig, shard: ShardPlan, proportions: torch.Tensor | None
+) -> torch.Tensor | None:
     """Each generated sample's target class: exact quotas per shard (largest remainder), then a
     shard-seeded permutation, so a shard's class mix matches the proportions as closely as possible."""
     if proportions is None:

@@ -21,7 +21,6 @@ from guidance import (
 )
 from guidance.kernels import CubicPolynomialKernel, median_pairwise_distance
 from storage.bundle import bundle_dir, load_bundle, save_bundle
-from storage.errors import InputError
 from storage.references import read_references
 
 from .config import AugmentConfig
@@ -59,14 +58,13 @@ def default_cache_dir() -> Path:
 def prepare_reference(cfg: AugmentConfig, model: LoadedModel) -> ReferenceBundle:
     """Read, validate and encode the references, reusing the cached bundle when inputs and model match."""
     refs = read_references(
-        cfg.ref, channels=model.image_channels, size=(model.image_size, model.image_size), min_count=MIN_REFERENCES
+        cfg.ref,
+        channels=model.image_channels,
+        size=(model.image_size, model.image_size),
+        min_count=MIN_REFERENCES,
     )
     for line in refs.report:
         log.info("references: %s", line)
-    if refs.labels is not None and model.num_classes is not None and len(refs.class_names) > model.num_classes:
-        raise InputError(
-            f"{cfg.ref}: {len(refs.class_names)} class folders but the model knows {model.num_classes} classes"
-        )
     cache = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
     folder = bundle_dir(cache, refs.content_hash, model.model_id)
     key = {"latent_shape": list(model.denoiser.latent_shape), "files": refs.files}
@@ -75,21 +73,41 @@ def prepare_reference(cfg: AugmentConfig, model: LoadedModel) -> ReferenceBundle
         tensors, meta = found
         log.info("reference bundle reused from %s", folder)
         return ReferenceBundle(
-            latents=tensors["latents"], labels=tensors.get("labels"), class_names=meta.get("class_names"),
-            bandwidth=float(meta["bandwidth"]), content_hash=refs.content_hash, model_id=model.model_id,
-            files=refs.files, reused=True,
+            latents=tensors["latents"],
+            labels=tensors.get("labels"),
+            class_names=meta.get("class_names"),
+            bandwidth=float(meta["bandwidth"]),
+            content_hash=refs.content_hash,
+            model_id=model.model_id,
+            files=refs.files,
+            reused=True,
         )
     latents = model.encode(refs.images, batch_size=cfg.batch_size).cpu()
     bandwidth = float(median_pairwise_distance(latents.flatten(1)))
     tensors = {"latents": latents}
     if refs.labels is not None:
         tensors["labels"] = refs.labels
-    meta = dict(key, content_hash=refs.content_hash, model_id=model.model_id, bandwidth=bandwidth,
-                class_names=refs.class_names, num_references=len(latents))
+    meta = dict(
+        key,
+        content_hash=refs.content_hash,
+        model_id=model.model_id,
+        bandwidth=bandwidth,
+        class_names=refs.class_names,
+        num_references=len(latents),
+    )
     save_bundle(folder, tensors, meta)
-    log.info("reference bundle written to %s (%d latents, median bandwidth %.3f)", folder, len(latents), bandwidth)
-    return ReferenceBundle(latents=latents, labels=refs.labels, class_names=refs.class_names, bandwidth=bandwidth,
-                           content_hash=refs.content_hash, model_id=model.model_id, files=refs.files)
+    log.info(
+        "reference bundle written to %s (%d latents, median bandwidth %.3f)", folder, len(latents), bandwidth
+    )
+    return ReferenceBundle(
+        latents=latents,
+        labels=refs.labels,
+        class_names=refs.class_names,
+        bandwidth=bandwidth,
+        content_hash=refs.content_hash,
+        model_id=model.model_id,
+        files=refs.files,
+    )
 
 
 def build_kernel(cfg: AugmentConfig, bundle: ReferenceBundle) -> Kernel | ProductKernel:

@@ -177,22 +177,31 @@ def sample_latents(
             if strength > 0 and guidance is not None:
                 if guidance.mode == "latent":
                     delta, value = latent_guidance_delta(
-                        x0, guidance.target, strength, x_cond=mmd_condition,
-                        normalization=guidance.normalization, memory=guidance.memory,
+                        x0,
+                        guidance.target,
+                        strength,
+                        x_cond=mmd_condition,
+                        normalization=guidance.normalization,
+                        memory=guidance.memory,
                     )
                 else:
                     k = guidance.substeps(len(timesteps) - i)
 
-                    def predict(xs: torch.Tensor, tau: float) -> tuple[torch.Tensor, torch.Tensor]:
+                    def predict(xs: torch.Tensor, tau: float, w: float = w_ig) -> tuple[torch.Tensor, ...]:
                         a, s = alpha_sigma(tau)
-                        o, _ = model_output(denoiser, xs, round(tau), condition, cfg_scale, w_ig)
+                        o, _ = model_output(denoiser, xs, round(tau), condition, cfg_scale, w)
                         return to_x0_eps(o, xs, a, s, ptype)
 
                     x0_final = ddim_lookahead_x0(x_vp, float(t), predict, alpha_sigma, k, first=(x0, eps))
                     calls += n * (k - 1)
                     delta, value = gradient_guidance_delta(
-                        x_vp, x0_final, guidance.target, strength, x_cond=mmd_condition,
-                        normalization=guidance.normalization, memory=guidance.memory,
+                        x_vp,
+                        x0_final,
+                        guidance.target,
+                        strength,
+                        x_cond=mmd_condition,
+                        normalization=guidance.normalization,
+                        memory=guidance.memory,
                     )
                 result.mmd2_trace.append(float(value))
         with torch.no_grad():

@@ -84,8 +84,13 @@ def square_mixture(
 ) -> tuple[GaussianMixtureDenoiser, DDIMScheduler]:
     """Four equally weighted 2-D modes at the corners of a square, with a DDIM scheduler."""
     scheduler = DDIMScheduler(
-        num_train_timesteps=num_train_timesteps, beta_schedule="scaled_linear", beta_start=0.00085,
-        beta_end=0.012, clip_sample=False, set_alpha_to_one=True, prediction_type="epsilon",
+        num_train_timesteps=num_train_timesteps,
+        beta_schedule="scaled_linear",
+        beta_start=0.00085,
+        beta_end=0.012,
+        clip_sample=False,
+        set_alpha_to_one=True,
+        prediction_type="epsilon",
     )
     h = spacing / 2
     means = torch.tensor([[-h, -h], [-h, h], [h, -h], [h, h]])

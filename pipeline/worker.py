@@ -79,10 +79,18 @@ def model_label_map(class_names: list[str] | None, num_model_classes: int | None
 def make_guidance(cfg: AugmentConfig, target: MMDTarget) -> MMDGuidance | None:
     if cfg.guidance == "none" or cfg.strength == 0:
         return None
-    kind = "interval" if cfg.schedule == "constant" and (cfg.schedule_start, cfg.schedule_end) != (0, 1) else cfg.schedule
+    kind = (
+        "interval"
+        if cfg.schedule == "constant" and (cfg.schedule_start, cfg.schedule_end) != (0, 1)
+        else cfg.schedule
+    )
     schedule = StrengthSchedule(cfg.strength, kind=kind, start=cfg.schedule_start, end=cfg.schedule_end)
     return MMDGuidance(
-        target, schedule, mode=cfg.guidance, normalization=cfg.normalization, lookahead_steps=cfg.lookahead_steps,
+        target,
+        schedule,
+        mode=cfg.guidance,
+        normalization=cfg.normalization,
+        lookahead_steps=cfg.lookahead_steps,
         memory=SampleMemory(cfg.memory) if cfg.memory else None,
     )
 
@@ -101,9 +109,17 @@ def generate_pool(ctx: JobContext, shard: ShardPlan, progress: Progress | None =
         if lab is not None and ctx.model_labels is not None:
             condition = torch.tensor([ctx.model_labels[int(c)] for c in lab], device=model.device)
         result = sample_latents(
-            model.denoiser, model.scheduler, seeds_for(cfg, batch), num_steps=cfg.steps, condition=condition,
-            cfg_scale=cfg.cfg_scale, ig_scale=cfg.ig_scale, ig_interval=cfg.ig_interval, guidance=guidance,
-            mmd_condition=lab.to(model.device) if (product and lab is not None) else None, eta=cfg.eta,
+            model.denoiser,
+            model.scheduler,
+            seeds_for(cfg, batch),
+            num_steps=cfg.steps,
+            condition=condition,
+            cfg_scale=cfg.cfg_scale,
+            ig_scale=cfg.ig_scale,
+            ig_interval=cfg.ig_interval,
+            guidance=guidance,
+            mmd_condition=lab.to(model.device) if (product and lab is not None) else None,
+            eta=cfg.eta,
             device=model.device,
         )
         out.append(result.latents.cpu())
@@ -118,8 +134,12 @@ def filter_pool(ctx: JobContext, latents: torch.Tensor, labels: torch.Tensor | N
     kernel = ctx.target.kernel
     product = isinstance(kernel, ProductKernel)
     scores = mmd_contributions(
-        latents, ctx.bundle.latents, kernel, unbiased=True,
-        x_cond=labels if product else None, y_cond=ctx.bundle.labels if product else None,
+        latents,
+        ctx.bundle.latents,
+        kernel,
+        unbiased=True,
+        x_cond=labels if product else None,
+        y_cond=ctx.bundle.labels if product else None,
     ).double()
     order = torch.argsort(scores, stable=True)  # ascending: most helpful first
     rank = torch.empty_like(order)
@@ -131,7 +151,9 @@ def filter_pool(ctx: JobContext, latents: torch.Tensor, labels: torch.Tensor | N
 def to_png(image: torch.Tensor) -> bytes:
     """[C, H, W] in [−1, 1] -> lossless PNG bytes (8-bit grayscale or RGB), deterministic."""
     arr = ((image.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).numpy()
-    pil = Image.fromarray(arr[:, :, 0] if arr.shape[2] == 1 else arr, mode="L" if arr.shape[2] == 1 else "RGB")
+    pil = Image.fromarray(
+        arr[:, :, 0] if arr.shape[2] == 1 else arr, mode="L" if arr.shape[2] == 1 else "RGB"
+    )
     buf = io.BytesIO()
     pil.save(buf, format="PNG", compress_level=6)
     return buf.getvalue()
@@ -155,9 +177,15 @@ def run_shard(ctx: JobContext, shard: ShardPlan, progress: Progress | None = Non
     t3 = time.perf_counter()
     seeds = seeds_for(cfg, shard.indices)
     guidance_meta = {
-        "mode": cfg.guidance, "kernel": cfg.kernel, "strength": cfg.strength, "schedule": cfg.schedule,
-        "normalization": cfg.normalization, "cfg_scale": cfg.cfg_scale, "ig_scale": cfg.ig_scale,
-        "steps": cfg.steps, "sampler": cfg.sampler,
+        "mode": cfg.guidance,
+        "kernel": cfg.kernel,
+        "strength": cfg.strength,
+        "schedule": cfg.schedule,
+        "normalization": cfg.normalization,
+        "cfg_scale": cfg.cfg_scale,
+        "ig_scale": cfg.ig_scale,
+        "steps": cfg.steps,
+        "sampler": cfg.sampler,
     }
     rows: list[dict[str, Any]] = []
     kept_samples: list[dict[str, Any]] = []
@@ -167,10 +195,18 @@ def run_shard(ctx: JobContext, shard: ShardPlan, progress: Progress | None = Non
         label = int(labels[j]) if labels is not None else None
         class_name = bundle.class_names[label] if label is not None else None
         row = {
-            "key": sample_key(cfg.prefix, index), "index": index, "shard": shard.shard_id, "seed": seeds[j],
-            "label": label, "class_name": class_name, "condition": class_name,
-            "mmd_contribution": float(scores[j]), "kept": bool(kept[j]), "rank_in_shard": int(rank[j]),
-            "config_hash": cfg.config_hash, "model_id": model.model_id,
+            "key": sample_key(cfg.prefix, index),
+            "index": index,
+            "shard": shard.shard_id,
+            "seed": seeds[j],
+            "label": label,
+            "class_name": class_name,
+            "condition": class_name,
+            "mmd_contribution": float(scores[j]),
+            "kept": bool(kept[j]),
+            "rank_in_shard": int(rank[j]),
+            "config_hash": cfg.config_hash,
+            "model_id": model.model_id,
         }
         rows.append(row)
         if j not in pos:
@@ -186,11 +222,24 @@ def run_shard(ctx: JobContext, shard: ShardPlan, progress: Progress | None = Non
         write_shard(cfg.out, f"{cfg.prefix}_rejected", shard.shard_id, rejected_samples)
     write_manifest_part(cfg.out, shard.shard_id, rows)
     result = ShardResult(
-        shard_id=shard.shard_id, num_generated=len(latents), num_kept=int(kept.sum()),
-        mmd2_pool=_mmd2(ctx, latents, labels), mmd2_kept=_mmd2(ctx, latents[kept], labels[kept] if labels is not None else None),
+        shard_id=shard.shard_id,
+        num_generated=len(latents),
+        num_kept=int(kept.sum()),
+        mmd2_pool=_mmd2(ctx, latents, labels),
+        mmd2_kept=_mmd2(ctx, latents[kept], labels[kept] if labels is not None else None),
     )
-    write_shard(cfg.out, cfg.prefix, shard.shard_id, kept_samples,
-                marker_info={"count": len(kept_samples), "config_hash": cfg.config_hash})
+    write_shard(
+        cfg.out,
+        cfg.prefix,
+        shard.shard_id,
+        kept_samples,
+        marker_info={
+            "count": len(kept_samples),
+            "config_hash": cfg.config_hash,
+            "mmd2_pool": result.mmd2_pool,
+            "mmd2_kept": result.mmd2_kept,
+        },
+    )
     t4 = time.perf_counter()
     result.seconds = {"generate": t1 - t0, "filter": t2 - t1, "decode": t3 - t2, "write": t4 - t3}
     return result
@@ -198,5 +247,13 @@ def run_shard(ctx: JobContext, shard: ShardPlan, progress: Progress | None = Non
 
 def _mmd2(ctx: JobContext, latents: torch.Tensor, labels: torch.Tensor | None) -> float:
     product = isinstance(ctx.target.kernel, ProductKernel)
-    return float(mmd2(latents, ctx.bundle.latents, ctx.target.kernel, unbiased=False,
-                      x_cond=labels if product else None, y_cond=ctx.bundle.labels if product else None))
+    return float(
+        mmd2(
+            latents,
+            ctx.bundle.latents,
+            ctx.target.kernel,
+            unbiased=False,
+            x_cond=labels if product else None,
+            y_cond=ctx.bundle.labels if product else None,
+        )
+    )

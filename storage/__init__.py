@@ -1,0 +1,78 @@
+"""Every byte on disk: reference folders, the reference bundle, shards, manifest, run record.
+
+Writes are atomic (temporary name in the same folder, fsync, rename); bad user input raises
+`InputError` with one line naming the file and the problem.
+
+Names are imported lazily, so `import storage.manifest` (or `storage.run_record`) does not pull in
+torch and Pillow.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+_EXPORTS = {
+    "InputError": "storage.errors",
+    "References": "storage.references",
+    "read_references": "storage.references",
+    "bundle_dir": "storage.bundle",
+    "load_bundle": "storage.bundle",
+    "save_bundle": "storage.bundle",
+    "clean_partial": "storage.shards",
+    "encode_sample": "storage.shards",
+    "is_done": "storage.shards",
+    "mark_done": "storage.shards",
+    "marker_path": "storage.shards",
+    "read_marker": "storage.shards",
+    "shard_name": "storage.shards",
+    "shard_path": "storage.shards",
+    "write_shard": "storage.shards",
+    "MANIFEST_SCHEMA": "storage.manifest",
+    "manifest_part_path": "storage.manifest",
+    "merge_manifest": "storage.manifest",
+    "read_manifest": "storage.manifest",
+    "write_manifest_part": "storage.manifest",
+    "check_or_claim_output": "storage.run_record",
+    "read_run_record": "storage.run_record",
+    "write_run_record": "storage.run_record",
+}
+
+__all__ = sorted(_EXPORTS)
+
+if TYPE_CHECKING:
+    from storage.bundle import bundle_dir, load_bundle, save_bundle
+    from storage.errors import InputError
+    from storage.manifest import (
+        MANIFEST_SCHEMA,
+        manifest_part_path,
+        merge_manifest,
+        read_manifest,
+        write_manifest_part,
+    )
+    from storage.references import References, read_references
+    from storage.run_record import check_or_claim_output, read_run_record, write_run_record
+    from storage.shards import (
+        clean_partial,
+        encode_sample,
+        is_done,
+        mark_done,
+        marker_path,
+        read_marker,
+        shard_name,
+        shard_path,
+        write_shard,
+    )
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'storage' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))

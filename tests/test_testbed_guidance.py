@@ -25,7 +25,9 @@ def _proportions(denoiser, x: torch.Tensor) -> torch.Tensor:
 def _generate(denoiser, scheduler, guidance=None, seeds=range(N_SAMPLES), **kwargs) -> torch.Tensor:
     seeds = list(seeds)
     out = [
-        sample_latents(denoiser, scheduler, seeds[i : i + BATCH], num_steps=STEPS, guidance=guidance, **kwargs).latents
+        sample_latents(
+            denoiser, scheduler, seeds[i : i + BATCH], num_steps=STEPS, guidance=guidance, **kwargs
+        ).latents
         for i in range(0, len(seeds), BATCH)
     ]
     return torch.cat(out)
@@ -93,8 +95,9 @@ def test_product_kernel_guidance_steers_each_class(bed):
     target = MMDTarget(refs, kernel, y_cond=labels, unbiased=False)
     guidance = MMDGuidance(target, StrengthSchedule(0.1))
     mmd_cond = torch.arange(64) % 2
-    x = sample_latents(denoiser, scheduler, list(range(64)), num_steps=STEPS, guidance=guidance,
-                       mmd_condition=mmd_cond).latents
+    x = sample_latents(
+        denoiser, scheduler, list(range(64)), num_steps=STEPS, guidance=guidance, mmd_condition=mmd_cond
+    ).latents
     comp = denoiser.nearest_component(x)
     acc0 = (comp[mmd_cond == 0] == 0).float().mean().item()
     acc1 = (comp[mmd_cond == 1] == 3).float().mean().item()

@@ -127,7 +127,11 @@ def _load_shipped(device: torch.device, dtype: torch.dtype, path: str | Path | N
 
 def _load_import_path(spec: str, device: torch.device, dtype: torch.dtype) -> LoadedModel:
     factory: Callable[..., Any] = load_object(spec)
-    obj = factory(device=device, dtype=dtype) if callable(factory) and not isinstance(factory, Denoiser) else factory
+    obj = (
+        factory(device=device, dtype=dtype)
+        if callable(factory) and not isinstance(factory, Denoiser)
+        else factory
+    )
     if isinstance(obj, LoadedModel):
         return obj
     raise ValueError(
@@ -154,7 +158,10 @@ def _load_diffusers(spec: str, device: torch.device, dtype: torch.dtype) -> Load
         num_classes = model.config.num_embeds_ada_norm
     elif getattr(pipe, "text_encoder", None) is not None:
         denoiser = adapter_for(
-            pipe.unet, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer, prediction_type=prediction_type
+            pipe.unet,
+            text_encoder=pipe.text_encoder,
+            tokenizer=pipe.tokenizer,
+            prediction_type=prediction_type,
         )
     else:
         model = pipe.unet
@@ -192,4 +199,3 @@ def _model_id(spec: str) -> str:
     for weights in sorted(path.rglob("*.safetensors")):
         h.update(f"{weights.relative_to(path).as_posix()}:{weights.stat().st_size}".encode())
     return f"{path.name}@{h.hexdigest()[:12]}"
-

@@ -1,0 +1,52 @@
+"""Worker entry point for `accelerate launch`: each process owns whole shards.
+
+    accelerate launch --multi_gpu --num_processes K -m pipeline.distributed JOB.json
+
+JOB.json holds the config and the pending shard ids (computed once by the parent). Shards are split
+between processes with `PartialState.split_between_processes`; nothing is gathered: every process
+writes its own shards, manifest parts and done markers. On CPU the process group uses gloo.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+
+import torch
+
+from .config import AugmentConfig
+from .job import build_context, run_shards_in_process
+from .plan import plan_job
+
+log = logging.getLogger("pipeline.distributed")
+
+
+def main(argv: list[str] | None = None) -> int:
+    from accelerate import PartialState
+
+    argv = sys.argv[1:] if argv is None else argv
+    spec = json.loads(open(argv[0]).read())
+    cfg = AugmentConfig.model_validate(spec["config"])
+    on_cpu = cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available())
+    state = PartialState(cpu=on_cpu)
+    device = "cpu" if on_cpu else str(state.device)
+    cfg = cfg.model_copy(update={"device": device, "processes": 1})
+    logging.basicConfig(level=logging.INFO, format=f"[rank {state.process_index}] %(levelname)s %(message)s")
+    if on_cpu:
+        torch.set_num_threads(max(1, torch.get_num_threads() // max(1, state.num_processes)))
+    try:
+        ctx = build_context(cfg)
+        plan = plan_job(cfg)
+        with state.split_between_processes(list(spec["shards"])) as mine:
+            log.info("shards %s on %s", mine, device)
+            run_shards_in_process(ctx, plan, list(mine))
+        state.wait_for_everyone()
+    finally:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,252 @@
+"""The whole `augment` job as plain functions: prepare, plan, run shards (in-process or K workers), finish.
+
+Executors: in-process (one CPU or GPU), or `accelerate launch` of K worker processes on the node, each
+owning whole shards (`split_between_processes` over pending shard ids; no gather of images).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler
+
+from storage.manifest import merge_manifest, read_manifest
+from storage.run_record import check_or_claim_output, write_run_record
+from storage.shards import clean_partial, is_done, read_marker
+
+from . import __version__
+from .config import AugmentConfig
+from .models.loading import LoadedModel, load_model
+from .plan import JobPlan, class_proportions, plan_job
+from .reference import ReferenceBundle, build_target, prepare_reference
+from .worker import JobContext, ShardResult, model_label_map, run_shard
+
+log = logging.getLogger(__name__)
+
+SCHEDULERS = {
+    "ddim": DDIMScheduler,
+    "ddpm": DDPMScheduler,
+    "euler": EulerDiscreteScheduler,
+    "dpmpp": DPMSolverMultistepScheduler,
+}
+
+
+@dataclass
+class JobSummary:
+    out: str
+    config_hash: str
+    num_kept: int
+    num_generated: int
+    shards_written: int
+    shards_skipped: int
+    mmd2_pool: float | None
+    mmd2_kept: float | None
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+def with_sampler(model: LoadedModel, sampler: str) -> LoadedModel:
+    """The model's noise schedule under the chosen diffusers sampler."""
+    model.scheduler = SCHEDULERS[sampler].from_config(model.scheduler.config)
+    return model
+
+
+def build_context(cfg: AugmentConfig, model: LoadedModel | None = None) -> JobContext:
+    """Load the model, prepare the reference bundle (validating the references) and the MMD target."""
+    model = with_sampler(model or load_model(cfg.model, cfg.device, cfg.dtype), cfg.sampler)
+    bundle = prepare_reference(cfg, model)
+    target = build_target(cfg, bundle, model.device)
+    props = class_proportions(bundle.labels, bundle.num_classes or 0, cfg.class_balance)
+    labels_map = model_label_map(bundle.class_names, model.num_classes)
+    if bundle.class_names is not None:
+        how = "model labels " + str(labels_map) if labels_map else "the product kernel only (model not told)"
+        log.info("classes %s steered by %s", bundle.class_names, how)
+    return JobContext(cfg, model, bundle, target, props, labels_map)
+
+
+def pending_shards(cfg: AugmentConfig, plan: JobPlan) -> list[int]:
+    return [s.shard_id for s in plan.shards if not is_done(cfg.out, cfg.prefix, s.shard_id)]
+
+
+def run_shards_in_process(
+    ctx: JobContext,
+    plan: JobPlan,
+    shard_ids: list[int],
+    progress: Callable[[int], None] | None = None,
+    on_shard: Callable[[ShardResult], None] | None = None,
+) -> list[ShardResult]:
+    results = []
+    by_id = {s.shard_id: s for s in plan.shards}
+    for sid in shard_ids:
+        result = run_shard(ctx, by_id[sid], progress)
+        results.append(result)
+        if on_shard is not None:
+            on_shard(result)
+    return results
+
+
+def launch_workers(
+    cfg: AugmentConfig, shard_ids: list[int], progress: Callable[[int], None] | None = None
+) -> None:
+    """`accelerate launch` K worker processes on this node (gloo on CPU, NCCL on GPUs)."""
+    with tempfile.TemporaryDirectory(prefix="augment-") as tmp:
+        spec = Path(tmp) / "job.json"
+        spec.write_text(json.dumps({"config": cfg.model_dump(mode="json"), "shards": shard_ids}))
+        cmd = [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--multi_gpu",
+            "--num_machines",
+            "1",
+            "--num_processes",
+            str(cfg.processes),
+            "--mixed_precision",
+            "no",
+            "--dynamo_backend",
+            "no",
+            "--main_process_port",
+            str(_free_port()),
+            "-m",
+            "pipeline.distributed",
+            str(spec),
+        ]
+        log.info("launching %d workers: %s", cfg.processes, " ".join(cmd))
+        env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
+        proc = subprocess.Popen(cmd, env=env)
+        seen: set[int] = set()
+        while proc.poll() is None:
+            time.sleep(1.0)
+            _report_markers(cfg, shard_ids, seen, progress)
+        _report_markers(cfg, shard_ids, seen, progress)
+        if proc.returncode != 0:
+            raise RuntimeError(f"worker processes failed with exit code {proc.returncode}; rerun to resume")
+
+
+def _report_markers(cfg, shard_ids, seen, progress) -> None:
+    for sid in shard_ids:
+        if sid in seen:
+            continue
+        marker = read_marker(cfg.out, cfg.prefix, sid)
+        if marker is not None:
+            seen.add(sid)
+            if progress is not None:
+                progress(int(marker.get("count", 0)))
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_job(
+    cfg: AugmentConfig,
+    *,
+    model: LoadedModel | None = None,
+    progress: Callable[[int], None] | None = None,
+    on_shard: Callable[[ShardResult], None] | None = None,
+) -> JobSummary:
+    """Run (or resume) the whole job. Bad references fail before anything is written to `cfg.out`."""
+    t0 = time.perf_counter()
+    ctx = build_context(cfg, model)
+    t_prep = time.perf_counter() - t0
+    check_or_claim_output(cfg.out, cfg.config_hash, cfg.hashed_fields())
+    clean_partial(cfg.out)
+    plan = plan_job(cfg)
+    pending = pending_shards(cfg, plan)
+    skipped = len(plan.shards) - len(pending)
+    if skipped:
+        log.info("resuming: %d of %d shards already done", skipped, len(plan.shards))
+        if progress is not None:
+            for s in plan.shards:
+                if s.shard_id not in pending:
+                    progress(s.num_kept)
+    t1 = time.perf_counter()
+    if cfg.processes > 1 and pending:
+        launch_workers(cfg, pending, progress)
+    else:
+        run_shards_in_process(ctx, plan, pending, _kept_progress(plan, progress), on_shard)
+    t_gen = time.perf_counter() - t1
+    merge_manifest(cfg.out, expected_shards=[s.shard_id for s in plan.shards])
+    summary = summarize(cfg, plan, len(pending), skipped, t_prep, t_gen, time.perf_counter() - t0)
+    write_run_record(cfg.out, run_record(cfg, ctx.model, ctx.bundle, plan, summary))
+    return summary
+
+
+def _kept_progress(plan: JobPlan, progress: Callable[[int], None] | None) -> Callable[[int], None] | None:
+    """Turn generated-sample ticks into kept-sample ticks (kept/generated of the current shard)."""
+    if progress is None:
+        return None
+    ratio = plan.num_kept / plan.num_generated
+    carry = [0.0]
+
+    def tick(n_generated: int) -> None:
+        carry[0] += n_generated * ratio
+        whole = int(carry[0])
+        carry[0] -= whole
+        if whole:
+            progress(whole)
+
+    return tick
+
+
+def summarize(cfg, plan, written, skipped, t_prep, t_gen, t_total) -> JobSummary:
+    """Counts from the manifest; MMD² (V-statistic, latent space) of pool and kept set, mean over shards."""
+    table = read_manifest(Path(cfg.out) / "manifest.parquet")
+    markers = [read_marker(cfg.out, cfg.prefix, s.shard_id) or {} for s in plan.shards]
+    pool = [m["mmd2_pool"] for m in markers if "mmd2_pool" in m]
+    kept = [m["mmd2_kept"] for m in markers if "mmd2_kept" in m]
+    return JobSummary(
+        out=cfg.out,
+        config_hash=cfg.config_hash,
+        num_kept=table.filter(table["kept"]).num_rows,
+        num_generated=table.num_rows,
+        shards_written=written,
+        shards_skipped=skipped,
+        mmd2_pool=sum(pool) / len(pool) if pool else None,
+        mmd2_kept=sum(kept) / len(kept) if kept else None,
+        seconds={
+            "prepare": round(t_prep, 3),
+            "generate_filter_write": round(t_gen, 3),
+            "total": round(t_total, 3),
+        },
+    )
+
+
+def run_record(
+    cfg: AugmentConfig, model: LoadedModel, bundle: ReferenceBundle, plan: JobPlan, summary
+) -> dict:
+    import diffusers
+
+    return {
+        "config": cfg.model_dump(mode="json"),
+        "config_hash": cfg.config_hash,
+        "model_id": model.model_id,
+        "reference": {
+            "content_hash": bundle.content_hash,
+            "count": len(bundle.latents),
+            "class_names": bundle.class_names,
+            "bandwidth": bundle.bandwidth,
+        },
+        "plan": {"shards": len(plan.shards), "generated": plan.num_generated, "kept": plan.num_kept},
+        "summary": asdict(summary),
+        "versions": {
+            "mmd-augment": __version__,
+            "torch": torch.__version__,
+            "diffusers": diffusers.__version__,
+            "python": platform.python_version(),
+        },
+    }

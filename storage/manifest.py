@@ -1,0 +1,156 @@
+"""The Parquet manifest: one row per generated sample, kept or rejected.
+
+Each shard writes `manifest/part-{shard:06d}.parquet`; `merge_manifest` concatenates the parts in shard
+order into `manifest.parquet`. The schema is fixed and explicit so that parts from different processes
+always concatenate, and a training job can filter on it (`kept == True`, `label == 3`, ...).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from storage._atomic import atomic_write_bytes
+
+__all__ = [
+    "MANIFEST_FILE",
+    "MANIFEST_SCHEMA",
+    "manifest_part_path",
+    "merge_manifest",
+    "read_manifest",
+    "write_manifest_part",
+]
+
+MANIFEST_DIR = "manifest"
+MANIFEST_FILE = "manifest.parquet"
+MANIFEST_VERSION = "1"
+
+#: One row per sample. Nullable columns may be omitted from a row (they become null).
+MANIFEST_SCHEMA = pa.schema(
+    [
+        pa.field("key", pa.string(), nullable=False),
+        pa.field("index", pa.int64(), nullable=False),
+        pa.field("shard", pa.int64(), nullable=False),
+        pa.field("seed", pa.int64(), nullable=False),
+        pa.field("label", pa.int64(), nullable=True),
+        pa.field("class_name", pa.string(), nullable=True),
+        pa.field("condition", pa.string(), nullable=True),
+        pa.field("mmd_contribution", pa.float64(), nullable=False),
+        pa.field("kept", pa.bool_(), nullable=False),
+        pa.field("rank_in_shard", pa.int64(), nullable=False),
+        pa.field("config_hash", pa.string(), nullable=False),
+        pa.field("model_id", pa.string(), nullable=False),
+    ],
+    metadata={"mmd_augment.manifest_version": MANIFEST_VERSION},
+)
+_COLUMNS = tuple(MANIFEST_SCHEMA.names)
+_REQUIRED = frozenset(f.name for f in MANIFEST_SCHEMA if not f.nullable)
+_PART_RE = re.compile(r"^part-(\d{6,})\.parquet$")
+
+
+def manifest_part_path(out_dir: str | os.PathLike[str], shard_id: int) -> Path:
+    """`out_dir/manifest/part-{shard_id:06d}.parquet`."""
+    if shard_id < 0:
+        raise ValueError(f"shard id must be >= 0, got {shard_id}")
+    return Path(out_dir) / MANIFEST_DIR / f"part-{shard_id:06d}.parquet"
+
+
+def _table_bytes(table: pa.Table) -> bytes:
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink, compression="zstd")
+    return sink.getvalue().to_pybytes()
+
+
+def write_manifest_part(
+    out_dir: str | os.PathLike[str], shard_id: int, rows: Sequence[dict[str, Any]]
+) -> Path:
+    """Write one shard's rows to `out_dir/manifest/part-{shard_id:06d}.parquet` atomically.
+
+    Raises:
+        ValueError: a row has a column not in `MANIFEST_SCHEMA`, lacks or nulls a required column, or
+            a value does not convert to the column's type.
+    """
+    for i, row in enumerate(rows):
+        unknown = sorted(set(row) - set(_COLUMNS))
+        if unknown:
+            raise ValueError(
+                f"manifest row {i}: unknown column(s) {', '.join(unknown)} (schema: {', '.join(_COLUMNS)})"
+            )
+        missing = sorted(c for c in _REQUIRED if row.get(c) is None)
+        if missing:
+            raise ValueError(f"manifest row {i}: missing required column(s) {', '.join(missing)}")
+    columns = {name: [row.get(name) for row in rows] for name in _COLUMNS}
+    try:
+        table = pa.Table.from_pydict(
+            {f.name: pa.array(columns[f.name], type=f.type) for f in MANIFEST_SCHEMA}, schema=MANIFEST_SCHEMA
+        )
+    except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError, OverflowError) as e:
+        raise ValueError(f"manifest part {shard_id}: a value does not fit the schema ({e})") from e
+    return atomic_write_bytes(manifest_part_path(out_dir, shard_id), _table_bytes(table))
+
+
+def _parts(out_dir: Path) -> list[tuple[int, Path]]:
+    folder = out_dir / MANIFEST_DIR
+    if not folder.is_dir():
+        return []
+    found = []
+    for path in folder.iterdir():
+        m = _PART_RE.match(path.name)
+        if m and path.is_file():
+            found.append((int(m.group(1)), path))
+    return sorted(found)
+
+
+def merge_manifest(out_dir: str | os.PathLike[str], *, expected_shards: Iterable[int] | None = None) -> Path:
+    """Concatenate `out_dir/manifest/part-*.parquet` in shard order into `out_dir/manifest.parquet`.
+
+    Args:
+        out_dir: output folder.
+        expected_shards: if given, every one of these shards must have a part (and no other part is
+            merged), so a half-finished run cannot pass as complete.
+
+    Raises:
+        FileNotFoundError: no parts, or an expected part is missing.
+        ValueError: a part has a different schema.
+    """
+    out_dir = Path(out_dir)
+    parts = _parts(out_dir)
+    if expected_shards is not None:
+        wanted = sorted(set(expected_shards))
+        have = dict(parts)
+        missing = [s for s in wanted if s not in have]
+        if missing:
+            shown = ", ".join(str(s) for s in missing[:5]) + (", ..." if len(missing) > 5 else "")
+            raise FileNotFoundError(
+                f"{out_dir / MANIFEST_DIR}: manifest parts missing for {len(missing)} shard(s): {shown}"
+            )
+        parts = [(s, have[s]) for s in wanted]
+    if not parts:
+        raise FileNotFoundError(f"{out_dir / MANIFEST_DIR}: no manifest parts to merge")
+    tables = []
+    for _, path in parts:
+        table = pq.read_table(path)
+        if not table.schema.equals(MANIFEST_SCHEMA, check_metadata=False):
+            raise ValueError(f"{path}: manifest part has a different schema than this version writes")
+        tables.append(table.cast(MANIFEST_SCHEMA))
+    merged = pa.concat_tables(tables).combine_chunks()
+    return atomic_write_bytes(out_dir / MANIFEST_FILE, _table_bytes(merged))
+
+
+def read_manifest(
+    path: str | os.PathLike[str],
+    filters: Any = None,
+    *,
+    columns: list[str] | None = None,
+) -> pa.Table:
+    """Read a manifest (file or folder of parts) as a `pyarrow.Table`.
+
+    `filters` is pyarrow's: e.g. `[("kept", "==", True)]` or `pyarrow.compute.field("label") == 3`.
+    """
+    return pq.read_table(path, filters=filters, columns=columns)

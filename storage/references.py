@@ -1,0 +1,711 @@
+"""Read and validate a folder of reference images (local path or fsspec URL).
+
+Layout (as torchvision's ImageFolder):
+
+    refs/a.png, refs/b.png, ...               unlabelled
+    refs/cat/a.png, refs/dog/b.png, ...       labelled; class names sorted -> label ids 0..K-1
+
+Optional captions: a sidecar `<stem>.txt` next to an image, or `captions.jsonl` / `captions.csv` at
+the root mapping file name (relative path, or bare name when unique) to caption.
+
+Every image is converted to the model's channel count (alpha composited on black, 16-bit scaled,
+not clipped, to the 8-bit range), center-cropped to the model's aspect ratio if needed and resized
+with a Lanczos filter. Anything unusual but valid is listed in `References.report`; anything invalid
+raises `InputError` naming the file, before anything is written.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import math
+import posixpath
+import struct
+import warnings
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from typing import Any
+
+import fsspec
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from storage.errors import InputError
+
+__all__ = ["IMAGE_EXTENSIONS", "References", "read_references"]
+
+#: File extensions read as images (lower case).
+IMAGE_EXTENSIONS: frozenset[str] = frozenset({".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp"})
+#: Decoders Pillow may use (camera JPEGs that are MPO files open through the JPEG plugin).
+_PIL_FORMATS = ("PNG", "JPEG", "TIFF", "BMP", "WEBP")
+#: Root-level caption tables.
+CAPTION_FILES = ("captions.jsonl", "captions.csv")
+_CAPTION_FILE_KEYS = ("file_name", "file", "image", "path")
+_CAPTION_TEXT_KEYS = ("caption", "text", "prompt")
+#: Operating-system clutter ignored like hidden files.
+_JUNK_NAMES = frozenset({"thumbs.db", "desktop.ini", "__macosx"})
+_KNOWN_UNSUPPORTED = {
+    ".dcm": "DICOM",
+    ".gif": "GIF",
+    ".heic": "HEIC",
+    ".heif": "HEIF",
+    ".avif": "AVIF",
+    ".svg": "SVG",
+    ".jp2": "JPEG 2000",
+}
+_HASH_VERSION = b"mmd-augment/references/v1"
+_MAX_LISTED = 4
+
+
+@dataclass
+class References:
+    """Reference images ready for the encoder, plus what they are and how they were converted.
+
+    Attributes:
+        images: float32 [N, channels, H, W] in [-1, 1].
+        labels: int64 [N] class ids (index into `class_names`), or None when unlabelled.
+        class_names: sorted class folder names, or None when unlabelled.
+        captions: one caption per image, or None when there are no captions.
+        files: relative POSIX paths, sorted; row i of `images` is `files[i]`.
+        content_hash: sha256 hex over sorted (relative path, file bytes, class, caption); independent
+            of file times and of where the folder lives. It does not cover `channels`/`size`: key
+            caches on those separately.
+        report: human-readable lines about what was found and converted.
+    """
+
+    images: torch.Tensor
+    labels: torch.Tensor | None
+    class_names: list[str] | None
+    captions: list[str] | None
+    files: list[str]
+    content_hash: str
+    report: list[str] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+
+@dataclass
+class _Decoded:
+    """One image after conversion, with the facts the report needs."""
+
+    pixels: np.ndarray  # float32 [C, H, W] in [0, 255]
+    kind: str  # source colour kind: grayscale, RGB, palette, CMYK, ...
+    has_alpha: bool
+    sixteen_bit: bool
+    size: tuple[int, int]  # source (width, height) after EXIF orientation
+    cropped: bool
+    resized: bool
+    rotated: bool
+    multi_frame: bool
+
+
+class _Problems:
+    """Collects every problem so the user can fix them all at once; raises one InputError."""
+
+    def __init__(self) -> None:
+        self.items: list[str] = []
+
+    def add(self, where: str, problem: str) -> None:
+        self.items.append(f"{where}: {problem}")
+
+    def raise_if_any(self) -> None:
+        if not self.items:
+            return
+        first, more = self.items[0], len(self.items) - 1
+        suffix = f" (and {more} more problem{'s' if more > 1 else ''})" if more else ""
+        raise InputError(first + suffix, problems=self.items)
+
+
+def read_references(
+    path: str,
+    *,
+    channels: int,
+    size: tuple[int, int],
+    min_count: int = 2,
+    max_pixels: int = 50_000_000,
+    storage_options: dict[str, Any] | None = None,
+) -> References:
+    """Read, validate and convert a reference folder.
+
+    Args:
+        path: local folder or fsspec URL (`memory://refs`, `file:///data/refs`, `s3://bucket/refs`).
+        channels: 1 (grayscale, Pillow "L" luma) or 3 (RGB).
+        size: model input size (H, W).
+        min_count: fewer images than this is an error.
+        max_pixels: images with more pixels are refused as decompression bombs, before decoding.
+        storage_options: passed to the fsspec filesystem.
+
+    Raises:
+        InputError: one line naming the first bad file or the folder (all problems in `.problems`).
+    """
+    if channels not in (1, 3):
+        raise ValueError(f"channels must be 1 or 3, got {channels}")
+    height, width = (int(s) for s in size)
+    if height < 1 or width < 1:
+        raise ValueError(f"size must be positive (H, W), got {size}")
+    path = str(path)
+    try:
+        fs, root = fsspec.core.url_to_fs(path, **(storage_options or {}))
+    except (ValueError, ImportError) as e:
+        raise InputError(f"{path}: cannot open this location ({e})") from e
+    root = root.rstrip("/") or "/"
+    shown_root = path.rstrip("/") or path
+
+    def shown(rel: str) -> str:
+        return f"{shown_root}/{rel}"
+
+    if not fs.exists(root):
+        raise InputError(f"{shown_root}: reference folder does not exist")
+    if not fs.isdir(root):
+        raise InputError(f"{shown_root}: not a folder (give the folder that holds the reference images)")
+
+    listing = _list_tree(fs, root)
+    files = {rel: info for rel, info in listing.items() if info.get("type") != "directory"}
+    dirs = sorted(rel for rel, info in listing.items() if info.get("type") == "directory")
+
+    problems = _Problems()
+    ignored = sorted(rel for rel in files if _is_hidden(rel))
+    visible = sorted(rel for rel in files if not _is_hidden(rel))
+    images = [rel for rel in visible if posixpath.splitext(rel)[1].lower() in IMAGE_EXTENSIONS]
+    image_set = set(images)
+    sidecars: dict[str, str] = {}  # image rel -> sidecar rel
+    caption_tables = [rel for rel in visible if rel in CAPTION_FILES]
+    images_by_stem: dict[str, list[str]] = defaultdict(list)
+    for img in images:
+        images_by_stem[posixpath.splitext(img)[0]].append(img)
+    others: list[str] = []
+    for rel in visible:
+        if rel in image_set or rel in CAPTION_FILES:
+            continue
+        others.append(rel)
+        ext = posixpath.splitext(rel)[1].lower()
+        if ext == ".txt":
+            owners = images_by_stem.get(posixpath.splitext(rel)[0], [])
+            if len(owners) == 1:
+                sidecars[owners[0]] = rel
+            elif not owners:
+                problems.add(shown(rel), "caption file has no image with the same name")
+            else:
+                problems.add(shown(rel), f"caption file matches several images ({', '.join(owners)})")
+        elif ext in _KNOWN_UNSUPPORTED:
+            problems.add(
+                shown(rel),
+                f"unsupported image format {_KNOWN_UNSUPPORTED[ext]} (convert to {_supported_list()})",
+            )
+        else:
+            problems.add(shown(rel), f"not an image (supported: {_supported_list()}, captions: .txt)")
+
+    # Layout: all images in the root (unlabelled) or all in class sub-folders (labelled).
+    root_images = [rel for rel in images if "/" not in rel]
+    nested_images = [rel for rel in images if "/" in rel]
+    top_dirs = sorted({d.split("/")[0] for d in dirs if not _is_hidden(d)})
+    class_names: list[str] | None = None
+    report_notes: list[str] = []
+    if root_images and nested_images:
+        problems.add(
+            shown_root,
+            f"mixes images in the folder itself ({root_images[0]}) with images in sub-folders "
+            f"({nested_images[0]}); put every image in a class sub-folder, or none",
+        )
+    elif nested_images:
+        class_names = top_dirs
+        counts = Counter(rel.split("/")[0] for rel in nested_images)
+        for name in class_names:
+            if counts[name] == 0:
+                problems.add(shown(name + "/"), "class folder has no images")
+        deep = sum(1 for rel in nested_images if rel.count("/") > 1)
+        if deep:
+            report_notes.append(f"{deep} images in nested folders were given the class of their top folder")
+    elif top_dirs:
+        report_notes.append(f"{len(top_dirs)} sub-folders without images ignored: {_listing(top_dirs)}")
+
+    if not images:
+        found = f"; found only {_plural(len(others), 'other file')}, e.g. {others[0]}" if others else ""
+        raise InputError(f"{shown_root}: no images found (supported: {_supported_list()}){found}")
+
+    # Read every file once: bytes feed both the decoder and the content hash.
+    blobs: dict[str, bytes] = {}
+    for rel in images + list(sidecars.values()) + caption_tables:
+        if files[rel].get("size") == 0:
+            problems.add(shown(rel), "empty file (0 bytes)")
+            continue
+        try:
+            with fs.open(f"{root}/{rel}" if root != "/" else f"/{rel}", "rb") as f:
+                blobs[rel] = f.read()
+        except OSError as e:
+            problems.add(shown(rel), f"cannot be read ({e})")
+            continue
+        if not blobs[rel]:
+            problems.add(shown(rel), "empty file (0 bytes)")
+            del blobs[rel]
+
+    captions_by_image = _read_captions(images, sidecars, caption_tables, blobs, shown, problems)
+
+    decoded: dict[str, _Decoded] = {}
+    for rel in images:
+        if rel not in blobs:
+            continue
+        try:
+            decoded[rel] = _decode(blobs[rel], channels=channels, size=(height, width), max_pixels=max_pixels)
+        except _BadImage as e:
+            problems.add(shown(rel), str(e))
+
+    if not problems.items and len(images) < min_count:
+        problems.add(
+            shown_root,
+            f"only {len(images)} image{'s' if len(images) != 1 else ''}; need at least {min_count}",
+        )
+    problems.raise_if_any()
+
+    labels = None
+    if class_names is not None:
+        label_of = {name: i for i, name in enumerate(class_names)}
+        labels = torch.tensor([label_of[rel.split("/")[0]] for rel in images], dtype=torch.int64)
+    captions = [captions_by_image[rel] for rel in images] if captions_by_image else None
+    stack = np.stack([decoded[rel].pixels for rel in images]).astype(np.float32)
+    tensor = torch.from_numpy(stack).div_(127.5).sub_(1.0).clamp_(-1.0, 1.0)
+
+    content_hash = _content_hash(images, blobs, class_names, captions)
+    report = _report(
+        shown_root,
+        images,
+        decoded,
+        class_names,
+        captions,
+        channels,
+        (height, width),
+        ignored,
+        blobs,
+        report_notes,
+    )
+    return References(
+        images=tensor,
+        labels=labels,
+        class_names=class_names,
+        captions=captions,
+        files=images,
+        content_hash=content_hash,
+        report=report,
+    )
+
+
+# ----------------------------------------------------------------------------------------------- listing
+
+
+def _list_tree(fs: fsspec.AbstractFileSystem, root: str) -> dict[str, dict[str, Any]]:
+    """Relative POSIX path -> fsspec info for everything below `root` (root itself excluded)."""
+    found = fs.find(root, withdirs=True, detail=True)
+    prefix = root.rstrip("/") + "/"
+    out: dict[str, dict[str, Any]] = {}
+    for name, info in found.items():
+        name = name.replace("\\", "/")
+        if not name.startswith(prefix):
+            continue  # the root itself
+        rel = name[len(prefix) :].strip("/")
+        if rel:
+            out[rel] = info
+    return out
+
+
+def _is_hidden(rel: str) -> bool:
+    return any(part.startswith(".") or part.lower() in _JUNK_NAMES for part in rel.split("/"))
+
+
+def _supported_list() -> str:
+    return "PNG, JPEG, TIFF, BMP, WebP"
+
+
+def _listing(items: list[str], limit: int = _MAX_LISTED) -> str:
+    shown = ", ".join(items[:limit])
+    return shown + (f", ... ({len(items) - limit} more)" if len(items) > limit else "")
+
+
+# ---------------------------------------------------------------------------------------------- captions
+
+
+def _read_captions(
+    images: list[str],
+    sidecars: dict[str, str],
+    tables: list[str],
+    blobs: dict[str, bytes],
+    shown: Any,
+    problems: _Problems,
+) -> dict[str, str]:
+    """Image rel -> caption, from sidecars and root tables. Empty when there are no captions."""
+    by_image: dict[str, str] = {}
+    source: dict[str, str] = {}
+    for img, txt in sidecars.items():
+        if txt not in blobs:
+            continue
+        try:
+            by_image[img] = blobs[txt].decode("utf-8-sig").strip()
+            source[img] = txt
+        except UnicodeDecodeError:
+            problems.add(shown(txt), "caption file is not UTF-8 text")
+
+    basenames = Counter(posixpath.basename(img) for img in images)
+    image_set = set(images)
+    for table in tables:
+        if table not in blobs:
+            continue
+        try:
+            text = blobs[table].decode("utf-8-sig")
+        except UnicodeDecodeError:
+            problems.add(shown(table), "not UTF-8 text")
+            continue
+        try:
+            entries = _parse_caption_table(table, text)
+        except ValueError as e:
+            problems.add(shown(table), str(e))
+            continue
+        for where, name, caption in entries:
+            name = name.replace("\\", "/")
+            name = name[2:] if name.startswith("./") else name
+            if name in image_set:
+                img = name
+            elif basenames.get(name) == 1:
+                img = next(i for i in images if posixpath.basename(i) == name)
+            else:
+                reason = "matches several images" if basenames.get(name, 0) > 1 else "names no image"
+                problems.add(f"{shown(table)} {where}", f"'{name}' {reason}")
+                continue
+            if img in by_image and by_image[img] != caption:
+                problems.add(
+                    f"{shown(table)} {where}", f"caption for {img} conflicts with the one in {source[img]}"
+                )
+                continue
+            by_image[img] = caption
+            source[img] = f"{table} {where}"
+
+    if by_image:
+        missing = [img for img in images if img not in by_image]
+        if missing:
+            problems.add(
+                shown(missing[0]),
+                f"has no caption, but {len(by_image)} of {len(images)} images do "
+                f"({len(missing)} missing); caption every image or none",
+            )
+    return by_image
+
+
+def _parse_caption_table(table: str, text: str) -> list[tuple[str, str, str]]:
+    """(location, file name, caption) rows of captions.jsonl / captions.csv."""
+    rows: list[tuple[str, dict[str, Any]]] = []
+    if table.endswith(".jsonl"):
+        for n, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"line {n} is not valid JSON ({e.msg})") from None
+            if not isinstance(obj, dict):
+                raise ValueError(f"line {n} is not a JSON object")
+            rows.append((f"line {n}", obj))
+    else:
+        reader = csv.DictReader(io.StringIO(text))
+        for n, obj in enumerate(reader, start=2):
+            rows.append((f"line {n}", obj))
+    out = []
+    for where, obj in rows:
+        file_key = next((k for k in _CAPTION_FILE_KEYS if k in obj), None)
+        text_key = next((k for k in _CAPTION_TEXT_KEYS if k in obj), None)
+        if file_key is None or text_key is None:
+            raise ValueError(
+                f"{where} needs a file column ({'/'.join(_CAPTION_FILE_KEYS)}) "
+                f"and a caption column ({'/'.join(_CAPTION_TEXT_KEYS)})"
+            )
+        name, caption = obj[file_key], obj[text_key]
+        if not isinstance(name, str) or not isinstance(caption, str):
+            raise ValueError(f"{where}: file name and caption must be strings")
+        out.append((where, name.strip(), caption.strip()))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- decoding
+
+
+class _BadImage(Exception):
+    """A per-file problem; becomes one line of an InputError."""
+
+
+def _decode(data: bytes, *, channels: int, size: tuple[int, int], max_pixels: int) -> _Decoded:
+    """Decode, validate and convert one image to float32 [channels, H, W] in [0, 255]."""
+    height, width = size
+    Image.init()  # register every plugin named in _PIL_FORMATS (MPO, WEBP, ...)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        try:
+            im = Image.open(io.BytesIO(data), formats=_PIL_FORMATS)
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+            raise _BadImage(f"refused as a possible decompression bomb ({e})") from None
+        except UnidentifiedImageError:
+            raise _BadImage(f"not a readable image (corrupt, or not {_supported_list()})") from None
+        except (OSError, SyntaxError, ValueError) as e:
+            raise _BadImage(f"corrupt image ({e})") from None
+        w, h = im.size
+        if w * h > max_pixels:
+            raise _BadImage(
+                f"refused as a possible decompression bomb: {w}x{h} = {w * h} pixels > {max_pixels}"
+            )
+        rawmode = _tile_rawmode(im)
+        multi_frame = getattr(im, "n_frames", 1) > 1
+        try:
+            im.load()  # full decode: catches truncated and corrupt data
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+            raise _BadImage(f"refused as a possible decompression bomb ({e})") from None
+        except (OSError, SyntaxError, ValueError, EOFError, IndexError, struct.error) as e:
+            raise _BadImage(f"corrupt or truncated image ({e})") from None
+
+    orientation = im.getexif().get(0x0112, 1)
+    rotated = orientation not in (None, 1)
+    if rotated:
+        im = ImageOps.exif_transpose(im)
+    w, h = im.size
+    if w < width // 2 or h < height // 2:
+        raise _BadImage(f"too small for the model: {w}x{h} < {width // 2}x{height // 2}")
+
+    sixteen_bit = im.mode.startswith("I;16") or _is_16bit_rawmode(rawmode)
+    kind = _colour_kind(im.mode, rawmode)
+    colour, alpha = _to_float(im)  # [h, w, c] in [0, 255], alpha [h, w] in [0, 1] or None
+    if alpha is not None:
+        colour = colour * alpha[..., None]  # composite on black
+    if channels == 1 and colour.shape[2] == 3:
+        # ITU-R 601-2 luma, as Pillow's "L" conversion.
+        colour = colour @ np.array([0.299, 0.587, 0.114], dtype=np.float32)[:, None]
+    elif channels == 3 and colour.shape[2] == 1:
+        colour = np.repeat(colour, 3, axis=2)
+
+    box, cropped = _center_crop_box(w, h, width, height)
+    resized = cropped or (w, h) != (width, height)
+    if resized:
+        planes = [
+            np.asarray(
+                Image.fromarray(np.ascontiguousarray(colour[..., c]), mode="F").resize(
+                    (width, height), Image.Resampling.LANCZOS, box=box
+                )
+            )
+            for c in range(colour.shape[2])
+        ]
+        colour = np.stack(planes, axis=2)
+    pixels = np.clip(colour, 0.0, 255.0).astype(np.float32).transpose(2, 0, 1)
+    return _Decoded(
+        pixels=np.ascontiguousarray(pixels),
+        kind=kind,
+        has_alpha=alpha is not None,
+        sixteen_bit=sixteen_bit,
+        size=(w, h),
+        cropped=cropped,
+        resized=resized,
+        rotated=rotated,
+        multi_frame=multi_frame,
+    )
+
+
+def _tile_rawmode(im: Image.Image) -> str | None:
+    """The decoder's raw mode before `load()` (e.g. "RGB;16B" for a 48-bit PNG), if known."""
+    try:
+        args = im.tile[0].args if im.tile else None
+    except (AttributeError, IndexError):
+        return None
+    if isinstance(args, str):
+        return args
+    if isinstance(args, tuple) and args and isinstance(args[0], str):
+        return args[0]
+    return None
+
+
+def _is_16bit_rawmode(rawmode: str | None) -> bool:
+    """True for 16-bit-per-channel decoders ("RGB;16B", "LA;16B", ...), not for 16-bpp BMP."""
+    if not rawmode or ";" not in rawmode:
+        return False
+    base, suffix = rawmode.split(";", 1)
+    return suffix.startswith("16") and base in ("I", "L", "LA", "RGB", "RGBA", "RGBX")
+
+
+_KIND_BY_MODE = {
+    "1": "1-bit",
+    "L": "grayscale",
+    "LA": "grayscale",
+    "La": "grayscale",
+    "I": "grayscale",
+    "P": "palette",
+    "PA": "palette",
+    "RGB": "RGB",
+    "RGBA": "RGB",
+    "RGBa": "RGB",
+    "RGBX": "RGB",
+}
+
+
+def _colour_kind(mode: str, rawmode: str | None) -> str:
+    """Colour kind of the source for the report (alpha is reported separately)."""
+    if mode.startswith("I;16"):
+        return "grayscale"
+    if rawmode and rawmode.split(";")[0] in ("LA", "L") and mode in ("RGBA", "RGB"):
+        return "grayscale"  # Pillow decodes 16-bit grayscale(+alpha) PNGs as 8-bit RGB(A)
+    return _KIND_BY_MODE.get(mode, mode)
+
+
+def _to_float(im: Image.Image) -> tuple[np.ndarray, np.ndarray | None]:
+    """Colour [h, w, 1 or 3] float32 in [0, 255] and alpha [h, w] in [0, 1] (None if opaque)."""
+    mode = im.mode
+    transparency = im.info.get("transparency")
+    if mode.startswith("I;16"):
+        if mode not in ("I;16", "I;16L", "I;16B", "I;16N"):
+            raise _BadImage(f"unsupported pixel type {mode} (save as 8- or 16-bit unsigned)")
+        raw = np.asarray(im)
+        colour = (raw.astype(np.float32) * (255.0 / 65535.0))[..., None]  # scale, never clip
+        alpha = None
+        if isinstance(transparency, int):
+            alpha = (raw != transparency).astype(np.float32)
+        return colour, alpha
+    if mode in ("I", "F"):
+        what = "32-bit integer" if mode == "I" else "floating-point"
+        raise _BadImage(f"unsupported pixel type ({what}); save the image as 8- or 16-bit")
+    if mode == "1":
+        im = im.convert("L")
+    elif mode in ("P", "PA"):
+        im = im.convert("RGBA" if mode == "PA" or transparency is not None else "RGB")
+    elif mode == "L" and transparency is not None:
+        im = im.convert("LA")
+    elif mode == "La":
+        im = im.convert("LA")
+    elif mode == "RGB" and transparency is not None:
+        im = im.convert("RGBA")
+    elif mode == "RGBa":
+        im = im.convert("RGBA")
+    elif mode not in ("L", "LA", "RGB", "RGBA"):
+        try:
+            im = im.convert("RGB")  # CMYK, YCbCr, LAB, HSV, RGBX
+        except ValueError as e:
+            raise _BadImage(f"unsupported pixel type {mode} ({e})") from None
+    arr = np.asarray(im, dtype=np.float32)
+    if arr.ndim == 2:
+        arr = arr[..., None]
+    if im.mode in ("LA", "RGBA"):
+        return arr[..., :-1], arr[..., -1] / 255.0
+    return arr, None
+
+
+def _center_crop_box(
+    w: int, h: int, width: int, height: int
+) -> tuple[tuple[float, float, float, float], bool]:
+    """Source box with the target aspect ratio, centred; and whether it crops anything."""
+    if w * height == h * width:
+        return (0.0, 0.0, float(w), float(h)), False
+    if w * height > h * width:  # too wide
+        new_w = h * width / height
+        left = (w - new_w) / 2
+        return (left, 0.0, left + new_w, float(h)), True
+    new_h = w * height / width
+    top = (h - new_h) / 2
+    return (0.0, top, float(w), top + new_h), True
+
+
+# ---------------------------------------------------------------------------------------- hash and report
+
+
+def _content_hash(
+    files: list[str], blobs: dict[str, bytes], class_names: list[str] | None, captions: list[str] | None
+) -> str:
+    """sha256 over sorted (relative path, file bytes, class, caption), length-prefixed."""
+    h = hashlib.sha256(_HASH_VERSION)
+
+    def field_(data: bytes) -> None:
+        h.update(len(data).to_bytes(8, "little"))
+        h.update(data)
+
+    for i, rel in enumerate(files):
+        field_(rel.encode("utf-8"))
+        field_(hashlib.sha256(blobs[rel]).digest())
+        field_(b"" if class_names is None else b"class:" + rel.split("/")[0].encode("utf-8"))
+        field_(b"" if captions is None else b"caption:" + captions[i].encode("utf-8"))
+    return h.hexdigest()
+
+
+def _plural(n: int, word: str) -> str:
+    if n == 1:
+        return f"{n} {word}"
+    return f"{n} {word}{'es' if word.endswith(('s', 'x', 'sh', 'ch')) else 's'}"
+
+
+def _report(
+    shown_root: str,
+    files: list[str],
+    decoded: dict[str, _Decoded],
+    class_names: list[str] | None,
+    captions: list[str] | None,
+    channels: int,
+    size: tuple[int, int],
+    ignored: list[str],
+    blobs: dict[str, bytes],
+    notes: list[str],
+) -> list[str]:
+    height, width = size
+    target = "grayscale" if channels == 1 else "RGB"
+    if class_names is not None:
+        counts = Counter(rel.split("/")[0] for rel in files)
+        per_class = _listing([f"{name} ({counts[name]})" for name in class_names], limit=8)
+        layout = f"{_plural(len(class_names), 'class')}: {per_class}"
+    else:
+        layout = "unlabelled"
+    with_captions = ", with captions" if captions is not None else ""
+    lines = [f"{_plural(len(files), 'image')} read from {shown_root}, {layout}{with_captions}"]
+
+    items = [decoded[rel] for rel in files]
+    kinds = Counter(d.kind for d in items if d.kind != target)
+    for kind, n in sorted(kinds.items()):
+        lines.append(f"{_plural(n, 'image')} converted from {kind} to {target}")
+    n_alpha = sum(d.has_alpha for d in items)
+    if n_alpha:
+        lines.append(f"{_plural(n_alpha, 'image')} with transparency composited on black")
+    n16 = sum(d.sixteen_bit for d in items)
+    if n16:
+        lines.append(f"{n16} 16-bit image{'s' if n16 != 1 else ''} scaled to 8-bit")
+    n_rot = sum(d.rotated for d in items)
+    if n_rot:
+        lines.append(f"{_plural(n_rot, 'image')} rotated as their EXIF orientation says")
+    n_multi = sum(d.multi_frame for d in items)
+    if n_multi:
+        lines.append(f"{_plural(n_multi, 'multi-frame image')}: first frame used")
+
+    sizes = Counter(d.size for d in items)
+    mixed = ""
+    if len(sizes) > 1:
+        listed = [f"{w}x{h}" for (w, h) in sorted(sizes)]
+        mixed = f" (mixed sizes: {_listing(listed)})"
+    resized_from: dict[tuple[int, int], int] = defaultdict(int)
+    for d in items:
+        if d.resized:
+            resized_from[d.size] += 1
+    if resized_from:
+        n_resized = sum(resized_from.values())
+        froms = _listing([f"{w}x{h}" for (w, h) in sorted(resized_from)])
+        lines.append(f"{_plural(n_resized, 'image')} resized from {froms} to {width}x{height}{mixed}")
+    elif mixed:
+        lines.append(f"input sizes vary{mixed}")
+    n_crop = sum(d.cropped for d in items)
+    if n_crop:
+        g = math.gcd(width, height)
+        lines.append(
+            f"{_plural(n_crop, 'image')} center-cropped to the model's aspect ratio "
+            f"{width // g}:{height // g} (width:height) before resizing"
+        )
+
+    digests: dict[str, list[str]] = defaultdict(list)
+    for rel in files:
+        digests[hashlib.sha256(blobs[rel]).hexdigest()].append(rel)
+    duplicates = [group for group in digests.values() if len(group) > 1]
+    if duplicates:
+        n_dup = sum(len(g) - 1 for g in duplicates)
+        example = " = ".join(duplicates[0][:3])
+        lines.append(f"{_plural(n_dup, 'file')} byte-identical to another reference (e.g. {example})")
+    lines.extend(notes)
+    if ignored:
+        lines.append(f"{_plural(len(ignored), 'hidden or system file')} ignored: {_listing(ignored)}")
+    return lines

@@ -1,0 +1,67 @@
+"""run.json and the output-folder configuration guard."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from storage import InputError, check_or_claim_output, read_run_record, write_run_record
+from storage.run_record import CLAIM_FILE
+
+CONFIG = {"n": 100, "seed": 0, "guidance": {"strength": 0.5, "kernel": "rbf"}, "sizes": (8, 8)}
+
+
+def test_run_record_is_sorted_and_indented(tmp_path):
+    path = write_run_record(tmp_path, {"z": 1, "config_hash": "h", "a": {"y": 2, "b": 3}})
+    text = path.read_text()
+    assert path == tmp_path / "run.json" and text.endswith("\n")
+    assert text == json.dumps(json.loads(text), sort_keys=True, indent=2) + "\n"
+    assert read_run_record(tmp_path)["a"] == {"b": 3, "y": 2}
+    assert read_run_record(tmp_path / "none") is None
+    with pytest.raises(ValueError, match="config_hash"):
+        write_run_record(tmp_path, {"config": {}})
+
+
+def test_fresh_folder_is_claimed_then_resumed(tmp_path):
+    out = tmp_path / "nested" / "out"
+    assert check_or_claim_output(out, "h1", CONFIG) is False
+    assert (out / CLAIM_FILE).exists() and json.loads((out / CLAIM_FILE).read_text())["config_hash"] == "h1"
+    assert check_or_claim_output(out, "h1", CONFIG) is True
+    write_run_record(out, {"config_hash": "h1", "config": CONFIG})
+    assert check_or_claim_output(out, "h1", CONFIG) is True
+    assert [p.name for p in out.iterdir() if ".tmp-" in p.name] == []
+
+
+def test_different_config_is_refused_with_the_differences(tmp_path):
+    check_or_claim_output(tmp_path, "h1", CONFIG)
+    changed = {**CONFIG, "seed": 1, "guidance": {"strength": 1.0, "kernel": "rbf"}, "new": True}
+    with pytest.raises(InputError) as info:
+        check_or_claim_output(tmp_path, "h2", changed)
+    message = str(info.value)
+    assert str(tmp_path) in message and "different configuration" in message and "--out" in message
+    assert "guidance.strength: 0.5 -> 1.0" in message and "new: (absent) -> true" in message
+    assert "seed: 0 -> 1" in message and "\n" not in message
+
+
+def test_run_json_alone_guards_too(tmp_path):
+    write_run_record(tmp_path, {"config_hash": "h1", "config": CONFIG})
+    assert check_or_claim_output(tmp_path, "h1", CONFIG) is True
+    with pytest.raises(InputError, match="different configuration"):
+        check_or_claim_output(tmp_path, "h2", {**CONFIG, "n": 5})
+    (tmp_path / "run.json").write_text("{oops")
+    with pytest.raises(InputError, match=r"run\.json: unreadable"):
+        check_or_claim_output(tmp_path, "h1", CONFIG)
+
+
+def test_foreign_folders_are_refused(tmp_path):
+    (tmp_path / "holiday.jpg").write_bytes(b"x")
+    with pytest.raises(InputError, match="not empty"):
+        check_or_claim_output(tmp_path, "h1", CONFIG)
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(InputError, match="not a folder"):
+        check_or_claim_output(tmp_path / "file", "h1", CONFIG)
+    hidden_only = tmp_path / "h"
+    hidden_only.mkdir()
+    (hidden_only / ".DS_Store").write_bytes(b"x")
+    assert check_or_claim_output(hidden_only, "h1", CONFIG) is False

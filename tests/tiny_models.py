@@ -1,0 +1,108 @@
+"""Tiny randomly initialised diffusers models, saved to a folder and loaded back offline."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from diffusers import (
+    AutoencoderKL,
+    DDIMScheduler,
+    DDPMPipeline,
+    DiTPipeline,
+    DiTTransformer2DModel,
+    UNet2DConditionModel,
+    UNet2DModel,
+)
+from PIL import Image
+
+
+def tiny_unet(channels: int = 1, size: int = 16, num_class_embeds: int | None = None) -> UNet2DModel:
+    torch.manual_seed(0)
+    return UNet2DModel(
+        sample_size=size,
+        in_channels=channels,
+        out_channels=channels,
+        layers_per_block=1,
+        block_out_channels=(8, 16),
+        norm_num_groups=4,
+        down_block_types=("DownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "UpBlock2D"),
+        num_class_embeds=num_class_embeds,
+    )
+
+
+def tiny_scheduler() -> DDIMScheduler:
+    return DDIMScheduler(num_train_timesteps=1000, clip_sample=False, prediction_type="epsilon")
+
+
+def save_tiny_ddpm(path: Path, channels: int = 1, size: int = 16) -> Path:
+    """Pixel-space DDPM pipeline folder (unet + scheduler)."""
+    DDPMPipeline(unet=tiny_unet(channels, size), scheduler=tiny_scheduler()).save_pretrained(path)
+    return path
+
+
+def tiny_vae(channels: int = 1) -> AutoencoderKL:
+    torch.manual_seed(0)
+    return AutoencoderKL(
+        in_channels=channels,
+        out_channels=channels,
+        latent_channels=4,
+        block_out_channels=(8, 16),
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        layers_per_block=1,
+        norm_num_groups=4,
+        sample_size=16,
+    )
+
+
+def save_tiny_dit(path: Path, channels: int = 1, num_classes: int = 4) -> Path:
+    """Latent DiT pipeline folder (transformer + AutoencoderKL + scheduler), learned-σ outputs."""
+    torch.manual_seed(0)
+    transformer = DiTTransformer2DModel(
+        num_attention_heads=2,
+        attention_head_dim=8,
+        in_channels=4,
+        out_channels=8,
+        num_layers=2,
+        sample_size=8,
+        patch_size=2,
+        num_embeds_ada_norm=num_classes,
+        norm_num_groups=4,
+    )
+    DiTPipeline(transformer=transformer, vae=tiny_vae(channels), scheduler=tiny_scheduler()).save_pretrained(
+        path
+    )
+    return path
+
+
+def tiny_unet_condition() -> UNet2DConditionModel:
+    torch.manual_seed(0)
+    return UNet2DConditionModel(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=1,
+        block_out_channels=(8, 16),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=12,
+        attention_head_dim=4,
+        norm_num_groups=4,
+    )
+
+
+def write_reference_folder(
+    root: Path, count: int = 24, size: int = 16, classes: tuple[str, ...] | None = None, seed: int = 0
+) -> Path:
+    """Random-blob grayscale PNGs (optionally in class sub-folders) for end-to-end tests."""
+    rng = np.random.default_rng(seed)
+    root.mkdir(parents=True, exist_ok=True)
+    for i in range(count):
+        arr = (rng.random((size, size)) * 255).astype(np.uint8)
+        folder = root / classes[i % len(classes)] if classes else root
+        folder.mkdir(exist_ok=True)
+        Image.fromarray(arr, mode="L").save(folder / f"img_{i:03d}.png")
+    return root
