@@ -98,9 +98,7 @@ def _sqdist_centred(x: Tensor, y: Tensor) -> Tensor:
     return r.clamp_min(0.0)
 
 
-def median_pairwise_distance(
-    y: Tensor, max_points: int = 2048, generator: torch.Generator | None = None
-) -> float:
+def median_pairwise_distance(y: Tensor, max_points: int = 2048, generator: torch.Generator | None = None) -> float:
     """Median of the Euclidean distances ‖y_i − y_j‖ over distinct pairs i < j (the median heuristic).
 
     With more than ``max_points`` rows, a subset of ``max_points`` rows is drawn with ``torch.randperm``
@@ -197,9 +195,7 @@ class RBFKernel(_DistanceKernel):
         self.bandwidth = _check_positive(bandwidth, "bandwidth")
 
     @classmethod
-    def from_median(
-        cls, y: Tensor, max_points: int = 2048, generator: torch.Generator | None = None
-    ) -> RBFKernel:
+    def from_median(cls, y: Tensor, max_points: int = 2048, generator: torch.Generator | None = None) -> RBFKernel:
         """σ = median pairwise distance among the reference samples ``y`` [m, ...] (median heuristic)."""
         return cls(median_pairwise_distance(y, max_points=max_points, generator=generator))
 
@@ -554,9 +550,7 @@ class ProductKernel:
         if not isinstance(sample_kernel, Kernel):
             raise TypeError(f"sample_kernel must be a Kernel, got {type(sample_kernel).__name__}")
         if not isinstance(condition_kernel, ConditionKernel):
-            raise TypeError(
-                f"condition_kernel must be a ConditionKernel, got {type(condition_kernel).__name__}"
-            )
+            raise TypeError(f"condition_kernel must be a ConditionKernel, got {type(condition_kernel).__name__}")
         self.sample_kernel = sample_kernel
         self.condition_kernel = condition_kernel
 

@@ -389,25 +389,19 @@ class SampleMemory:
                 raise ValueError("cond is required: the memory already holds conditions")
             if cond is not None and self._conditions is None:
                 raise ValueError("cond was given but the memory holds samples without conditions")
-            if (
-                cond is not None
-                and self._conditions is not None
-                and cond.shape[1:] != self._conditions.shape[1:]
-            ):
+            if cond is not None and self._conditions is not None and cond.shape[1:] != self._conditions.shape[1:]:
                 raise ValueError(
                     f"cond has shape {tuple(cond.shape[1:])} per sample but the memory holds "
                     f"{tuple(self._conditions.shape[1:])}"
                 )
-        new = flat.detach().to(compute_dtype(flat)).clone()[-self._capacity :]
-        new_cond = None if cond is None else cond.detach().clone()[-self._capacity :]
+        new = flat.detach()[-self._capacity :].to(compute_dtype(flat)).clone()
+        new_cond = None if cond is None else cond.detach()[-self._capacity :].clone()
         if self._samples is None:
             self._samples, self._conditions = new, new_cond
         else:
             self._samples = torch.cat([self._samples, new.to(self._samples)])[-self._capacity :]
             if self._conditions is not None and new_cond is not None:
-                self._conditions = torch.cat([self._conditions, new_cond.to(self._conditions)])[
-                    -self._capacity :
-                ]
+                self._conditions = torch.cat([self._conditions, new_cond.to(self._conditions)])[-self._capacity :]
         self._version += 1
 
     def clear(self) -> None:
@@ -434,9 +428,7 @@ class MMDTarget:
     finished samples; sums over the memory are cached until it changes.
     """
 
-    def __init__(
-        self, y: Tensor, kernel: AnyKernel, y_cond: Tensor | None = None, unbiased: bool = True
-    ) -> None:
+    def __init__(self, y: Tensor, kernel: AnyKernel, y_cond: Tensor | None = None, unbiased: bool = True) -> None:
         if not isinstance(kernel, (Kernel, ProductKernel)):
             raise TypeError(f"kernel must be a Kernel or ProductKernel, got {type(kernel).__name__}")
         yf = _flatten_samples(y, "y")
@@ -516,10 +508,12 @@ class MMDTarget:
         self, memory: SampleMemory | None, xf: Tensor
     ) -> tuple[Tensor, Tensor | None, dict[str, Tensor]] | None:
         """Memory samples/conditions on x's device and dtype, and cached sums over them (None if empty)."""
-        if memory is None or len(memory) == 0:
+        if memory is None:
             return None
         if not isinstance(memory, SampleMemory):
             raise TypeError(f"memory must be a SampleMemory, got {type(memory).__name__}")
+        if len(memory) == 0:
+            return None
         ms = memory.samples.to(device=xf.device, dtype=xf.dtype)
         _check_features(ms, self._y, "memory", "y")
         mc = memory.conditions
@@ -546,9 +540,7 @@ class MMDTarget:
 
     def _check_total(self, n: int, k: int) -> None:
         if self.unbiased and n + k < 2:
-            raise ValueError(
-                f"x has {n} sample(s) (plus {k} in memory) but {_estimator(True)} needs at least 2 in all"
-            )
+            raise ValueError(f"x has {n} sample(s) (plus {k} in memory) but {_estimator(True)} needs at least 2 in all")
 
     # ---- public API --------------------------------------------------------------------------------
 

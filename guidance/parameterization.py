@@ -37,9 +37,7 @@ def to_x0_eps(
     return x0, eps
 
 
-def from_x0_eps(
-    x0: torch.Tensor, eps: torch.Tensor, alpha: torch.Tensor, sigma: torch.Tensor, prediction_type: str
-):
+def from_x0_eps(x0: torch.Tensor, eps: torch.Tensor, alpha: torch.Tensor, sigma: torch.Tensor, prediction_type: str):
     """The model output that encodes (x0, ε) in `prediction_type`."""
     _check(prediction_type)
     if prediction_type == "epsilon":

@@ -30,9 +30,7 @@ class StrengthSchedule:
         if self.strength < 0:
             raise ValueError(f"strength must be >= 0, got {self.strength}")
         if not 0.0 <= self.start <= self.end <= 1.0:
-            raise ValueError(
-                f"schedule interval must satisfy 0 <= start <= end <= 1, got [{self.start}, {self.end})"
-            )
+            raise ValueError(f"schedule interval must satisfy 0 <= start <= end <= 1, got [{self.start}, {self.end})")
 
     def __call__(self, progress: float) -> float:
         if not self.start <= progress < self.end and not (self.end == 1.0 and progress >= 1.0):

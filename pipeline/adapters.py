@@ -56,9 +56,7 @@ class UNet2DAdapter(_LabelAdapter):
 
     supports_internal_guidance = False
 
-    def __init__(
-        self, unet: torch.nn.Module, prediction_type: str = "epsilon", null_class: int | None = None
-    ):
+    def __init__(self, unet: torch.nn.Module, prediction_type: str = "epsilon", null_class: int | None = None):
         self.unet = unet
         self.prediction_type = prediction_type
         cfg = unet.config
@@ -208,9 +206,7 @@ class CallableAdapter:
 
     def null_condition(self, batch_size: int) -> Any:
         if self._null is None:
-            raise ValueError(
-                "this denoiser defines no null condition, so classifier-free guidance is not possible"
-            )
+            raise ValueError("this denoiser defines no null condition, so classifier-free guidance is not possible")
         return self._null(batch_size)
 
 

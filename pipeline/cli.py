@@ -97,8 +97,10 @@ def execute(cfg, dry_run: bool = False) -> None:
         f"{summary.seconds['total']:.1f} s)"
     )
     if summary.mmd2_pool is not None:
-        typer.echo(f"MMD² to references (latent space, mean over shards): pool {summary.mmd2_pool:.4f}, "
-                   f"kept {summary.mmd2_kept:.4f}")
+        typer.echo(
+            f"MMD² to references (latent space, mean over shards): pool {summary.mmd2_pool:.4f}, "
+            f"kept {summary.mmd2_kept:.4f}"
+        )
 
 
 def _seconds_per_sample_estimate(cfg) -> float:
@@ -111,7 +113,9 @@ def _seconds_per_sample_estimate(cfg) -> float:
 @app.callback()
 def augment(
     ctx: typer.Context,
-    ref: Annotated[str | None, typer.Option(help="Reference folder or fsspec URL (class sub-folders = labels).")] = None,
+    ref: Annotated[
+        str | None, typer.Option(help="Reference folder or fsspec URL (class sub-folders = labels).")
+    ] = None,
     n: Annotated[int | None, typer.Option(help="Number of samples to keep.")] = None,
     out: Annotated[str | None, typer.Option(help="Output folder (shards/, manifest.parquet, run.json).")] = None,
     config: Annotated[Path | None, typer.Option(help="JSON/TOML config file; flags override it.")] = None,

@@ -30,9 +30,7 @@ class AugmentConfig(BaseModel):
     ref: str = Field(description="reference folder or fsspec URL")
     out: str = Field(description="output folder")
     n: int = Field(ge=1, description="number of samples to keep")
-    model: str | None = Field(
-        default=None, description="diffusers folder/hub id, or 'pkg.mod:factory'; None = shipped"
-    )
+    model: str | None = Field(default=None, description="diffusers folder/hub id, or 'pkg.mod:factory'; None = shipped")
     prefix: str = Field(default="synthetic", pattern=r"^[A-Za-z0-9_-]+$")
     seed: int = Field(default=0, ge=0)
     cache_dir: str | None = None
@@ -76,9 +74,7 @@ class AugmentConfig(BaseModel):
     @model_validator(mode="after")
     def _check(self) -> AugmentConfig:
         if self.schedule_start > self.schedule_end:
-            raise ValueError(
-                f"schedule_start ({self.schedule_start}) must be <= schedule_end ({self.schedule_end})"
-            )
+            raise ValueError(f"schedule_start ({self.schedule_start}) must be <= schedule_end ({self.schedule_end})")
         if self.ig_interval is not None and not 0.0 <= self.ig_interval[0] <= self.ig_interval[1] <= 1.0:
             raise ValueError(f"ig_interval must satisfy 0 <= start <= end <= 1, got {self.ig_interval}")
         if any(f <= 0 for f in self.bandwidth_factors):

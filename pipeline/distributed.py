@@ -37,6 +37,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(max(1, torch.get_num_threads() // max(1, state.num_processes)))
     try:
         ctx = build_context(cfg)
+        ctx.worker = f"rank{state.process_index}"
         plan = plan_job(cfg)
         with state.split_between_processes(list(spec["shards"])) as mine:
             log.info("shards %s on %s", mine, device)

@@ -95,9 +95,7 @@ def run_shards_in_process(
     return results
 
 
-def launch_workers(
-    cfg: AugmentConfig, shard_ids: list[int], progress: Callable[[int], None] | None = None
-) -> None:
+def launch_workers(cfg: AugmentConfig, shard_ids: list[int], progress: Callable[[int], None] | None = None) -> None:
     """`accelerate launch` K worker processes on this node (gloo on CPU, NCCL on GPUs)."""
     with tempfile.TemporaryDirectory(prefix="augment-") as tmp:
         spec = Path(tmp) / "job.json"
@@ -226,9 +224,7 @@ def summarize(cfg, plan, written, skipped, t_prep, t_gen, t_total) -> JobSummary
     )
 
 
-def run_record(
-    cfg: AugmentConfig, model: LoadedModel, bundle: ReferenceBundle, plan: JobPlan, summary
-) -> dict:
+def run_record(cfg: AugmentConfig, model: LoadedModel, bundle: ReferenceBundle, plan: JobPlan, summary) -> dict:
     import diffusers
 
     return {

@@ -53,9 +53,7 @@ class JobPlan:
             lines.append(f"  ... {len(self.shards) - 3} more")
         if seconds_per_sample is not None:
             total = seconds_per_sample * self.num_generated
-            lines.append(
-                f"estimated time: {_fmt_seconds(total)} at {seconds_per_sample:.3f} s/sample (one process)"
-            )
+            lines.append(f"estimated time: {_fmt_seconds(total)} at {seconds_per_sample:.3f} s/sample (one process)")
         return "\n".join(lines)
 
 
@@ -91,9 +89,7 @@ def class_proportions(labels: torch.Tensor | None, num_classes: int, balance: st
     return counts / counts.sum()
 
 
-def assign_classes(
-    cfg: AugmentConfig, shard: ShardPlan, proportions: torch.Tensor | None
-) -> torch.Tensor | None:
+def assign_classes(cfg: AugmentConfig, shard: ShardPlan, proportions: torch.Tensor | None) -> torch.Tensor | None:
     """Each generated sample's target class: exact quotas per shard (largest remainder), then a
     shard-seeded permutation, so a shard's class mix matches the proportions as closely as possible."""
     if proportions is None:

@@ -96,9 +96,7 @@ def prepare_reference(cfg: AugmentConfig, model: LoadedModel) -> ReferenceBundle
         num_references=len(latents),
     )
     save_bundle(folder, tensors, meta)
-    log.info(
-        "reference bundle written to %s (%d latents, median bandwidth %.3f)", folder, len(latents), bandwidth
-    )
+    log.info("reference bundle written to %s (%d latents, median bandwidth %.3f)", folder, len(latents), bandwidth)
     return ReferenceBundle(
         latents=latents,
         labels=refs.labels,

@@ -110,9 +110,7 @@ def _concat_conditions(a: Any, b: Any) -> Any:
     return list(a) + list(b)
 
 
-def initial_noise(
-    seeds: Sequence[int], shape: tuple[int, ...], device: torch.device | str = "cpu"
-) -> torch.Tensor:
+def initial_noise(seeds: Sequence[int], shape: tuple[int, ...], device: torch.device | str = "cpu") -> torch.Tensor:
     """x_T for each sample from its own generator: sample i never depends on the batch it is in."""
     noise = [torch.randn(shape, generator=noise_generator(int(s))) for s in seeds]
     return torch.stack(noise).to(device)

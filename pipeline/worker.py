@@ -50,6 +50,7 @@ class JobContext:
     target: MMDTarget
     proportions: torch.Tensor | None
     model_labels: dict[int, int] | None  # reference class id -> model class id (None: model not told)
+    worker: str = "main"  # which process wrote a shard (recorded in its done marker)
 
 
 @dataclass
@@ -80,9 +81,7 @@ def make_guidance(cfg: AugmentConfig, target: MMDTarget) -> MMDGuidance | None:
     if cfg.guidance == "none" or cfg.strength == 0:
         return None
     kind = (
-        "interval"
-        if cfg.schedule == "constant" and (cfg.schedule_start, cfg.schedule_end) != (0, 1)
-        else cfg.schedule
+        "interval" if cfg.schedule == "constant" and (cfg.schedule_start, cfg.schedule_end) != (0, 1) else cfg.schedule
     )
     schedule = StrengthSchedule(cfg.strength, kind=kind, start=cfg.schedule_start, end=cfg.schedule_end)
     return MMDGuidance(
@@ -151,9 +150,7 @@ def filter_pool(ctx: JobContext, latents: torch.Tensor, labels: torch.Tensor | N
 def to_png(image: torch.Tensor) -> bytes:
     """[C, H, W] in [−1, 1] -> lossless PNG bytes (8-bit grayscale or RGB), deterministic."""
     arr = ((image.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).numpy()
-    pil = Image.fromarray(
-        arr[:, :, 0] if arr.shape[2] == 1 else arr, mode="L" if arr.shape[2] == 1 else "RGB"
-    )
+    pil = Image.fromarray(arr[:, :, 0] if arr.shape[2] == 1 else arr, mode="L" if arr.shape[2] == 1 else "RGB")
     buf = io.BytesIO()
     pil.save(buf, format="PNG", compress_level=6)
     return buf.getvalue()
@@ -238,6 +235,7 @@ def run_shard(ctx: JobContext, shard: ShardPlan, progress: Progress | None = Non
             "config_hash": cfg.config_hash,
             "mmd2_pool": result.mmd2_pool,
             "mmd2_kept": result.mmd2_kept,
+            "worker": ctx.worker,
         },
     )
     t4 = time.perf_counter()

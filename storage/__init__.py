@@ -38,7 +38,32 @@ _EXPORTS = {
     "write_run_record": "storage.run_record",
 }
 
-__all__ = sorted(_EXPORTS)
+__all__ = [
+    "InputError",
+    "MANIFEST_SCHEMA",
+    "References",
+    "bundle_dir",
+    "check_or_claim_output",
+    "clean_partial",
+    "encode_sample",
+    "is_done",
+    "load_bundle",
+    "manifest_part_path",
+    "mark_done",
+    "marker_path",
+    "merge_manifest",
+    "read_manifest",
+    "read_marker",
+    "read_references",
+    "read_run_record",
+    "save_bundle",
+    "shard_name",
+    "shard_path",
+    "write_manifest_part",
+    "write_run_record",
+    "write_shard",
+]
+assert set(__all__) == set(_EXPORTS)
 
 if TYPE_CHECKING:
     from storage.bundle import bundle_dir, load_bundle, save_bundle

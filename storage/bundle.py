@@ -48,9 +48,7 @@ def bundle_dir(cache_root: str | os.PathLike[str], content_hash: str, model_id: 
     return Path(cache_root) / f"ref-{digest}"
 
 
-def save_bundle(
-    directory: str | os.PathLike[str], tensors: dict[str, torch.Tensor], meta: dict[str, Any]
-) -> Path:
+def save_bundle(directory: str | os.PathLike[str], tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> Path:
     """Write `directory/bundle.safetensors` then `directory/bundle.json`, each atomically.
 
     Args:
@@ -81,8 +79,7 @@ def save_bundle(
         format_version=BUNDLE_FORMAT_VERSION,
         created=datetime.now(UTC).isoformat(timespec="seconds"),
         tensors={
-            name: {"dtype": str(t.dtype).removeprefix("torch."), "shape": list(t.shape)}
-            for name, t in cpu.items()
+            name: {"dtype": str(t.dtype).removeprefix("torch."), "shape": list(t.shape)} for name, t in cpu.items()
         },
         safetensors_sha256=hashlib.sha256(blob).hexdigest(),
     )

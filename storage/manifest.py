@@ -67,9 +67,7 @@ def _table_bytes(table: pa.Table) -> bytes:
     return sink.getvalue().to_pybytes()
 
 
-def write_manifest_part(
-    out_dir: str | os.PathLike[str], shard_id: int, rows: Sequence[dict[str, Any]]
-) -> Path:
+def write_manifest_part(out_dir: str | os.PathLike[str], shard_id: int, rows: Sequence[dict[str, Any]]) -> Path:
     """Write one shard's rows to `out_dir/manifest/part-{shard_id:06d}.parquet` atomically.
 
     Raises:

@@ -212,16 +212,16 @@ def read_references(
             f"({nested_images[0]}); put every image in a class sub-folder, or none",
         )
     elif nested_images:
-        class_names = top_dirs
+        class_names = sorted(set(top_dirs) | {rel.split("/")[0] for rel in nested_images})
         counts = Counter(rel.split("/")[0] for rel in nested_images)
         for name in class_names:
             if counts[name] == 0:
                 problems.add(shown(name + "/"), "class folder has no images")
         deep = sum(1 for rel in nested_images if rel.count("/") > 1)
         if deep:
-            report_notes.append(f"{deep} images in nested folders were given the class of their top folder")
+            report_notes.append(f"{_plural(deep, 'image')} in nested folders given the class of their top-level folder")
     elif top_dirs:
-        report_notes.append(f"{len(top_dirs)} sub-folders without images ignored: {_listing(top_dirs)}")
+        report_notes.append(f"{_plural(len(top_dirs), 'sub-folder')} without images ignored: {_listing(top_dirs)}")
 
     if not images:
         found = f"; found only {_plural(len(others), 'other file')}, e.g. {others[0]}" if others else ""
@@ -374,9 +374,7 @@ def _read_captions(
                 problems.add(f"{shown(table)} {where}", f"'{name}' {reason}")
                 continue
             if img in by_image and by_image[img] != caption:
-                problems.add(
-                    f"{shown(table)} {where}", f"caption for {img} conflicts with the one in {source[img]}"
-                )
+                problems.add(f"{shown(table)} {where}", f"caption for {img} conflicts with the one in {source[img]}")
                 continue
             by_image[img] = caption
             source[img] = f"{table} {where}"
@@ -449,9 +447,7 @@ def _decode(data: bytes, *, channels: int, size: tuple[int, int], max_pixels: in
             raise _BadImage(f"corrupt image ({e})") from None
         w, h = im.size
         if w * h > max_pixels:
-            raise _BadImage(
-                f"refused as a possible decompression bomb: {w}x{h} = {w * h} pixels > {max_pixels}"
-            )
+            raise _BadImage(f"refused as a possible decompression bomb: {w}x{h} = {w * h} pixels > {max_pixels}")
         rawmode = _tile_rawmode(im)
         multi_frame = getattr(im, "n_frames", 1) > 1
         try:
@@ -592,9 +588,7 @@ def _to_float(im: Image.Image) -> tuple[np.ndarray, np.ndarray | None]:
     return arr, None
 
 
-def _center_crop_box(
-    w: int, h: int, width: int, height: int
-) -> tuple[tuple[float, float, float, float], bool]:
+def _center_crop_box(w: int, h: int, width: int, height: int) -> tuple[tuple[float, float, float, float], bool]:
     """Source box with the target aspect ratio, centred; and whether it crops anything."""
     if w * height == h * width:
         return (0.0, 0.0, float(w), float(h)), False

@@ -69,7 +69,8 @@ def check_or_claim_output(out_dir: str | os.PathLike[str], config_hash: str, con
     if out.exists() and not out.is_dir():
         raise InputError(f"{out}: exists and is not a folder; choose another --out")
     out.mkdir(parents=True, exist_ok=True)
-    recorded = [p for p in (out / RUN_FILE, out / CLAIM_FILE) if p.exists()]
+    # The claim first: it stores the config in the same shape as `config` (run.json may hold more).
+    recorded = [p for p in (out / CLAIM_FILE, out / RUN_FILE) if p.exists()]
     if recorded:
         for path in recorded:
             _require_same(out, path, _read_json(path), config_hash, config)
@@ -77,9 +78,7 @@ def check_or_claim_output(out_dir: str | os.PathLike[str], config_hash: str, con
     foreign = sorted(p.name for p in out.iterdir() if not p.name.startswith("."))
     if foreign:
         shown = ", ".join(foreign[:3]) + (", ..." if len(foreign) > 3 else "")
-        raise InputError(
-            f"{out}: not empty ({shown}) and holds no run of this tool; choose another --out or empty it"
-        )
+        raise InputError(f"{out}: not empty ({shown}) and holds no run of this tool; choose another --out or empty it")
     return _claim(out, config_hash, config)
 
 
@@ -104,9 +103,7 @@ def _claim(out: Path, config_hash: str, config: dict[str, Any]) -> bool:
     return False
 
 
-def _require_same(
-    out: Path, path: Path, stored: dict[str, Any], config_hash: str, config: dict[str, Any]
-) -> None:
+def _require_same(out: Path, path: Path, stored: dict[str, Any], config_hash: str, config: dict[str, Any]) -> None:
     if stored.get("config_hash") == config_hash:
         return
     old = stored.get("config")
@@ -115,14 +112,11 @@ def _require_same(
         shown = "; ".join(diffs[:_SHOWN_DIFFS]) + (
             f"; ... ({len(diffs) - _SHOWN_DIFFS} more)" if len(diffs) > _SHOWN_DIFFS else ""
         )
-        detail = (
-            f"differs in {shown}" if diffs else "same settings but a different config hash (other version?)"
-        )
+        detail = f"differs in {shown}" if diffs else "same settings but a different config hash (other version?)"
     else:
         detail = f"config hash {str(stored.get('config_hash'))[:12]} != {config_hash[:12]}"
     raise InputError(
-        f"{out}: holds a run with a different configuration ({detail}); "
-        "choose another --out or delete that folder"
+        f"{out}: holds a run with a different configuration ({detail}); choose another --out or delete that folder"
     )
 
 
@@ -144,7 +138,8 @@ _MISSING = object()
 
 
 def _differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
-    keys = sorted(set(old) | set(new))
+    """`key: old -> new` for differing keys; keys only in `old` last (often runtime fields)."""
+    keys = sorted(new) + sorted(set(old) - set(new))
     return [
         f"{key}: {_short(old.get(key, _MISSING))} -> {_short(new.get(key, _MISSING))}"
         for key in keys

@@ -215,15 +215,11 @@ def write_shard(
             os.unlink(tmp)
         raise
     if write_marker:
-        _write_marker(
-            final, count=len(keys), size=hashing.size, sha256=hashing.sha256.hexdigest(), info=marker_info
-        )
+        _write_marker(final, count=len(keys), size=hashing.size, sha256=hashing.sha256.hexdigest(), info=marker_info)
     return final
 
 
-def _write_marker(
-    tar: Path, *, count: int | None, size: int, sha256: str, info: dict[str, Any] | None
-) -> Path:
+def _write_marker(tar: Path, *, count: int | None, size: int, sha256: str, info: dict[str, Any] | None) -> Path:
     record: dict[str, Any] = dict(info or {})
     record.update(shard=tar.name, size=size, sha256=sha256, marker_version=MARKER_VERSION)
     if count is not None:

@@ -51,9 +51,7 @@ def test_cfg_conditional_samples_hit_their_component():
     denoiser, scheduler = _bed("ddim")
     labels = torch.tensor([0, 1, 2, 3] * 8)
     for w in (1.0, 3.0):
-        x = sample_latents(
-            denoiser, scheduler, list(range(32)), num_steps=20, condition=labels, cfg_scale=w
-        ).latents
+        x = sample_latents(denoiser, scheduler, list(range(32)), num_steps=20, condition=labels, cfg_scale=w).latents
         assert torch.equal(denoiser.nearest_component(x), labels)
 
 
@@ -102,14 +100,10 @@ def test_lookahead_k1_equals_posterior():
 def test_lookahead_call_budget_and_end_to_end():
     denoiser, scheduler = _bed("ddim")
     refs, _ = denoiser.sample_data(64, torch.Generator().manual_seed(3))
-    look2 = sample_latents(
-        denoiser, scheduler, list(range(8)), num_steps=6, guidance=_guidance(refs, "lookahead", 2)
-    )
+    look2 = sample_latents(denoiser, scheduler, list(range(8)), num_steps=6, guidance=_guidance(refs, "lookahead", 2))
     # every step costs min(k, remaining) calls: 2+2+2+2+2+1
     assert look2.denoiser_calls == 11
-    e2e = sample_latents(
-        denoiser, scheduler, list(range(8)), num_steps=6, guidance=_guidance(refs, "lookahead", None)
-    )
+    e2e = sample_latents(denoiser, scheduler, list(range(8)), num_steps=6, guidance=_guidance(refs, "lookahead", None))
     assert e2e.denoiser_calls == 6 + 5 + 4 + 3 + 2 + 1
 
 

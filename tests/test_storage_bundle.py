@@ -33,9 +33,7 @@ def test_round_trip(tmp_path):
     assert folder == bundle_dir(tmp_path, HASH, MODEL) and folder.parent == tmp_path
     assert folder != bundle_dir(tmp_path, HASH, "other") and folder != bundle_dir(tmp_path, "cd" * 32, MODEL)
     assert save_bundle(folder, tensors(), meta(kernel={"name": "rbf", "scales": [0.5, 1, 2]})) == folder
-    loaded, stored = load_bundle(
-        folder, content_hash=HASH, model_id=MODEL, extra_key={"latent_shape": (4, 8, 8)}
-    )
+    loaded, stored = load_bundle(folder, content_hash=HASH, model_id=MODEL, extra_key={"latent_shape": (4, 8, 8)})
     for name, t in tensors().items():
         assert torch.equal(loaded[name], t) and loaded[name].dtype == t.dtype
     assert stored["format_version"] == 1 and stored["created"]
@@ -52,18 +50,10 @@ def test_missing_or_stale_bundles_are_none(tmp_path):
     save_bundle(folder, tensors(), meta(kernel={"name": "rbf"}))
     assert load_bundle(folder, content_hash="cd" * 32, model_id=MODEL) is None
     assert load_bundle(folder, content_hash=HASH, model_id="other") is None
-    assert (
-        load_bundle(folder, content_hash=HASH, model_id=MODEL, extra_key={"latent_shape": [4, 16, 16]})
-        is None
-    )
-    assert (
-        load_bundle(folder, content_hash=HASH, model_id=MODEL, extra_key={"kernel": {"name": "imq"}}) is None
-    )
+    assert load_bundle(folder, content_hash=HASH, model_id=MODEL, extra_key={"latent_shape": [4, 16, 16]}) is None
+    assert load_bundle(folder, content_hash=HASH, model_id=MODEL, extra_key={"kernel": {"name": "imq"}}) is None
     assert load_bundle(folder, content_hash=HASH, model_id=MODEL, extra_key={"unknown": 1}) is None
-    assert (
-        load_bundle(folder, content_hash=HASH, model_id=MODEL, extra_key={"kernel": {"name": "rbf"}})
-        is not None
-    )
+    assert load_bundle(folder, content_hash=HASH, model_id=MODEL, extra_key={"kernel": {"name": "rbf"}}) is not None
 
 
 def test_incomplete_or_corrupt_bundles_are_none(tmp_path):
@@ -87,9 +77,7 @@ def test_rebuild_overwrites_stale_bundle(tmp_path):
     folder = tmp_path / "b"
     save_bundle(folder, tensors(), meta(latent_shape=(4, 16, 16)))
     save_bundle(folder, {"latents": torch.zeros(3)}, meta())
-    loaded, stored = load_bundle(
-        folder, content_hash=HASH, model_id=MODEL, extra_key={"latent_shape": (4, 8, 8)}
-    )
+    loaded, stored = load_bundle(folder, content_hash=HASH, model_id=MODEL, extra_key={"latent_shape": (4, 8, 8)})
     assert list(loaded) == ["latents"] and stored["latent_shape"] == [4, 8, 8]
     assert [p.name for p in folder.iterdir() if ".tmp-" in p.name] == []
 

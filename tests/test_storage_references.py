@@ -108,9 +108,7 @@ def test_all_formats_are_read(tmp_path):
         save(tmp_path / f"x_{ext}.{ext.upper() if ext == 'png' else ext}", img)
     refs = read_references(str(tmp_path), channels=3, size=SIZE)
     assert len(refs) == 7 and "x_png.PNG" in refs.files
-    lossless = [
-        i for i, f in enumerate(refs.files) if f.rsplit(".", 1)[1].lower() in ("png", "tif", "tiff", "bmp")
-    ]
+    lossless = [i for i, f in enumerate(refs.files) if f.rsplit(".", 1)[1].lower() in ("png", "tif", "tiff", "bmp")]
     for i in lossless:
         np.testing.assert_array_equal(to_u8(refs.images[i, 0]), ramp())
 
@@ -152,6 +150,20 @@ def test_class_folders_give_sorted_labels(tmp_path):
     assert refs.files[0] == "ant/0.png" and refs.files[-1] == "zebra/1.png"
     assert refs.labels.dtype == torch.int64 and refs.labels.tolist() == [0, 1, 1, 1, 2, 2]
     assert "3 classes: ant (1), cat (3), zebra (2)" in refs.report[0]
+
+
+def test_nested_class_folders_and_empty_subfolders_are_reported(tmp_path):
+    save(tmp_path / "a" / "x.png", gray(0))
+    save(tmp_path / "b" / "deeper" / "y.png", gray(0))
+    refs = read_references(str(tmp_path / ""), channels=1, size=SIZE)
+    assert refs.class_names == ["a", "b"] and refs.labels.tolist() == [0, 1]
+    assert "1 image in nested folders given the class of their top-level folder" in refs.report
+
+    flat = tmp_path / "flat"
+    make_simple(flat, 2)
+    (flat / "unused").mkdir()
+    refs = read_references(str(flat), channels=1, size=SIZE)
+    assert refs.labels is None and "1 sub-folder without images ignored: unused" in refs.report
 
 
 def test_hidden_and_system_files_are_ignored(tmp_path):

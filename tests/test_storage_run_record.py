@@ -44,6 +44,12 @@ def test_different_config_is_refused_with_the_differences(tmp_path):
     assert "seed: 0 -> 1" in message and "\n" not in message
 
 
+def test_differences_list_the_new_config_keys_first(tmp_path):
+    write_run_record(tmp_path, {"config_hash": "h1", "config": {**CONFIG, "device": "cpu", "cache_dir": None}})
+    with pytest.raises(InputError, match=r"differs in n: 100 -> 5; cache_dir: null -> \(absent\)"):
+        check_or_claim_output(tmp_path, "h2", {**CONFIG, "n": 5})
+
+
 def test_run_json_alone_guards_too(tmp_path):
     write_run_record(tmp_path, {"config_hash": "h1", "config": CONFIG})
     assert check_or_claim_output(tmp_path, "h1", CONFIG) is True

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import multiprocessing
 import os
 import subprocess
 import sys
@@ -78,18 +79,19 @@ def test_round_trip_through_webdataset(tmp_path):
     assert raw == json.dumps(json.loads(raw), sort_keys=True, separators=(",", ":")).encode()
 
 
+def _write_in_child(out_dir: str) -> None:
+    write_shard(out_dir, "data", 0, samples())
+
+
 def test_bytes_identical_across_runs_and_processes(tmp_path):
     first = sha(write_shard(tmp_path / "a", "data", 0, samples()))
     assert sha(write_shard(tmp_path / "b", "data", 0, samples())) == first
-    # Another interpreter, with another hash seed (set/dict-order bugs would show).
-    tests_dir = os.path.dirname(os.path.abspath(__file__))
-    code = (
-        "import sys; sys.path.insert(0, sys.argv[2]);"
-        "from test_storage_shards import samples;"
-        "from storage.shards import write_shard; write_shard(sys.argv[1], 'data', 0, samples())"
-    )
-    env = {**os.environ, "PYTHONHASHSEED": "12345"}
-    subprocess.run([sys.executable, "-c", code, str(tmp_path / "c"), tests_dir], check=True, env=env)
+    # Another process (forked: a fresh interpreter would spend seconds importing torch via webdataset).
+    ctx = multiprocessing.get_context("fork")
+    child = ctx.Process(target=_write_in_child, args=(str(tmp_path / "c"),))
+    child.start()
+    child.join(30)
+    assert child.exitcode == 0
     assert sha(shard_path(tmp_path / "c", "data", 0)) == first
 
 
@@ -165,9 +167,7 @@ def test_done_markers(tmp_path):
 
 def test_clean_partial(tmp_path):
     write_shard(tmp_path, "data", 0, samples(1))
-    dead = subprocess.run(
-        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
-    )
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     dead_pid = int(dead.stdout)
     shards = tmp_path / "shards"
     leftovers = [shards / f"data-000001.tar.tmp-{dead_pid}-abcd1234", tmp_path / f"run.json.tmp-{dead_pid}-x"]

@@ -25,9 +25,7 @@ def _proportions(denoiser, x: torch.Tensor) -> torch.Tensor:
 def _generate(denoiser, scheduler, guidance=None, seeds=range(N_SAMPLES), **kwargs) -> torch.Tensor:
     seeds = list(seeds)
     out = [
-        sample_latents(
-            denoiser, scheduler, seeds[i : i + BATCH], num_steps=STEPS, guidance=guidance, **kwargs
-        ).latents
+        sample_latents(denoiser, scheduler, seeds[i : i + BATCH], num_steps=STEPS, guidance=guidance, **kwargs).latents
         for i in range(0, len(seeds), BATCH)
     ]
     return torch.cat(out)

@@ -72,9 +72,7 @@ def save_tiny_dit(path: Path, channels: int = 1, num_classes: int = 4) -> Path:
         num_embeds_ada_norm=num_classes,
         norm_num_groups=4,
     )
-    DiTPipeline(transformer=transformer, vae=tiny_vae(channels), scheduler=tiny_scheduler()).save_pretrained(
-        path
-    )
+    DiTPipeline(transformer=transformer, vae=tiny_vae(channels), scheduler=tiny_scheduler()).save_pretrained(path)
     return path
 
 

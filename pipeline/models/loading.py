@@ -127,11 +127,7 @@ def _load_shipped(device: torch.device, dtype: torch.dtype, path: str | Path | N
 
 def _load_import_path(spec: str, device: torch.device, dtype: torch.dtype) -> LoadedModel:
     factory: Callable[..., Any] = load_object(spec)
-    obj = (
-        factory(device=device, dtype=dtype)
-        if callable(factory) and not isinstance(factory, Denoiser)
-        else factory
-    )
+    obj = factory(device=device, dtype=dtype) if callable(factory) and not isinstance(factory, Denoiser) else factory
     if isinstance(obj, LoadedModel):
         return obj
     raise ValueError(

@@ -1,0 +1,269 @@
+"""The main job end to end on a tiny latent DiT: shards, manifest, resume, config guard, bad input."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import webdataset as wds
+from tiny_models import save_tiny_dit, save_tiny_ddpm, write_reference_folder
+from PIL import Image
+from typer.testing import CliRunner
+
+from pipeline.cli import app
+from pipeline.config import AugmentConfig
+from pipeline.job import run_job
+from pipeline.plan import plan_job
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny")
+    return {
+        "dit": str(save_tiny_dit(root / "dit")),
+        "ddpm": str(save_tiny_ddpm(root / "ddpm")),
+        "refs": str(write_reference_folder(root / "refs", classes=("a", "b"))),
+        "plain_refs": str(write_reference_folder(root / "plain", count=16)),
+        "cache": str(root / "cache"),
+    }
+
+
+def _cfg(tiny, out, **kw) -> AugmentConfig:
+    base = dict(
+        ref=tiny["refs"],
+        n=20,
+        out=str(out),
+        model=tiny["dit"],
+        shard_size=8,
+        batch_size=6,
+        steps=4,
+        cache_dir=tiny["cache"],
+        keep=0.8,
+        progress="quiet",
+    )
+    base.update(kw)
+    return AugmentConfig(**base)
+
+
+def _shard_bytes(out: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted((out / "shards").glob("*.tar"))}
+
+
+def test_plan_over_generates_to_keep_exactly_n():
+    cfg = AugmentConfig(ref="x", n=2500, out="o", keep=0.75, shard_size=1000)
+    plan = plan_job(cfg)
+    assert [s.num_kept for s in plan.shards] == [1000, 1000, 500]
+    assert [s.num_generated for s in plan.shards] == [1334, 1334, 667]
+    assert plan.shards[1].first_index == 1334 and plan.num_generated == 3335
+    cfg_big = AugmentConfig(ref="x", n=100_000, out="o", keep=0.9)
+    assert len(plan_job(cfg_big).shards) == 100  # planned, not held
+
+
+def test_end_to_end_shards_manifest_and_run_record(tiny, tmp_path):
+    cfg = _cfg(tiny, tmp_path / "out")
+    summary = run_job(cfg)
+    out = tmp_path / "out"
+    assert summary.num_kept == 20 and summary.shards_written == 3
+    table = pq.read_table(out / "manifest.parquet")
+    assert table.num_rows == summary.num_generated == 10 + 10 + 5
+    rows = table.to_pylist()
+    assert sum(r["kept"] for r in rows) == 20
+    assert len({r["key"] for r in rows}) == len(rows)
+    # per shard: the kept ones are exactly the lowest MMD contributions
+    for shard in {r["shard"] for r in rows}:
+        part = sorted((r for r in rows if r["shard"] == shard), key=lambda r: r["mmd_contribution"])
+        n_kept = sum(r["kept"] for r in part)
+        assert all(r["kept"] for r in part[:n_kept]) and not any(r["kept"] for r in part[n_kept:])
+    # class proportions follow the references (2 balanced classes)
+    labels = [r["label"] for r in rows]
+    assert abs(labels.count(0) - labels.count(1)) <= 3
+    # the shards read back with plain webdataset, unchanged
+    urls = sorted(str(p) for p in (out / "shards").glob("synthetic-*.tar"))
+    samples = list(wds.WebDataset(urls, shardshuffle=False).decode())
+    assert len(samples) == 20
+    s = samples[0]
+    assert "." not in s["__key__"]
+    png = Image.open(io.BytesIO(s["png"]))
+    assert png.format == "PNG" and png.size == (16, 16) and png.mode == "L"
+    meta = s["json"]
+    assert meta["config_hash"] == cfg.config_hash and meta["kept"] is True
+    assert meta["guidance"]["mode"] == "latent" and isinstance(meta["mmd_contribution"], float)
+    assert s["cls"] == meta["label"]
+    record = json.loads((out / "run.json").read_text())
+    assert record["config_hash"] == cfg.config_hash and record["reference"]["count"] == 24
+    assert "torch" in record["versions"]
+
+
+def test_same_samples_whatever_the_batch_size_for_unguided(tiny, tmp_path):
+    a = _cfg(tiny, tmp_path / "a", guidance="none", batch_size=3)
+    b = _cfg(tiny, tmp_path / "b", guidance="none", batch_size=10)
+    run_job(a)
+    run_job(b)
+    ta = pq.read_table(tmp_path / "a" / "manifest.parquet").to_pylist()
+    tb = pq.read_table(tmp_path / "b" / "manifest.parquet").to_pylist()
+    assert [r["seed"] for r in ta] == [r["seed"] for r in tb]
+    assert [r["mmd_contribution"] for r in ta] == pytest.approx([r["mmd_contribution"] for r in tb], rel=1e-4)
+
+
+def test_resume_after_losing_a_shard_is_byte_identical(tiny, tmp_path):
+    out = tmp_path / "out"
+    cfg = _cfg(tiny, out)
+    run_job(cfg)
+    reference = _shard_bytes(out)
+    manifest = (out / "manifest.parquet").read_bytes()
+    # crash simulation: shard 1 lost its marker and is truncated; a temp file from the dead writer remains
+    (out / "shards" / "synthetic-000001.tar.done").unlink()
+    (out / "shards" / "synthetic-000001.tar").write_bytes(b"partial")
+    (out / "shards" / "synthetic-000002.tar.tmp-999999").write_bytes(b"junk")
+    summary = run_job(cfg)
+    assert summary.shards_written == 1 and summary.shards_skipped == 2
+    assert _shard_bytes(out) == reference
+    assert (out / "manifest.parquet").read_bytes() == manifest
+    assert not list((out / "shards").glob("*.tmp-*"))
+
+
+def test_different_config_into_same_folder_is_refused(tiny, tmp_path):
+    out = tmp_path / "out"
+    run_job(_cfg(tiny, out, n=8))
+    result = CliRunner().invoke(
+        app,
+        [
+            "--ref",
+            tiny["refs"],
+            "--n",
+            "8",
+            "--out",
+            str(out),
+            "--model",
+            tiny["dit"],
+            "--strength",
+            "0.5",
+            "--steps",
+            "4",
+            "--shard-size",
+            "8",
+            "--progress",
+            "quiet",
+            "--cache-dir",
+            tiny["cache"],
+        ],
+    )
+    assert result.exit_code != 0
+    assert str(out) in result.output and "different" in result.output.lower()
+
+
+@pytest.mark.parametrize(
+    "make_bad, expect",
+    [
+        (lambda root: root / "missing", "missing"),
+        (lambda root: (root / "empty").mkdir() or root / "empty", "no images"),
+        (lambda root: _corrupt(root), "bad.png"),
+    ],
+)
+def test_bad_references_exit_nonzero_and_write_nothing(tiny, tmp_path, make_bad, expect):
+    ref = make_bad(tmp_path)
+    out = tmp_path / "out"
+    result = CliRunner().invoke(
+        app,
+        [
+            "--ref",
+            str(ref),
+            "--n",
+            "4",
+            "--out",
+            str(out),
+            "--model",
+            tiny["dit"],
+            "--progress",
+            "quiet",
+            "--cache-dir",
+            tiny["cache"],
+        ],
+    )
+    assert result.exit_code == 2, result.output
+    assert expect.lower() in result.output.lower()
+    assert not out.exists()
+
+
+def _corrupt(root: Path) -> Path:
+    ref = write_reference_folder(root / "refs", count=10)
+    (ref / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 40)
+    return ref
+
+
+def test_dry_run_prints_the_plan(tiny, tmp_path):
+    result = CliRunner().invoke(
+        app, ["--ref", tiny["refs"], "--n", "100000", "--out", str(tmp_path / "o"), "--keep", "0.8", "--dry-run"]
+    )
+    assert result.exit_code == 0, result.output
+    assert "100 shard(s)" in result.output and "125000 samples generated, 100000 kept" in result.output
+    assert not (tmp_path / "o").exists()
+
+
+def test_pixel_space_model_and_plain_references(tiny, tmp_path):
+    cfg = _cfg(tiny, tmp_path / "out", model=tiny["ddpm"], ref=tiny["plain_refs"], n=6, guidance="posterior")
+    summary = run_job(cfg)
+    assert summary.num_kept == 6
+    rows = pq.read_table(tmp_path / "out" / "manifest.parquet").to_pylist()
+    assert all(r["label"] is None for r in rows)
+
+
+def _cli(args: list[str]) -> list[str]:
+    return [sys.executable, "-m", "pipeline.cli", *args]
+
+
+@pytest.mark.slow
+def test_kill_9_then_resume_gives_identical_shards(tiny, tmp_path):
+    args = [
+        "--ref",
+        tiny["refs"],
+        "--n",
+        "24",
+        "--model",
+        tiny["dit"],
+        "--shard-size",
+        "4",
+        "--steps",
+        "6",
+        "--batch-size",
+        "5",
+        "--progress",
+        "quiet",
+        "--cache-dir",
+        tiny["cache"],
+    ]
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    subprocess.run(_cli([*args, "--out", str(tmp_path / "clean")]), check=True, env=env, cwd=REPO)
+    victim = tmp_path / "victim"
+    proc = subprocess.Popen(_cli([*args, "--out", str(victim)]), env=env, cwd=REPO)
+    deadline = time.time() + 120
+    while time.time() < deadline and not list((victim / "shards").glob("*.done")):
+        time.sleep(0.05)
+    time.sleep(0.3)  # land somewhere inside the next shard
+    proc.kill()
+    proc.wait()
+    assert len(list((victim / "shards").glob("*.done"))) < 6, "the run finished before it could be killed"
+    subprocess.run(_cli([*args, "--out", str(victim)]), check=True, env=env, cwd=REPO)
+    assert _shard_bytes(victim) == _shard_bytes(tmp_path / "clean")
+    assert (victim / "manifest.parquet").read_bytes() == (tmp_path / "clean" / "manifest.parquet").read_bytes()
+
+
+@pytest.mark.slow
+def test_two_processes_give_the_same_samples_as_one(tiny, tmp_path):
+    one = _cfg(tiny, tmp_path / "one", n=16, shard_size=4)
+    run_job(one)
+    two = _cfg(tiny, tmp_path / "two", n=16, shard_size=4, processes=2)
+    summary = run_job(two)
+    assert summary.num_kept == 16
+    assert _shard_bytes(tmp_path / "two") == _shard_bytes(tmp_path / "one")
+    workers = {json.loads(p.read_text())["worker"] for p in (tmp_path / "two" / "shards").glob("*.done")}
+    assert workers == {"rank0", "rank1"}
