@@ -150,6 +150,32 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def start_job(cfg: AugmentConfig, model: LoadedModel | None = None) -> tuple[JobContext, JobPlan, list[int]]:
+    """Validate and encode the references, claim the output folder, clean crashed writes, plan.
+
+    Returns the context, the plan and the ids of the shards still to do. Bad references fail here,
+    before anything is written to `cfg.out`.
+    """
+    ctx = build_context(cfg, model)
+    check_or_claim_output(cfg.out, cfg.config_hash, cfg.hashed_fields())
+    clean_partial(cfg.out)
+    plan = plan_job(cfg)
+    pending = pending_shards(cfg, plan)
+    if len(pending) < len(plan.shards):
+        log.info("resuming: %d of %d shards already done", len(plan.shards) - len(pending), len(plan.shards))
+    return ctx, plan, pending
+
+
+def finish_job(
+    cfg: AugmentConfig, model: LoadedModel, bundle: ReferenceBundle, plan: JobPlan, written: int, seconds: dict
+) -> JobSummary:
+    """Merge the manifest parts (every shard must be done) and write run.json."""
+    merge_manifest(cfg.out, expected_shards=[s.shard_id for s in plan.shards])
+    summary = summarize(cfg, plan, written, len(plan.shards) - written, seconds)
+    write_run_record(cfg.out, run_record(cfg, model, bundle, plan, summary))
+    return summary
+
+
 def run_job(
     cfg: AugmentConfig,
     *,
@@ -157,30 +183,20 @@ def run_job(
     progress: Callable[[int], None] | None = None,
     on_shard: Callable[[ShardResult], None] | None = None,
 ) -> JobSummary:
-    """Run (or resume) the whole job. Bad references fail before anything is written to `cfg.out`."""
+    """Run (or resume) the whole job: start, run pending shards (in-process or K workers), finish."""
     t0 = time.perf_counter()
-    ctx = build_context(cfg, model)
-    t_prep = time.perf_counter() - t0
-    check_or_claim_output(cfg.out, cfg.config_hash, cfg.hashed_fields())
-    clean_partial(cfg.out)
-    plan = plan_job(cfg)
-    pending = pending_shards(cfg, plan)
-    skipped = len(plan.shards) - len(pending)
-    if skipped:
-        log.info("resuming: %d of %d shards already done", skipped, len(plan.shards))
-        if progress is not None:
-            for s in plan.shards:
-                if s.shard_id not in pending:
-                    progress(s.num_kept)
+    ctx, plan, pending = start_job(cfg, model)
     t1 = time.perf_counter()
+    if progress is not None:
+        progress(sum(s.num_kept for s in plan.shards if s.shard_id not in pending))
     if cfg.processes > 1 and pending:
         launch_workers(cfg, pending, progress)
     else:
         run_shards_in_process(ctx, plan, pending, _kept_progress(plan, progress), on_shard)
-    t_gen = time.perf_counter() - t1
-    merge_manifest(cfg.out, expected_shards=[s.shard_id for s in plan.shards])
-    summary = summarize(cfg, plan, len(pending), skipped, t_prep, t_gen, time.perf_counter() - t0)
-    write_run_record(cfg.out, run_record(cfg, ctx.model, ctx.bundle, plan, summary))
+    t2 = time.perf_counter()
+    seconds = {"prepare": round(t1 - t0, 3), "generate_filter_write": round(t2 - t1, 3)}
+    summary = finish_job(cfg, ctx.model, ctx.bundle, plan, len(pending), seconds)
+    summary.seconds["total"] = round(time.perf_counter() - t0, 3)
     return summary
 
 
@@ -201,7 +217,7 @@ def _kept_progress(plan: JobPlan, progress: Callable[[int], None] | None) -> Cal
     return tick
 
 
-def summarize(cfg, plan, written, skipped, t_prep, t_gen, t_total) -> JobSummary:
+def summarize(cfg: AugmentConfig, plan: JobPlan, written: int, skipped: int, seconds: dict) -> JobSummary:
     """Counts from the manifest; MMD² (V-statistic, latent space) of pool and kept set, mean over shards."""
     table = read_manifest(Path(cfg.out) / "manifest.parquet")
     markers = [read_marker(cfg.out, cfg.prefix, s.shard_id) or {} for s in plan.shards]
@@ -216,11 +232,7 @@ def summarize(cfg, plan, written, skipped, t_prep, t_gen, t_total) -> JobSummary
         shards_skipped=skipped,
         mmd2_pool=sum(pool) / len(pool) if pool else None,
         mmd2_kept=sum(kept) / len(kept) if kept else None,
-        seconds={
-            "prepare": round(t_prep, 3),
-            "generate_filter_write": round(t_gen, 3),
-            "total": round(t_total, 3),
-        },
+        seconds=dict(seconds),
     )
 
 
