@@ -82,7 +82,7 @@ def main() -> None:
             r["seconds"].append(dt)
             print(f"[rep {rep}] {name:10s} {dt:7.2f} s  {args.batch / dt:6.2f} samples/s  calls {res.denoiser_calls}")
     base = min(results["none"]["seconds"])
-    for name, r in results.items():
+    for r in results.values():
         r["best_seconds"] = min(r["seconds"])
         r["samples_per_second"] = args.batch / r["best_seconds"]
         r["throughput_vs_none"] = base / r["best_seconds"]

@@ -8,7 +8,8 @@ Shift from the training distribution:
      instead of ten balanced classes.
 Then padded to 32x32 like the training images and written as 8-bit grayscale PNGs to
 `thick_digits/<class>/mnist<row>.png` (the class sub-folders make it a labelled reference set).
-Deterministic: the first N held-out rows of each class, in index order. Needs the `train` extra.
+Deterministic: the first N held-out rows of each class, in index order. Also writes a contact sheet
+`thick_digits_grid.png` beside the folder. Needs the `train` extra.
 
     python examples/make_example_refs.py [--out examples/thick_digits]
 """
@@ -56,7 +57,22 @@ def main(argv: list[str] | None = None) -> None:
         (args.out / str(label)).mkdir(parents=True)
         for row, img in zip(rows, thicken(x[rows]), strict=True):
             Image.fromarray(img, mode="L").save(args.out / str(label) / f"mnist{row:04d}.png")
+    write_grid(args.out, args.out.parent / f"{args.out.name}_grid.png")
     print(f"wrote {sum(COUNTS.values())} PNGs to {args.out} ({COUNTS})")
+
+
+def write_grid(folder: Path, path: Path, per_row: int = 12) -> None:
+    """All PNGs of `folder` (class by class) in one contact sheet, for the README."""
+    from PIL import Image
+
+    files = sorted(folder.rglob("*.png"))
+    rows = -(-len(files) // per_row)
+    sheet = Image.new("L", (per_row * 34 + 2, rows * 34 + 2), color=255)
+    for i, f in enumerate(files):
+        r, c = divmod(i, per_row)
+        with Image.open(f) as im:
+            sheet.paste(im, (2 + c * 34, 2 + r * 34))
+    sheet.save(path)
 
 
 if __name__ == "__main__":
