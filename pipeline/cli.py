@@ -138,6 +138,9 @@ def augment(
     shard_size: Annotated[int | None, typer.Option(help="Kept samples per shard.")] = None,
     batch_size: Annotated[int | None, typer.Option(help="Samples per batch (lower it on out-of-memory).")] = None,
     seed: Annotated[int | None, typer.Option(help="Run seed.")] = None,
+    holdout: Annotated[
+        float | None, typer.Option(help="Fraction of references held out of guidance (for `augment eval`).")
+    ] = None,
     prefix: Annotated[str | None, typer.Option(help="Shard file prefix.")] = None,
     device: Annotated[str | None, typer.Option(help="auto | cpu | cuda | cuda:1 ...")] = None,
     dtype: Annotated[str | None, typer.Option(help="auto | float32 | float16 | bfloat16")] = None,

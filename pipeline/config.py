@@ -33,6 +33,7 @@ class AugmentConfig(BaseModel):
     model: str | None = Field(default=None, description="diffusers folder/hub id, or 'pkg.mod:factory'; None = shipped")
     prefix: str = Field(default="synthetic", pattern=r"^[A-Za-z0-9_-]+$")
     seed: int = Field(default=0, ge=0)
+    holdout: float = Field(default=0.0, ge=0.0, lt=1.0, description="fraction of references kept out of guidance")
     cache_dir: str | None = None
 
     # sampling

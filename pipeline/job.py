@@ -244,6 +244,8 @@ def run_record(cfg: AugmentConfig, model: LoadedModel, bundle: ReferenceBundle, 
         "config_hash": cfg.config_hash,
         "model_id": model.model_id,
         "reference": {
+            "files": bundle.files,
+            "heldout_files": bundle.heldout_files,
             "content_hash": bundle.content_hash,
             "count": len(bundle.latents),
             "class_names": bundle.class_names,

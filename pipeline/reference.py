@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -21,10 +21,12 @@ from guidance import (
 )
 from guidance.kernels import CubicPolynomialKernel, median_pairwise_distance
 from storage.bundle import bundle_dir, load_bundle, save_bundle
+from storage.errors import InputError
 from storage.references import read_references
 
 from .config import AugmentConfig
 from .models.loading import LoadedModel
+from .seeding import derive_seed
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +46,7 @@ class ReferenceBundle:
     model_id: str
     files: list[str]
     reused: bool = False
+    heldout_files: list[str] = field(default_factory=list)  # not used for guidance (evaluation only)
 
     @property
     def num_classes(self) -> int | None:
@@ -56,7 +59,37 @@ def default_cache_dir() -> Path:
 
 
 def prepare_reference(cfg: AugmentConfig, model: LoadedModel) -> ReferenceBundle:
-    """Read, validate and encode the references, reusing the cached bundle when inputs and model match."""
+    """Read, validate and encode the references (cached bundle reused when inputs and model match),
+    then hold out `cfg.holdout` of them from guidance for evaluation."""
+    return split_holdout(_encoded_references(cfg, model), cfg.holdout, cfg.seed)
+
+
+def split_holdout(bundle: ReferenceBundle, fraction: float, seed: int) -> ReferenceBundle:
+    """Deterministic (seeded) split, stratified by class: the guidance part keeps ⌈(1−f)·n_c⌉ of each class."""
+    if fraction <= 0:
+        return bundle
+    labels = bundle.labels if bundle.labels is not None else torch.zeros(len(bundle.latents), dtype=torch.long)
+    gen = torch.Generator().manual_seed(derive_seed("holdout", seed))
+    order = torch.randperm(len(labels), generator=gen)
+    held = []
+    for c in labels.unique().tolist():
+        members = order[labels[order] == c]
+        n_held = int(len(members) * fraction)
+        held.extend(members[:n_held].tolist())
+    keep = torch.ones(len(labels), dtype=torch.bool)
+    keep[held] = False
+    if int(keep.sum()) < MIN_REFERENCES:
+        raise InputError(f"holding out {fraction:.0%} of {len(labels)} references leaves fewer than {MIN_REFERENCES}")
+    return replace(
+        bundle,
+        latents=bundle.latents[keep],
+        labels=bundle.labels[keep] if bundle.labels is not None else None,
+        files=[f for f, k in zip(bundle.files, keep.tolist(), strict=True) if k],
+        heldout_files=[f for f, k in zip(bundle.files, keep.tolist(), strict=True) if not k],
+    )
+
+
+def _encoded_references(cfg: AugmentConfig, model: LoadedModel) -> ReferenceBundle:
     refs = read_references(
         cfg.ref,
         channels=model.image_channels,

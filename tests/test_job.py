@@ -13,8 +13,8 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 import webdataset as wds
-from tiny_models import save_tiny_dit, save_tiny_ddpm, write_reference_folder
 from PIL import Image
+from tiny_models import save_tiny_ddpm, save_tiny_dit, write_reference_folder
 from typer.testing import CliRunner
 
 from pipeline.cli import app
@@ -267,3 +267,15 @@ def test_two_processes_give_the_same_samples_as_one(tiny, tmp_path):
     assert _shard_bytes(tmp_path / "two") == _shard_bytes(tmp_path / "one")
     workers = {json.loads(p.read_text())["worker"] for p in (tmp_path / "two" / "shards").glob("*.done")}
     assert workers == {"rank0", "rank1"}
+
+
+def test_holdout_split_is_stratified_deterministic_and_recorded(tiny, tmp_path):
+    cfg = _cfg(tiny, tmp_path / "out", n=4, holdout=0.25, guidance="none")
+    run_job(cfg)
+    record = json.loads((tmp_path / "out" / "run.json").read_text())
+    held, used = record["reference"]["heldout_files"], record["reference"]["files"]
+    assert len(held) == 6 and len(used) == 18 and not set(held) & set(used)
+    assert sum(f.startswith("a/") for f in held) == 3  # 25% of each class
+    again = _cfg(tiny, tmp_path / "out2", n=4, holdout=0.25, guidance="none")
+    run_job(again)
+    assert json.loads((tmp_path / "out2" / "run.json").read_text())["reference"]["heldout_files"] == held
