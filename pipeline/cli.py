@@ -63,6 +63,8 @@ def build_config(config_file: Path | None, values: dict[str, Any]):
 
 def execute(cfg, dry_run: bool = False) -> None:
     """Run (or describe) the job with a progress bar / quiet / JSON logs."""
+    import torch
+
     from storage.errors import InputError
 
     from .job import run_job
@@ -88,6 +90,11 @@ def execute(cfg, dry_run: bool = False) -> None:
         summary = run_job(cfg, progress=bar.update if bar is not None else None, on_shard=on_shard)
     except InputError as exc:
         _fail(str(exc))
+    except torch.OutOfMemoryError:
+        _fail(
+            f"out of memory at --batch-size {cfg.batch_size} on {cfg.device}: lower --batch-size "
+            "(or use --dtype float16/bfloat16 on a GPU); rerun the same command to resume"
+        )
     finally:
         if bar is not None:
             bar.close()
