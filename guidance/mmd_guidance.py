@@ -8,17 +8,19 @@ from typing import Literal
 from .mmd import MMDTarget, SampleMemory
 from .schedules import StepNormalization, StrengthSchedule
 
-GuidanceMode = Literal["latent", "posterior", "lookahead"]
-GUIDANCE_MODES: tuple[str, ...] = ("latent", "posterior", "lookahead")
+GuidanceMode = Literal["latent", "posterior", "lookahead", "noisy"]
+GUIDANCE_MODES: tuple[str, ...] = ("latent", "posterior", "lookahead", "noisy")
 
 
 @dataclass
 class MMDGuidance:
     """Batch MMD guidance toward a reference set.
 
-    mode: `latent` (∇ on x̂0, no backprop), `posterior` (∇ on x_t through one denoiser call), or
+    mode: `latent` (∇ on x̂0, no backprop), `posterior` (∇ on x_t through one denoiser call),
     `lookahead` (∇ through a k-step DDIM sub-solve; `lookahead_steps=None` means all remaining steps,
-    i.e. end-to-end guidance). `memory` extends the generated set with finished samples (detached).
+    i.e. end-to-end guidance), or `noisy`: the public MMD-Guidance code's scheme, ∇_{x_t} MMD²(x_t, Y)
+    of the *noisy* latent against clean references, applied to x_{t−1} after each sampler step (kept
+    for comparison; it compares noisy with clean samples, which `latent` avoids). `memory` extends the generated set with finished samples (detached).
     """
 
     target: MMDTarget
@@ -36,7 +38,7 @@ class MMDGuidance:
 
     @property
     def needs_denoiser_gradient(self) -> bool:
-        return self.mode != "latent"
+        return self.mode in ("posterior", "lookahead")
 
     def substeps(self, remaining_steps: int) -> int:
         """Number of denoiser calls in the differentiable sub-solve at a step with `remaining_steps` left."""

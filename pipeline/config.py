@@ -11,7 +11,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 SamplerName = Literal["ddim", "ddpm", "euler", "dpmpp"]
-GuidanceName = Literal["none", "latent", "posterior", "lookahead"]
+GuidanceName = Literal["none", "latent", "posterior", "lookahead", "noisy"]
 KernelName = Literal["rbf", "rbf-multi", "imq", "cubic", "rff"]
 ScheduleName = Literal["constant", "interval", "linear_decay", "linear_ramp"]
 NormalizationName = Literal["per_sample", "batch", "raw"]
@@ -58,6 +58,11 @@ class AugmentConfig(BaseModel):
     normalization: NormalizationName = "per_sample"
     memory: int = Field(default=0, ge=0, description="finished samples remembered per shard (0 = off)")
     class_aware: bool = True
+    coupling: Literal["batch", "sequential"] = Field(
+        default="batch",
+        description="batch: each batch guided jointly; sequential: the public code's scheme, one sample at a time "
+        "against a memory bank of finished samples reset every `memory` samples",
+    )
     class_balance: Literal["reference", "uniform"] = "reference"
 
     # filter and output

@@ -22,6 +22,7 @@ from guidance.latent import latent_guidance_delta
 from guidance.lookahead import ddim_lookahead_x0, gradient_guidance_delta
 from guidance.mmd_guidance import MMDGuidance
 from guidance.parameterization import from_x0_eps, to_x0_eps
+from guidance.schedules import guidance_step
 
 from .denoiser import Denoiser
 from .seeding import noise_generator, step_generator
@@ -172,7 +173,7 @@ def sample_latents(
             calls += n
             x0, eps = to_x0_eps(out, x_vp, alpha, sigma, ptype)
             delta = None
-            if strength > 0 and guidance is not None:
+            if strength > 0 and guidance is not None and guidance.mode != "noisy":
                 if guidance.mode == "latent":
                     delta, value = latent_guidance_delta(
                         x0,
@@ -211,6 +212,11 @@ def sample_latents(
                 x = ((alpha * x0 + sigma * eps) / c_in).to(x.dtype)
                 out = from_x0_eps(x0, eps, alpha, sigma, ptype)
             x = sched.step(out, t, x, **step_kwargs).prev_sample
+            if strength > 0 and guidance is not None and guidance.mode == "noisy":
+                # public MMD-Guidance code: closed-form ∇ of MMD²(x_{t−1}, Y) on the noisy latent itself
+                grad, value = guidance.target.grad(x.float(), x_cond=mmd_condition, memory=guidance.memory)
+                x = (x - guidance_step(grad, x, strength, guidance.normalization)).to(x.dtype)
+                result.mmd2_trace.append(float(value))
         if callback is not None:
             callback(i, len(timesteps))
 

@@ -100,9 +100,14 @@ def generate_pool(ctx: JobContext, shard: ShardPlan, progress: Progress | None =
     labels = assign_classes(cfg, shard, ctx.proportions)
     guidance = make_guidance(cfg, ctx.target)  # fresh memory per shard: output independent of process count
     product = isinstance(ctx.target.kernel, ProductKernel)
+    sequential = cfg.coupling == "sequential"
+    if sequential and guidance is not None and guidance.memory is None:
+        guidance.memory = SampleMemory(100)
     out = []
     offset = 0
-    for batch in shard.batches(cfg.batch_size):
+    for batch in shard.batches(1 if sequential else cfg.batch_size):
+        if sequential and guidance is not None and len(guidance.memory) >= guidance.memory.capacity:
+            guidance.memory.clear()  # the public code resets its memory bank every `capacity` samples
         lab = labels[offset : offset + len(batch)] if labels is not None else None
         condition = None
         if lab is not None and ctx.model_labels is not None:

@@ -279,3 +279,9 @@ def test_holdout_split_is_stratified_deterministic_and_recorded(tiny, tmp_path):
     again = _cfg(tiny, tmp_path / "out2", n=4, holdout=0.25, guidance="none")
     run_job(again)
     assert json.loads((tmp_path / "out2" / "run.json").read_text())["reference"]["heldout_files"] == held
+
+
+def test_sequential_coupling_runs_one_sample_at_a_time(tiny, tmp_path):
+    cfg = _cfg(tiny, tmp_path / "out", n=4, coupling="sequential", guidance="noisy", kernel="cubic")
+    summary = run_job(cfg)
+    assert summary.num_kept == 4

@@ -87,7 +87,8 @@ class LoadedModel:
 def load_model(spec: str | None = None, device: str = "auto", dtype: str = "auto") -> LoadedModel:
     """Load a model by spec.
 
-    - None or "shipped": the small MNIST latent diffusion prior inside the package (offline);
+    - None or "shipped": the small MNIST latent diffusion prior inside the package (offline); a folder
+      with the same layout (a prior trained with `python -m pipeline.train_prior --data DIR`);
     - "package.module:factory": a callable returning a LoadedModel or a Denoiser (a pixel-space model
       then needs its own scheduler: return a LoadedModel);
     - a local diffusers folder or a hub id: `DiffusionPipeline.from_pretrained` (UNet2DModel, DiT,
@@ -98,6 +99,8 @@ def load_model(spec: str | None = None, device: str = "auto", dtype: str = "auto
     configure_backends(dev)
     if spec is None or spec == "shipped":
         return _load_shipped(dev, dt)
+    if (Path(spec) / "shipped.json").is_file():  # a prior trained by `python -m pipeline.train_prior`
+        return _load_shipped(dev, dt, spec)
     if ":" in spec and not Path(spec).exists() and "://" not in spec:
         return _load_import_path(spec, dev, dt)
     return _load_diffusers(spec, dev, dt)
@@ -110,7 +113,7 @@ def _load_shipped(device: torch.device, dtype: torch.dtype, path: str | Path | N
     prior.unet.to(dtype)
     prior.vae.to(dtype)
     info = prior.info
-    denoiser = InternalGuidanceUNetAdapter(prior.unet, null_class=int(info["null_class"]))
+    denoiser = InternalGuidanceUNetAdapter(prior.unet, null_class=int(info["null_class_id"]))
     return LoadedModel(
         denoiser=denoiser,
         scheduler=prior.scheduler,
