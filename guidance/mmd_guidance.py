@@ -20,7 +20,8 @@ class MMDGuidance:
     `lookahead` (∇ through a k-step DDIM sub-solve; `lookahead_steps=None` means all remaining steps,
     i.e. end-to-end guidance), or `noisy`: the public MMD-Guidance code's scheme, ∇_{x_t} MMD²(x_t, Y)
     of the *noisy* latent against clean references, applied to x_{t−1} after each sampler step (kept
-    for comparison; it compares noisy with clean samples, which `latent` avoids). `memory` extends the generated set with finished samples (detached).
+    for comparison; it compares noisy with clean samples, which `latent` avoids).
+    `memory` extends the generated set with finished samples (detached).
     """
 
     target: MMDTarget
