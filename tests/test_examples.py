@@ -74,6 +74,18 @@ def test_example_trains_on_mixed_stream_and_reports_accuracy(run):
     assert ex.train(args)["classes"] == ["cat", "dog"]
 
 
+def test_shards_load_with_hugging_face_datasets(run, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(run["out"].parent / "hf-cache"))
+    from datasets import load_dataset
+
+    ds = load_dataset("webdataset", data_files={"train": run["shards"]}, split="train")
+    assert ds.num_rows == 16
+    first = ds[0]
+    assert first["png"].size == (16, 16) and first["json"]["class_name"] in ("cat", "dog")
+    assert first["cls"] == first["json"]["label"]
+
+
 def test_manifest_filters_with_pyarrow(run):
     table = pq.read_table(run["out"] / "manifest.parquet", filters=[("kept", "=", True), ("class_name", "=", "dog")])
     assert table.num_rows > 0 and set(table.column("class_name").to_pylist()) == {"dog"}
