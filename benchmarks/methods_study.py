@@ -1,0 +1,432 @@
+"""Every guidance method on the shipped prior, with numbers: the study behind docs/results.md.
+
+    python benchmarks/methods_study.py --study all --out runs/study [--n 256 --seeds 3 --steps 50]
+
+Each target domain's references are split (stratified, seeded) into a guidance half and a held-out half;
+metrics compare generated samples with the HELD-OUT half, in the shipped classifier's penultimate feature
+space (MMD² with RBF median bandwidth, KID, Fréchet distance, precision/recall/coverage) plus class
+accuracy against each sample's intended class. Every row: mean ± std over seeds, network calls and
+seconds per sample. Results go to <out>/<study>.json and are rendered as Markdown tables.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from guidance import (
+    CubicPolynomialKernel,
+    DeltaKernel,
+    MMDGuidance,
+    MMDTarget,
+    MultiBandwidthRBF,
+    ProductKernel,
+    RandomFourierFeatures,
+    RBFKernel,
+    SampleMemory,
+    StrengthSchedule,
+    mmd2,
+    mmd_contributions,
+)
+from guidance.kernels import median_pairwise_distance
+from pipeline.evaluation import metrics as M
+from pipeline.job import with_sampler
+from pipeline.models.loading import LoadedModel, load_model
+from pipeline.plan import class_proportions
+from pipeline.reference import ReferenceBundle, split_holdout
+from pipeline.sampling import sample_latents
+from pipeline.seeding import sample_seed
+from storage.references import read_references
+
+REPO = Path(__file__).resolve().parent.parent
+DOMAINS = {"thick": REPO / "examples" / "thick_digits", "slanted": REPO / "examples" / "slanted_digits"}
+
+
+@dataclass
+class Domain:
+    name: str
+    guide_latents: torch.Tensor
+    guide_labels: torch.Tensor  # reference class index
+    held_images: torch.Tensor
+    held_features: torch.Tensor
+    class_digits: list[int]  # reference class index -> digit (model label)
+    bandwidth: float
+
+
+@dataclass
+class Setting:
+    """One row: how to sample (model condition, guidance) and what it costs."""
+
+    name: str
+    strength: float = 0.0
+    mode: str = "latent"
+    kernel: str = "rbf"
+    class_aware: bool = True
+    tell_model: bool = True  # pass the intended digit to the class-conditional model
+    cfg_scale: float = 1.0
+    ig_scale: float = 1.0
+    ig_interval: tuple[float, float] | None = None
+    lookahead_steps: int | None = 2
+    steps: int | None = None
+    sampler: str = "ddim"
+    keep: float = 1.0
+    normalization: str = "per_sample"
+    coupling: str = "batch"
+    unet: str | None = None  # alternative checkpoint (MCLR)
+
+
+class Study:
+    def __init__(self, args: argparse.Namespace):
+        self.args = args
+        self.model = with_sampler(load_model(None, device="cpu"), "ddim")
+        self.classifier = self.model.extras["classifier"]
+        self.domains = {name: self._domain(name, path) for name, path in DOMAINS.items() if path.is_dir()}
+        self._models: dict[str, LoadedModel] = {}
+
+    # ------------------------------------------------------------------ data
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return torch.cat([self.classifier.features(c) for c in images.split(256)]).double()
+
+    def predict(self, images: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return torch.cat([self.classifier(c).argmax(1) for c in images.split(256)])
+
+    def _domain(self, name: str, path: Path) -> Domain:
+        refs = read_references(str(path), channels=1, size=(32, 32))
+        latents = self.model.encode(refs.images)
+        bundle = ReferenceBundle(
+            latents=latents,
+            labels=refs.labels,
+            class_names=refs.class_names,
+            bandwidth=float(median_pairwise_distance(latents.flatten(1))),
+            content_hash=refs.content_hash,
+            model_id=self.model.model_id,
+            files=refs.files,
+        )
+        guide = split_holdout(bundle, 0.5, seed=0)
+        held_mask = torch.tensor([f in set(guide.heldout_files) for f in refs.files])
+        held_images = refs.images[held_mask]
+        return Domain(
+            name=name,
+            guide_latents=guide.latents,
+            guide_labels=guide.labels,
+            held_images=held_images,
+            held_features=self.features(held_images),
+            class_digits=[int(c) for c in refs.class_names],
+            bandwidth=bundle.bandwidth,
+        )
+
+    # ------------------------------------------------------------------ sampling
+    def kernel(self, s: Setting, d: Domain):
+        bw = d.bandwidth
+        base = {
+            "rbf": lambda: RBFKernel(bw),
+            "rbf-multi": lambda: MultiBandwidthRBF([bw * f for f in (0.5, 1.0, 2.0)]),
+            "cubic": CubicPolynomialKernel,
+            "rff": lambda: RandomFourierFeatures(bw, d.guide_latents[0].numel(), num_features=2048, seed=0),
+        }[s.kernel]()
+        return ProductKernel(base, DeltaKernel()) if s.class_aware else base
+
+    def model_for(self, s: Setting) -> LoadedModel:
+        if s.unet is None:
+            return self.model
+        if s.unet not in self._models:
+            self._models[s.unet] = with_sampler(load_model(s.unet, device="cpu"), "ddim")
+        return self._models[s.unet]
+
+    def generate(self, s: Setting, d: Domain, seed: int) -> dict:
+        """n samples with intended classes in the references' proportions; returns latents, labels, cost."""
+        n, batch = self.args.n, self.args.batch
+        model = with_sampler(self.model_for(s), s.sampler)
+        props = class_proportions(d.guide_labels, len(d.class_digits), "reference")
+        gen = torch.Generator().manual_seed(1000 + seed)
+        labels = torch.multinomial(props, n, replacement=True, generator=gen)
+        n_gen = int(np.ceil(n / s.keep))
+        labels = torch.cat([labels, torch.multinomial(props, n_gen - n, replacement=True, generator=gen)])
+        kernel = self.kernel(s, d)
+        target = MMDTarget(d.guide_latents, kernel, y_cond=d.guide_labels if s.class_aware else None, unbiased=False)
+        out, calls = [], 0
+        t0 = time.perf_counter()
+        sequential = s.coupling == "sequential"
+        guidance = None
+        if s.strength > 0:
+            guidance = MMDGuidance(
+                target,
+                StrengthSchedule(s.strength),
+                mode=s.mode,
+                normalization=s.normalization,
+                lookahead_steps=s.lookahead_steps,
+                memory=SampleMemory(100) if sequential else None,
+            )
+        step = 1 if sequential else batch
+        for i in range(0, n_gen, step):
+            lab = labels[i : i + step]
+            if sequential and guidance is not None and len(guidance.memory) >= 100:
+                guidance.memory.clear()
+            cond = torch.tensor([d.class_digits[int(c)] for c in lab]) if s.tell_model else None
+            res = sample_latents(
+                model.denoiser,
+                model.scheduler,
+                [sample_seed(seed, j) for j in range(i, i + len(lab))],
+                num_steps=s.steps or self.args.steps,
+                condition=cond,
+                cfg_scale=s.cfg_scale,
+                ig_scale=s.ig_scale,
+                ig_interval=s.ig_interval,
+                guidance=guidance,
+                mmd_condition=lab if s.class_aware else None,
+            )
+            out.append(res.latents)
+            calls += res.denoiser_calls * len(lab)
+        latents = torch.cat(out)
+        seconds = time.perf_counter() - t0
+        if s.keep < 1.0:
+            scores = mmd_contributions(
+                latents,
+                d.guide_latents,
+                kernel,
+                unbiased=True,
+                x_cond=labels if s.class_aware else None,
+                y_cond=d.guide_labels if s.class_aware else None,
+            )
+            keep = torch.argsort(scores, stable=True)[:n].sort().values
+            latents, labels = latents[keep], labels[keep]
+        return {"latents": latents, "labels": labels, "calls": calls / n, "seconds": seconds / n}
+
+    # ------------------------------------------------------------------ metrics
+    def evaluate(self, s: Setting, d: Domain, seed: int) -> dict:
+        g = self.generate(s, d, seed)
+        images = self.model.decode(g["latents"])
+        feats = self.features(images)
+        pred = self.predict(images)
+        intended = torch.tensor([d.class_digits[int(c)] for c in g["labels"]])
+        held = d.held_features
+        bw = float(median_pairwise_distance(held.float()))
+        row = {
+            "mmd2": float(mmd2(feats.float(), held.float(), RBFKernel(bw), unbiased=True)),
+            "kid": M.kid(feats, held, n_subsets=50, seed=seed)["kid"],
+            "fd": M.frechet_distance(feats, held)["fd"],
+            "class_acc": float((pred == intended).float().mean()),
+            "latent_mmd2": float(mmd2(g["latents"], d.guide_latents, RBFKernel(d.bandwidth), unbiased=True)),
+            "calls": g["calls"],
+            "sec": g["seconds"],
+        }
+        pr = M.prdc(feats, held, k=5)
+        row.update({k: pr[k] for k in ("precision", "recall", "coverage")})
+        return row
+
+    def run(self, settings: list[Setting], domains: list[str] | None = None) -> list[dict]:
+        rows = []
+        for dname in domains or list(self.domains):
+            d = self.domains[dname]
+            for s in settings:
+                per_seed = [self.evaluate(s, d, seed) for seed in range(self.args.seeds)]
+                agg = {"domain": dname, "setting": s.name}
+                for key in per_seed[0]:
+                    vals = np.array([r[key] for r in per_seed], dtype=float)
+                    agg[key] = float(vals.mean())
+                    agg[key + "_std"] = float(vals.std(ddof=1)) if len(vals) > 1 else 0.0
+                rows.append(agg)
+                print(_fmt_row(agg), flush=True)
+        return rows
+
+
+def _fmt_row(r: dict) -> str:
+    return (
+        f"{r['domain']:8s} {r['setting']:34s} mmd2 {r['mmd2']:.4f}±{r['mmd2_std']:.4f} kid {r['kid']:.4f} "
+        f"fd {r['fd']:7.2f} P {r['precision']:.2f} R {r['recall']:.2f} C {r['coverage']:.2f} "
+        f"acc {r['class_acc']:.3f} calls {r['calls']:.0f} {r['sec'] * 1000:.0f} ms/sample"
+    )
+
+
+# ---------------------------------------------------------------------- the studies
+def strength_sweep(study: Study) -> list[dict]:
+    settings = [Setting("none (conditional prior)", strength=0.0)]
+    settings += [Setting(f"latent s={s}", strength=s) for s in study.args.strengths]
+    return study.run(settings)
+
+
+def kernels(study: Study) -> list[dict]:
+    s = study.args.default_strength
+    return study.run(
+        [Setting(f"{k} s={s}", strength=s, kernel=k) for k in ("rbf", "rbf-multi", "cubic", "rff")], domains=["thick"]
+    )
+
+
+def rff_accuracy_speed(study: Study) -> list[dict]:
+    """RFF vs exact RBF: MMD² agreement and gradient time at large reference counts (synthetic latents)."""
+    rows = []
+    gen = torch.Generator().manual_seed(0)
+    d = 256
+    x = torch.randn(64, d, generator=gen)
+    for m in (1000, 4000, 16000):
+        y = torch.randn(m, d, generator=gen) * 1.1 + 0.1
+        bw = float(median_pairwise_distance(y))
+        exact, approx = RBFKernel(bw), RandomFourierFeatures(bw, d, num_features=2048, seed=0)
+        row = {"references": m}
+        for name, k in (("rbf", exact), ("rff", approx)):
+            target = MMDTarget(y, k, unbiased=False)
+            t = time.perf_counter()
+            for _ in range(5):
+                _, value = target.grad(x)
+            row[f"{name}_grad_ms"] = (time.perf_counter() - t) / 5 * 1000
+            row[f"{name}_mmd2"] = float(value)
+        row["abs_error"] = abs(row["rff_mmd2"] - row["rbf_mmd2"])
+        rows.append(row)
+        print(row, flush=True)
+    return rows
+
+
+def modes(study: Study) -> list[dict]:
+    s = study.args.default_strength
+    steps = study.args.steps
+    return study.run(
+        [
+            Setting(f"latent, {steps} steps", strength=s),
+            Setting(f"posterior, {steps} steps", strength=s, mode="posterior"),
+            Setting(f"lookahead k=2, {steps} steps", strength=s, mode="lookahead", lookahead_steps=2),
+            Setting(f"lookahead k=4, {steps} steps", strength=s, mode="lookahead", lookahead_steps=4),
+            Setting(f"latent, {steps // 2} steps", strength=s, steps=steps // 2),
+            Setting(
+                f"posterior, {steps // 3} steps (≈ latent-50 budget)", strength=s, mode="posterior", steps=steps // 3
+            ),
+            Setting("end-to-end, 8 steps", strength=s, mode="lookahead", lookahead_steps=None, steps=8),
+            Setting("latent, 8 steps", strength=s, steps=8),
+        ],
+        domains=["thick"],
+    )
+
+
+def coupling(study: Study) -> list[dict]:
+    s = study.args.default_strength
+    return study.run(
+        [
+            Setting(f"joint batch, latent, RBF, s={s}", strength=s),
+            Setting(
+                "public scheme: sequential+memory(100), noisy, cubic, s=0.01",
+                strength=0.01,
+                mode="noisy",
+                kernel="cubic",
+                class_aware=False,
+                coupling="sequential",
+            ),
+            Setting(
+                "public scheme, 1000-step DDPM",
+                strength=0.01,
+                mode="noisy",
+                kernel="cubic",
+                class_aware=False,
+                coupling="sequential",
+                sampler="ddpm",
+                steps=1000,
+            ),
+        ],
+        domains=["thick"],
+    )
+
+
+def product_kernel(study: Study) -> list[dict]:
+    s = study.args.default_strength
+    return study.run(
+        [
+            Setting("unconditional prior, no guidance", tell_model=False, class_aware=False),
+            Setting(f"unconditional + plain kernel s={s}", strength=s, tell_model=False, class_aware=False),
+            Setting(f"unconditional + product kernel s={s}", strength=s, tell_model=False, class_aware=True),
+            Setting(f"conditional + plain kernel s={s}", strength=s, class_aware=False),
+            Setting(f"conditional + product kernel s={s}", strength=s, class_aware=True),
+        ]
+    )
+
+
+def cfg(study: Study) -> list[dict]:
+    return study.run([Setting(f"CFG w={w}", cfg_scale=w) for w in (1.0, 1.5, 2.0, 3.0)], domains=["thick"])
+
+
+def internal_guidance(study: Study) -> list[dict]:
+    settings = [Setting(f"IG w={w}", ig_scale=w, tell_model=False, class_aware=False) for w in (1.0, 1.25, 1.5, 2.0)]
+    settings += [
+        Setting(
+            "IG w=2 high/mid noise only [0, 0.6)",
+            ig_scale=2.0,
+            ig_interval=(0.0, 0.6),
+            tell_model=False,
+            class_aware=False,
+        ),
+        Setting("IG w=1.5 + CFG 2 (conditional)", ig_scale=1.5, cfg_scale=2.0),
+        Setting("CFG 2 alone (conditional)", cfg_scale=2.0),
+    ]
+    return study.run(settings, domains=["thick"])
+
+
+def filter_study(study: Study) -> list[dict]:
+    s = study.args.default_strength
+    settings = []
+    for strength in (0.0, s):
+        for keep in (1.0, 0.9, 0.75, 0.5):
+            settings.append(Setting(f"s={strength} keep={keep}", strength=strength, keep=keep))
+    return study.run(settings, domains=["thick"])
+
+
+def mclr(study: Study) -> list[dict]:
+    path = REPO / "pipeline" / "assets" / "mnist-ldm-mclr"
+    if not (path / "shipped.json").is_file():
+        print(f"no MCLR checkpoint at {path}; run `python -m pipeline.train_mclr` first")
+        return []
+    return study.run(
+        [
+            Setting("original, no CFG", cfg_scale=1.0),
+            Setting("original, CFG 2", cfg_scale=2.0),
+            Setting("MCLR-tuned, no CFG", cfg_scale=1.0, unet=str(path)),
+        ],
+        domains=["thick"],
+    )
+
+
+STUDIES: dict[str, Callable[[Study], list[dict]]] = {
+    "strength": strength_sweep,
+    "kernels": kernels,
+    "rff": rff_accuracy_speed,
+    "modes": modes,
+    "coupling": coupling,
+    "product": product_kernel,
+    "cfg": cfg,
+    "ig": internal_guidance,
+    "filter": filter_study,
+    "mclr": mclr,
+}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--study", default="all", help=f"comma-separated from {list(STUDIES)} or 'all'")
+    ap.add_argument("--out", default=str(REPO / "runs" / "study"))
+    ap.add_argument("--n", type=int, default=256)
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=50)
+    ap.add_argument("--strengths", type=float, nargs="+", default=[0.01, 0.02, 0.05, 0.1, 0.2])
+    ap.add_argument("--default-strength", type=float, default=0.05)
+    args = ap.parse_args()
+    torch.set_num_threads(2)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    study = Study(args)
+    names = list(STUDIES) if args.study == "all" else args.study.split(",")
+    for name in names:
+        t = time.perf_counter()
+        print(f"== {name}", flush=True)
+        rows = STUDIES[name](study)
+        record = {"study": name, "settings": vars(args), "rows": rows, "seconds": time.perf_counter() - t}
+        (out / f"{name}.json").write_text(json.dumps(record, indent=2))
+
+
+if __name__ == "__main__":
+    main()
