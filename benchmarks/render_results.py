@@ -1,0 +1,68 @@
+"""Render the methods study's JSON results (benchmarks/methods_study.py) as Markdown tables.
+
+python benchmarks/render_results.py runs/study > runs/study/tables.md
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+COLUMNS = [
+    ("mmd2", "MMD² ↓", 4),
+    ("kid", "KID ↓", 4),
+    ("fd", "FD ↓", 2),
+    ("precision", "precision ↑", 2),
+    ("recall", "recall ↑", 2),
+    ("coverage", "coverage ↑", 2),
+    ("class_acc", "class acc ↑", 3),
+    ("calls", "calls/sample", 0),
+    ("sec", "ms/sample", 0),
+]
+
+
+def _cell(row: dict, key: str, digits: int) -> str:
+    if key == "sec":
+        return f"{row[key] * 1000:.0f}"
+    if key == "calls":
+        return f"{row[key]:.0f}"
+    std = row.get(key + "_std", 0.0)
+    return f"{row[key]:.{digits}f} ± {std:.{digits}f}" if std else f"{row[key]:.{digits}f}"
+
+
+def table(rows: list[dict]) -> str:
+    if rows and "references" in rows[0]:  # the RFF accuracy/speed table
+        head = (
+            "| references | RBF MMD² | RFF MMD² | abs. error | RBF grad ms | RFF grad ms |\n|---|---|---|---|---|---|"
+        )
+        body = [
+            f"| {r['references']} | {r['rbf_mmd2']:.4f} | {r['rff_mmd2']:.4f} | {r['abs_error']:.4f} | "
+            f"{r['rbf_grad_ms']:.1f} | {r['rff_grad_ms']:.1f} |"
+            for r in rows
+        ]
+        return "\n".join([head, *body])
+    head = "| domain | setting | " + " | ".join(c[1] for c in COLUMNS) + " |"
+    sep = "|---|---|" + "---|" * len(COLUMNS)
+    body = [
+        f"| {r['domain']} | {r['setting']} | " + " | ".join(_cell(r, k, d) for k, _, d in COLUMNS) + " |" for r in rows
+    ]
+    return "\n".join([head, sep, *body])
+
+
+def main() -> None:
+    folder = Path(sys.argv[1] if len(sys.argv) > 1 else "runs/study")
+    for path in sorted(folder.glob("*.json")):
+        record = json.loads(path.read_text())
+        s = record["settings"]
+        print(f"### {record['study']}\n")
+        print(
+            f"`python benchmarks/methods_study.py --study {record['study']} --n {s['n']} --seeds {s['seeds']} "
+            f"--steps {s['steps']}` ({record['seconds'] / 60:.1f} min)\n"
+        )
+        print(table(record["rows"]))
+        print()
+
+
+if __name__ == "__main__":
+    main()
