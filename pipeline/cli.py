@@ -184,6 +184,11 @@ def demo(
     typer.echo(f"shards: {out}/shards/  manifest: {out}/manifest.parquet  run record: {out}/run.json")
 
 
+from .evaluation.cli import eval_command  # noqa: E402  (light: imports its heavy parts lazily)
+
+app.command("eval")(eval_command)
+
+
 def main() -> None:
     app()
 

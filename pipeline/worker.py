@@ -9,6 +9,7 @@ kept, and the shard is written atomically with its manifest part; the done marke
 from __future__ import annotations
 
 import io
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -35,6 +36,8 @@ from .models.loading import LoadedModel
 from .plan import ShardPlan, assign_classes, seeds_for
 from .reference import ReferenceBundle
 from .sampling import sample_latents
+
+log = logging.getLogger(__name__)
 
 #: Called with the number of samples just finished (generated, for the progress bar).
 Progress = Callable[[int], None]
@@ -145,6 +148,12 @@ def filter_pool(ctx: JobContext, latents: torch.Tensor, labels: torch.Tensor | N
         x_cond=labels if product else None,
         y_cond=ctx.bundle.labels if product else None,
     ).double()
+    if len(scores) > 1 and float(scores.max() - scores.min()) == 0.0:
+        log.warning(
+            "all %d MMD contributions are equal (samples far outside the kernel's reach of the references?): "
+            "the filter keeps the first samples by index",
+            len(scores),
+        )
     order = torch.argsort(scores, stable=True)  # ascending: most helpful first
     rank = torch.empty_like(order)
     rank[order] = torch.arange(len(order))
