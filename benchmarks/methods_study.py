@@ -80,6 +80,8 @@ class Setting:
     normalization: str = "per_sample"
     coupling: str = "batch"
     unet: str | None = None  # alternative checkpoint (MCLR)
+    n: int | None = None  # override --n (expensive rows)
+    seeds: int | None = None  # override --seeds (expensive rows)
 
 
 class Study:
@@ -144,7 +146,7 @@ class Study:
 
     def generate(self, s: Setting, d: Domain, seed: int) -> dict:
         """n samples with intended classes in the references' proportions; returns latents, labels, cost."""
-        n, batch = self.args.n, self.args.batch
+        n, batch = s.n or self.args.n, self.args.batch
         model = with_sampler(self.model_for(s), s.sampler)
         props = class_proportions(d.guide_labels, len(d.class_digits), "reference")
         gen = torch.Generator().manual_seed(1000 + seed)
@@ -228,7 +230,7 @@ class Study:
         for dname in domains or list(self.domains):
             d = self.domains[dname]
             for s in settings:
-                per_seed = [self.evaluate(s, d, seed) for seed in range(self.args.seeds)]
+                per_seed = [self.evaluate(s, d, seed) for seed in range(s.seeds or self.args.seeds)]
                 agg = {"domain": dname, "setting": s.name}
                 for key in per_seed[0]:
                     vals = np.array([r[key] for r in per_seed], dtype=float)

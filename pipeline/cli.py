@@ -136,6 +136,7 @@ def augment(
     normalization: Annotated[str | None, typer.Option(help="per_sample | batch | raw")] = None,
     lookahead_steps: Annotated[int | None, typer.Option(help="Sub-steps k of lookahead mode.")] = None,
     memory: Annotated[int | None, typer.Option(help="Finished samples remembered per shard (0 = off).")] = None,
+    coupling: Annotated[str | None, typer.Option(help="batch | sequential (the public code's scheme)")] = None,
     class_balance: Annotated[str | None, typer.Option(help="reference | uniform")] = None,
     sampler: Annotated[str | None, typer.Option(help="ddim | ddpm | euler | dpmpp")] = None,
     steps: Annotated[int | None, typer.Option(help="Sampling steps.")] = None,
