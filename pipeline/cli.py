@@ -186,8 +186,10 @@ def demo(
 
 
 from .evaluation.cli import eval_command  # noqa: E402  (light: imports its heavy parts lazily)
+from .evaluation.utility_cli import utility_command  # noqa: E402
 
 app.command("eval")(eval_command)
+app.command("utility")(utility_command)
 
 
 def main() -> None:
