@@ -191,6 +191,10 @@ from .evaluation.utility_cli import utility_command  # noqa: E402
 app.command("eval")(eval_command)
 app.command("utility")(utility_command)
 
+from flows.cli import register as register_flow_command  # noqa: E402  (Prefect is imported only when run)
+
+register_flow_command(app)
+
 
 def main() -> None:
     app()

@@ -21,6 +21,8 @@ from pathlib import Path
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler
 
+from storage._atomic import atomic_write_json
+from storage.errors import InputError
 from storage.manifest import merge_manifest, read_manifest
 from storage.run_record import check_or_claim_output, write_run_record
 from storage.shards import clean_partial, is_done, read_marker
@@ -33,6 +35,9 @@ from .reference import ReferenceBundle, build_target, prepare_reference
 from .worker import JobContext, ShardResult, model_label_map, run_shard
 
 log = logging.getLogger(__name__)
+
+#: Records which references and model a folder's samples were made from (guards resumption).
+INPUTS_FILE = ".inputs.json"
 
 SCHEDULERS = {
     "ddim": DDIMScheduler,
@@ -158,12 +163,29 @@ def start_job(cfg: AugmentConfig, model: LoadedModel | None = None) -> tuple[Job
     """
     ctx = build_context(cfg, model)
     check_or_claim_output(cfg.out, cfg.config_hash, cfg.hashed_fields())
+    check_or_record_inputs(cfg.out, ctx.bundle)
     clean_partial(cfg.out)
     plan = plan_job(cfg)
     pending = pending_shards(cfg, plan)
     if len(pending) < len(plan.shards):
         log.info("resuming: %d of %d shards already done", len(plan.shards) - len(pending), len(plan.shards))
     return ctx, plan, pending
+
+
+def check_or_record_inputs(out: str, bundle: ReferenceBundle) -> None:
+    """The same settings with other references or another model must not resume into this folder."""
+    path = Path(out) / INPUTS_FILE
+    current = {"reference_content_hash": bundle.content_hash, "model_id": bundle.model_id}
+    if path.is_file():
+        stored = json.loads(path.read_text())
+        changed = [f"{k}: {stored.get(k)} -> {v}" for k, v in current.items() if stored.get(k) != v]
+        if changed:
+            raise InputError(
+                f"{out}: holds a run made from other inputs ({'; '.join(changed)}); "
+                "choose another --out or delete that folder"
+            )
+        return
+    atomic_write_json(path, current)
 
 
 def finish_job(

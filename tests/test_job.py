@@ -21,6 +21,7 @@ from pipeline.cli import app
 from pipeline.config import AugmentConfig
 from pipeline.job import run_job
 from pipeline.plan import plan_job
+from storage.errors import InputError
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -285,3 +286,12 @@ def test_sequential_coupling_runs_one_sample_at_a_time(tiny, tmp_path):
     cfg = _cfg(tiny, tmp_path / "out", n=4, coupling="sequential", guidance="noisy", kernel="cubic")
     summary = run_job(cfg)
     assert summary.num_kept == 4
+
+
+def test_same_settings_with_changed_references_are_refused(tiny, tmp_path):
+    refs = write_reference_folder(tmp_path / "refs", count=12, classes=("a", "b"))
+    out = tmp_path / "out"
+    run_job(_cfg(tiny, out, ref=str(refs), n=4, guidance="none"))
+    (refs / "a" / "img_000.png").unlink()  # same settings, different reference content
+    with pytest.raises(InputError, match="other inputs"):
+        run_job(_cfg(tiny, out, ref=str(refs), n=4, guidance="none"))

@@ -195,6 +195,13 @@ def _model_id(spec: str) -> str:
     for cfg in sorted(path.rglob("*.json")):
         h.update(cfg.relative_to(path).as_posix().encode())
         h.update(cfg.read_bytes())
-    for weights in sorted(path.rglob("*.safetensors")):
-        h.update(f"{weights.relative_to(path).as_posix()}:{weights.stat().st_size}".encode())
+    for weights in sorted([*path.rglob("*.safetensors"), *path.rglob("*.bin")]):
+        # size + first and last MiB: a retrained model of the same architecture gets a new id without
+        # reading gigabytes of weights
+        size = weights.stat().st_size
+        h.update(f"{weights.relative_to(path).as_posix()}:{size}".encode())
+        with open(weights, "rb") as f:
+            h.update(f.read(1 << 20))
+            f.seek(max(0, size - (1 << 20)))
+            h.update(f.read(1 << 20))
     return f"{path.name}@{h.hexdigest()[:12]}"

@@ -1,0 +1,304 @@
+"""Prefect flows under the test harness (one ephemeral server for the module), offline, on a tiny DiT.
+
+Covered: the reference cache hit across runs, a shard task that fails once and succeeds on retry
+(skipping the shard it had finished), a re-run that skips done shards, byte-identical output from the
+flow, from `augment flow` and from `pipeline.job.run_job`, and the fan-out parent flow under a
+global concurrency limit (node runs executed in-process instead of through a worker).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import threading
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import typer
+from tiny_models import save_tiny_dit, write_reference_folder
+from typer.testing import CliRunner
+
+import pipeline.job
+from pipeline.config import AugmentConfig
+from pipeline.job import run_job
+
+prefect = pytest.importorskip("prefect")
+
+from prefect.client.orchestration import get_client  # noqa: E402
+from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId  # noqa: E402
+
+from flows import augment_flow, fanout  # noqa: E402
+from flows.augment_flow import augment  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def harness():
+    """One ephemeral Prefect server (SQLite in a temp dir) for all tests here: it takes 10-15 s to start."""
+    from prefect.settings import (
+        PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW,
+        PREFECT_SERVER_ANALYTICS_ENABLED,
+        PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS,
+        temporary_settings,
+    )
+    from prefect.testing.utilities import prefect_test_harness
+
+    quiet = {
+        PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS: 90,
+        PREFECT_SERVER_ANALYTICS_ENABLED: False,
+        PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW: "ignore",  # tasks called outside a flow (cache test)
+    }
+    with temporary_settings(quiet):
+        with prefect_test_harness(server_startup_timeout=90):
+            yield
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny-flows")
+    return {
+        "root": root,
+        "dit": str(save_tiny_dit(root / "dit")),
+        "refs": str(write_reference_folder(root / "refs", classes=("a", "b"))),
+        "cache": str(root / "cache"),
+    }
+
+
+def _cfg(tiny, out, **kw) -> AugmentConfig:
+    base = dict(
+        ref=tiny["refs"],
+        n=20,
+        out=str(out),
+        model=tiny["dit"],
+        shard_size=8,
+        batch_size=6,
+        steps=4,
+        cache_dir=tiny["cache"],
+        keep=0.8,
+        progress="quiet",
+    )
+    base.update(kw)
+    return AugmentConfig(**base)
+
+
+def _shard_bytes(out: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted((Path(out) / "shards").glob("*.tar"))}
+
+
+@pytest.fixture(scope="module")
+def reference_run(tiny):
+    """The plain job (`pipeline.job.run_job`, what the CLI runs): the bytes every flow must reproduce."""
+    out = tiny["root"] / "plain"
+    run_job(_cfg(tiny, out))
+    return {"shards": _shard_bytes(out), "manifest": (out / "manifest.parquet").read_bytes()}
+
+
+@pytest.fixture(scope="module")
+def cli_flow_run(harness, tiny):
+    """`augment ... flow`: the CLI's config, run as a Prefect flow."""
+    from flows.cli import register
+    from pipeline import cli as base
+
+    app = typer.Typer(add_completion=False, invoke_without_command=True, rich_markup_mode=None)
+    app.callback()(base.augment)
+    register(app)  # the hook pipeline/cli.py adds to its own app
+    out = tiny["root"] / "via-cli"
+    args = ["--ref", tiny["refs"], "--n", "20", "--out", str(out), "--model", tiny["dit"], "--cache-dir", tiny["cache"]]
+    args += ["--shard-size", "8", "--batch-size", "6", "--steps", "4", "--keep", "0.8", "--progress", "quiet"]
+    t0 = time.perf_counter()
+    result = CliRunner().invoke(app, ["flow", *args])
+    assert result.exit_code == 0, (result.output, result.exception)
+    return {"out": out, "output": result.output, "seconds": time.perf_counter() - t0}
+
+
+def test_flow_subcommand_builds_the_clis_config_whatever_the_option_order(tiny, tmp_path, monkeypatch):
+    import flows.cli
+    from pipeline import cli as base
+
+    seen = []
+    monkeypatch.setattr(flows.cli, "run_flow", lambda cfg, **kw: seen.append((cfg, kw)))
+    app = typer.Typer(add_completion=False, invoke_without_command=True, rich_markup_mode=None)
+    app.callback()(base.augment)
+    flows.cli.register(app)
+    opts = ["--ref", tiny["refs"], "--n", "20", "--out", str(tmp_path), "--steps", "4", "--strength", "0.2"]
+    for args in (["flow", *opts, "--shards-per-task", "2"], [*opts, "flow", "--shards-per-task", "2"]):
+        result = CliRunner().invoke(app, args)
+        assert result.exit_code == 0, (result.output, result.exception)
+    expected = base.build_config(
+        None, {"ref": tiny["refs"], "n": 20, "out": str(tmp_path), "steps": 4, "strength": 0.2}
+    )
+    assert [cfg for cfg, _ in seen] == [expected, expected]
+    assert all(kw == {"shards_per_task": 2, "per_run_output": False} for _, kw in seen)
+    assert CliRunner().invoke(app, ["flow", "--n", "0", "--ref", "r", "--out", "o"]).exit_code == 2  # validated
+
+
+def test_precompute_reference_is_cached_on_content_and_model(harness, tiny, tmp_path, monkeypatch):
+    calls = []
+    real = augment_flow.encode_references
+    monkeypatch.setattr(augment_flow, "encode_references", lambda cfg: calls.append(cfg.ref) or real(cfg))
+    cfg = _cfg(tiny, tmp_path / "a", cache_dir=str(tmp_path / "cache"))
+    task = augment_flow.reference_task(cfg)
+
+    first = task(cfg.model_dump(mode="json"), return_state=True)
+    second = task(cfg.model_dump(mode="json"), return_state=True)
+    assert len(calls) == 1 and second.name == "Cached"
+    info = first.result()
+    assert second.result() == info
+    assert info["count"] == 24 and Path(info["bundle_dir"], "bundle.safetensors").is_file()
+    assert info["model_id"].startswith("dit@")
+
+    # settings that do not change the bundle (output, guidance, steps) hit the same cache entry
+    other = _cfg(tiny, tmp_path / "b", cache_dir=str(tmp_path / "cache"), strength=0.5, steps=2)
+    assert augment_flow.reference_task(other)(other.model_dump(mode="json"), return_state=True).name == "Cached"
+    assert len(calls) == 1
+
+    # changed reference bytes: a miss, the body runs again
+    refs = Path(shutil.copytree(tiny["refs"], tmp_path / "refs2"))
+    victim = sorted(refs.rglob("*.png"))[0]
+    victim.write_bytes((refs / "b" / "img_001.png").read_bytes())
+    changed = _cfg(tiny, tmp_path / "c", ref=str(refs), cache_dir=str(tmp_path / "cache"))
+    state = augment_flow.reference_task(changed)(changed.model_dump(mode="json"), return_state=True)
+    assert state.name != "Cached" and len(calls) == 2
+    assert state.result()["content_hash"] != info["content_hash"]
+    # the cache record lives under the reference cache dir, next to the bundles
+    assert any((tmp_path / "cache" / augment_flow.RESULTS_SUBDIR).iterdir())
+
+
+def test_cli_flow_gives_the_same_bytes_as_the_plain_job(cli_flow_run, reference_run):
+    out = cli_flow_run["out"]
+    assert "kept 20 of 25 samples" in cli_flow_run["output"] and "Prefect flow run" in cli_flow_run["output"]
+    assert _shard_bytes(out) == reference_run["shards"]
+    assert (out / "manifest.parquet").read_bytes() == reference_run["manifest"]
+
+
+def test_flow_rerun_skips_done_shards_and_publishes_a_summary(harness, tiny, cli_flow_run, reference_run):
+    out = cli_flow_run["out"]
+    cfg = _cfg(tiny, out)
+    # lose one shard (as after a crash): the re-run redoes exactly that one
+    (out / "shards" / "synthetic-000001.tar.done").unlink()
+    state = augment(config=cfg, return_state=True)
+    result = state.result()
+    assert result["shards_written"] == 1 and result["shards_skipped"] == 2
+    assert result["num_kept"] == 20 and result["reference_cached"] is True
+    assert _shard_bytes(out) == reference_run["shards"]
+    assert (out / "manifest.parquet").read_bytes() == reference_run["manifest"]
+    # nothing left to do: no shard task at all
+    again = augment(config=cfg)
+    assert again["shards_written"] == 0 and again["shards_skipped"] == 3
+
+    flow_run_id = state.state_details.flow_run_id
+    with get_client(sync_client=True) as client:
+        task_runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+        artifacts = client.read_artifacts(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+    assert sorted(t.name for t in task_runs if t.name.startswith("shards-")) == ["shards-000001-000001"]
+    table = next(a for a in artifacts if a.type == "table")
+    assert table.key == f"augment-{cfg.config_hash}"
+    metrics = {row["metric"]: row["value"] for row in json.loads(table.data)}
+    assert metrics["samples kept / generated"] == "20 / 25" and float(metrics["MMD² kept (after filter)"]) >= 0
+    assert any(a.type == "markdown" and "augment run summary" in str(a.data) for a in artifacts)
+
+
+def test_shard_task_failing_once_is_retried_and_skips_what_it_finished(
+    harness, tiny, tmp_path, monkeypatch, reference_run
+):
+    calls: list[int] = []
+    real = pipeline.job.run_shard
+
+    def flaky(ctx, shard, progress=None):
+        calls.append(shard.shard_id)
+        if shard.shard_id == 1 and calls.count(1) == 1:
+            raise RuntimeError("transient: lost the GPU")
+        return real(ctx, shard, progress)
+
+    monkeypatch.setattr(pipeline.job, "run_shard", flaky)
+    no_wait = augment_flow.run_shard_range.with_options(retry_delay_seconds=0)
+    monkeypatch.setattr(augment_flow, "run_shard_range", no_wait)
+    out = tmp_path / "flaky"
+    state = augment(config=_cfg(tiny, out), shards_per_task=2, return_state=True)
+    assert state.is_completed(), state
+    assert calls == [0, 1, 1, 2]  # the retry skipped shard 0 (done marker), redid shard 1
+    assert _shard_bytes(out) == reference_run["shards"]
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id]))
+        )
+    by_name = {t.name: t for t in runs}
+    assert by_name["shards-000000-000001"].run_count == 2 and by_name["shards-000002-000002"].run_count == 1
+
+
+@pytest.mark.slow
+def test_flow_with_accelerate_workers_and_a_per_run_folder(harness, tiny, tmp_path, reference_run):
+    """processes=2: the shard task launches 2 accelerate workers (gloo on CPU); same bytes."""
+    out = tmp_path / "k2"
+    result = augment(config=_cfg(tiny, out, processes=2), per_run_output=True)
+    (run_folder,) = list(out.iterdir())
+    assert result["out"] == str(run_folder) and re.fullmatch(r"\d{8}T\d{4}Z", run_folder.name)
+    assert _shard_bytes(run_folder) == reference_run["shards"]
+    workers = {json.loads(p.read_text())["worker"] for p in (run_folder / "shards").glob("*.done")}
+    assert workers == {"rank0", "rank1"}
+
+
+def test_shard_task_retry_policy_is_exponential_backoff():
+    task = augment_flow.run_shard_range
+    assert task.retries == augment_flow.SHARD_RETRIES >= 2
+    delays = list(task.retry_delay_seconds)
+    assert delays == sorted(delays) and delays[1] == 2 * delays[0] > 0
+    assert task.retry_jitter_factor
+
+
+def test_fanout_caps_concurrent_node_runs_and_finishes_the_job(harness, tiny, tmp_path, monkeypatch, reference_run):
+    from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
+
+    limit = "mmd-augment-nodes-test"
+    with get_client(sync_client=True) as client:
+        client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=limit, limit=1))
+    running, peak, started = [0], [0], []
+    lock = threading.Lock()
+
+    def fake_run_deployment(name, parameters, timeout=None, tags=None, **kw):
+        """Stands in for a worker picking the node run up: the node flow, in this process."""
+        with lock:
+            running[0] += 1
+            peak[0] = max(peak[0], running[0])
+            started.append((name, parameters["shard_ids"], tags))
+        try:
+            state = fanout.augment_node(
+                config=AugmentConfig.model_validate(parameters["config"]),
+                shard_ids=parameters["shard_ids"],
+                return_state=True,
+            )
+        finally:
+            with lock:
+                running[0] -= 1
+        return SimpleNamespace(state=state, name="fake-node-run", id=None)
+
+    monkeypatch.setattr(fanout, "run_deployment", fake_run_deployment)
+    out = tmp_path / "fanout"
+    result = fanout.augment_fanout(
+        config=_cfg(tiny, out), node_deployment="augment-node/test", shards_per_node=1, concurrency_limit=limit
+    )
+    assert result["node_runs"] == 3 and result["num_kept"] == 20
+    assert peak[0] == 1  # the limit of 1 serialised the three node runs
+    assert sorted(s for _, ids, _ in started for s in ids) == [0, 1, 2]
+    assert all(name == "augment-node/test" and tags == [fanout.NODE_TAG] for name, _, tags in started)
+    assert _shard_bytes(out) == reference_run["shards"]
+
+
+def test_bad_references_fail_the_flow_at_once_without_retries_or_output(harness, tiny, tmp_path):
+    out = tmp_path / "out"
+    state = augment(config=_cfg(tiny, out, ref=str(tmp_path / "missing")), return_state=True)
+    assert state.is_failed() and "missing" in str(state.message) + repr(state.result(raise_on_failure=False))
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id]))
+        )
+    assert [(t.name.split("-")[0], t.run_count) for t in runs] == [("precompute", 1)]  # no retry of bad input
+    assert not out.exists()
+
+
+def test_node_run_refuses_an_unclaimed_output_folder(harness, tiny, tmp_path):
+    state = fanout.augment_node(config=_cfg(tiny, tmp_path / "nowhere"), shard_ids=[0], return_state=True)
+    assert state.is_failed()
+    assert not (tmp_path / "nowhere" / "shards").exists()
