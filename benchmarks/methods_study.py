@@ -150,9 +150,8 @@ class Study:
         model = with_sampler(self.model_for(s), s.sampler)
         props = class_proportions(d.guide_labels, len(d.class_digits), "reference")
         gen = torch.Generator().manual_seed(1000 + seed)
-        labels = torch.multinomial(props, n, replacement=True, generator=gen)
         n_gen = int(np.ceil(n / s.keep))
-        labels = torch.cat([labels, torch.multinomial(props, n_gen - n, replacement=True, generator=gen)])
+        labels = torch.multinomial(props, n_gen, replacement=True, generator=gen)
         kernel = self.kernel(s, d)
         target = MMDTarget(d.guide_latents, kernel, y_cond=d.guide_labels if s.class_aware else None, unbiased=False)
         out, calls = [], 0

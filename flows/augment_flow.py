@@ -338,13 +338,19 @@ def augment(config: AugmentConfig, shards_per_task: int | None = None, per_run_o
         failed[0].result()  # raises the task's exception
     t2 = time.perf_counter()
     seconds = {"prepare": round(t1 - t0, 3), "generate_filter_write": round(t2 - t1, 3)}
-    summary = job.finish_job(cfg, ctx.model, ctx.bundle, plan, len(pending), seconds)
+    return finish_and_publish(cfg, ctx, plan, len(pending), seconds, t0, ref_state, reference)
+
+
+def finish_and_publish(cfg, ctx, plan, written, seconds, t0, ref_state, reference, **extra) -> dict[str, Any]:
+    """Merge the manifest, write run.json, publish the summary artifact; a small, serialisable result."""
+    summary = job.finish_job(cfg, ctx.model, ctx.bundle, plan, written, seconds)
     summary.seconds["total"] = round(time.perf_counter() - t0, 3)
     result = {
         "out": cfg.out,
         "manifest": str(Path(cfg.out) / "manifest.parquet"),
         "run_record": str(Path(cfg.out) / "run.json"),
         "shards": [str(shard_path(cfg.out, cfg.prefix, s.shard_id)) for s in plan.shards],
+        **extra,
         "config_hash": summary.config_hash,
         "num_kept": summary.num_kept,
         "num_generated": summary.num_generated,

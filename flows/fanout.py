@@ -33,17 +33,16 @@ from prefect.futures import wait
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows.augment_flow import (
+    finish_and_publish,
     per_run_folder,
-    publish_summary,
     reference_task,
     run_shard_range,
     split_ranges,
     start_job,
 )
-from pipeline import job
 from pipeline.config import AugmentConfig
 from storage.run_record import CLAIM_FILE, check_or_claim_output
-from storage.shards import is_done, shard_path
+from storage.shards import is_done
 
 #: Global concurrency limit that caps how many node runs execute at once.
 NODE_LIMIT = "mmd-augment-nodes"
@@ -146,23 +145,4 @@ def augment_fanout(
         raise RuntimeError(f"shards {missing} are not done")
     t2 = time.perf_counter()
     seconds = {"prepare": round(t1 - t0, 3), "nodes": round(t2 - t1, 3)}
-    summary = job.finish_job(cfg, ctx.model, ctx.bundle, plan, len(pending), seconds)
-    summary.seconds["total"] = round(time.perf_counter() - t0, 3)
-    result = {
-        "out": cfg.out,
-        "manifest": str(Path(cfg.out) / "manifest.parquet"),
-        "run_record": str(Path(cfg.out) / "run.json"),
-        "shards": [str(shard_path(cfg.out, cfg.prefix, s.shard_id)) for s in plan.shards],
-        "node_runs": len(ranges),
-        "config_hash": summary.config_hash,
-        "num_kept": summary.num_kept,
-        "num_generated": summary.num_generated,
-        "shards_written": summary.shards_written,
-        "shards_skipped": summary.shards_skipped,
-        "mmd2_pool": summary.mmd2_pool,
-        "mmd2_kept": summary.mmd2_kept,
-        "reference_cached": ref_state.name == "Cached",
-        "seconds": summary.seconds,
-    }
-    publish_summary(result, reference)
-    return result
+    return finish_and_publish(cfg, ctx, plan, len(pending), seconds, t0, ref_state, reference, node_runs=len(ranges))

@@ -18,7 +18,7 @@ from types import SimpleNamespace
 
 import pytest
 import typer
-from tiny_models import save_tiny_dit, write_reference_folder
+from tiny_models import save_tiny_dit, shard_bytes, tiny_job_config, write_reference_folder
 from typer.testing import CliRunner
 
 import pipeline.job
@@ -66,33 +66,12 @@ def tiny(tmp_path_factory):
     }
 
 
-def _cfg(tiny, out, **kw) -> AugmentConfig:
-    base = dict(
-        ref=tiny["refs"],
-        n=20,
-        out=str(out),
-        model=tiny["dit"],
-        shard_size=8,
-        batch_size=6,
-        steps=4,
-        cache_dir=tiny["cache"],
-        keep=0.8,
-        progress="quiet",
-    )
-    base.update(kw)
-    return AugmentConfig(**base)
-
-
-def _shard_bytes(out: Path) -> dict[str, bytes]:
-    return {p.name: p.read_bytes() for p in sorted((Path(out) / "shards").glob("*.tar"))}
-
-
 @pytest.fixture(scope="module")
 def reference_run(tiny):
     """The plain job (`pipeline.job.run_job`, what the CLI runs): the bytes every flow must reproduce."""
     out = tiny["root"] / "plain"
-    run_job(_cfg(tiny, out))
-    return {"shards": _shard_bytes(out), "manifest": (out / "manifest.parquet").read_bytes()}
+    run_job(tiny_job_config(tiny, out))
+    return {"shards": shard_bytes(out), "manifest": (out / "manifest.parquet").read_bytes()}
 
 
 @pytest.fixture(scope="module")
@@ -138,7 +117,7 @@ def test_precompute_reference_is_cached_on_content_and_model(harness, tiny, tmp_
     calls = []
     real = augment_flow.encode_references
     monkeypatch.setattr(augment_flow, "encode_references", lambda cfg: calls.append(cfg.ref) or real(cfg))
-    cfg = _cfg(tiny, tmp_path / "a", cache_dir=str(tmp_path / "cache"))
+    cfg = tiny_job_config(tiny, tmp_path / "a", cache_dir=str(tmp_path / "cache"))
     task = augment_flow.reference_task(cfg)
 
     first = task(cfg.model_dump(mode="json"), return_state=True)
@@ -150,7 +129,7 @@ def test_precompute_reference_is_cached_on_content_and_model(harness, tiny, tmp_
     assert info["model_id"].startswith("dit@")
 
     # settings that do not change the bundle (output, guidance, steps) hit the same cache entry
-    other = _cfg(tiny, tmp_path / "b", cache_dir=str(tmp_path / "cache"), strength=0.5, steps=2)
+    other = tiny_job_config(tiny, tmp_path / "b", cache_dir=str(tmp_path / "cache"), strength=0.5, steps=2)
     assert augment_flow.reference_task(other)(other.model_dump(mode="json"), return_state=True).name == "Cached"
     assert len(calls) == 1
 
@@ -158,7 +137,7 @@ def test_precompute_reference_is_cached_on_content_and_model(harness, tiny, tmp_
     refs = Path(shutil.copytree(tiny["refs"], tmp_path / "refs2"))
     victim = sorted(refs.rglob("*.png"))[0]
     victim.write_bytes((refs / "b" / "img_001.png").read_bytes())
-    changed = _cfg(tiny, tmp_path / "c", ref=str(refs), cache_dir=str(tmp_path / "cache"))
+    changed = tiny_job_config(tiny, tmp_path / "c", ref=str(refs), cache_dir=str(tmp_path / "cache"))
     state = augment_flow.reference_task(changed)(changed.model_dump(mode="json"), return_state=True)
     assert state.name != "Cached" and len(calls) == 2
     assert state.result()["content_hash"] != info["content_hash"]
@@ -169,20 +148,20 @@ def test_precompute_reference_is_cached_on_content_and_model(harness, tiny, tmp_
 def test_cli_flow_gives_the_same_bytes_as_the_plain_job(cli_flow_run, reference_run):
     out = cli_flow_run["out"]
     assert "kept 20 of 25 samples" in cli_flow_run["output"] and "Prefect flow run" in cli_flow_run["output"]
-    assert _shard_bytes(out) == reference_run["shards"]
+    assert shard_bytes(out) == reference_run["shards"]
     assert (out / "manifest.parquet").read_bytes() == reference_run["manifest"]
 
 
 def test_flow_rerun_skips_done_shards_and_publishes_a_summary(harness, tiny, cli_flow_run, reference_run):
     out = cli_flow_run["out"]
-    cfg = _cfg(tiny, out)
+    cfg = tiny_job_config(tiny, out)
     # lose one shard (as after a crash): the re-run redoes exactly that one
     (out / "shards" / "synthetic-000001.tar.done").unlink()
     state = augment(config=cfg, return_state=True)
     result = state.result()
     assert result["shards_written"] == 1 and result["shards_skipped"] == 2
     assert result["num_kept"] == 20 and result["reference_cached"] is True
-    assert _shard_bytes(out) == reference_run["shards"]
+    assert shard_bytes(out) == reference_run["shards"]
     assert (out / "manifest.parquet").read_bytes() == reference_run["manifest"]
     # nothing left to do: no shard task at all
     again = augment(config=cfg)
@@ -216,10 +195,10 @@ def test_shard_task_failing_once_is_retried_and_skips_what_it_finished(
     no_wait = augment_flow.run_shard_range.with_options(retry_delay_seconds=0)
     monkeypatch.setattr(augment_flow, "run_shard_range", no_wait)
     out = tmp_path / "flaky"
-    state = augment(config=_cfg(tiny, out), shards_per_task=2, return_state=True)
+    state = augment(config=tiny_job_config(tiny, out), shards_per_task=2, return_state=True)
     assert state.is_completed(), state
     assert calls == [0, 1, 1, 2]  # the retry skipped shard 0 (done marker), redid shard 1
-    assert _shard_bytes(out) == reference_run["shards"]
+    assert shard_bytes(out) == reference_run["shards"]
     with get_client(sync_client=True) as client:
         runs = client.read_task_runs(
             flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id]))
@@ -232,10 +211,10 @@ def test_shard_task_failing_once_is_retried_and_skips_what_it_finished(
 def test_flow_with_accelerate_workers_and_a_per_run_folder(harness, tiny, tmp_path, reference_run):
     """processes=2: the shard task launches 2 accelerate workers (gloo on CPU); same bytes."""
     out = tmp_path / "k2"
-    result = augment(config=_cfg(tiny, out, processes=2), per_run_output=True)
+    result = augment(config=tiny_job_config(tiny, out, processes=2), per_run_output=True)
     (run_folder,) = list(out.iterdir())
     assert result["out"] == str(run_folder) and re.fullmatch(r"\d{8}T\d{4}Z", run_folder.name)
-    assert _shard_bytes(run_folder) == reference_run["shards"]
+    assert shard_bytes(run_folder) == reference_run["shards"]
     workers = {json.loads(p.read_text())["worker"] for p in (run_folder / "shards").glob("*.done")}
     assert workers == {"rank0", "rank1"}
 
@@ -277,18 +256,21 @@ def test_fanout_caps_concurrent_node_runs_and_finishes_the_job(harness, tiny, tm
     monkeypatch.setattr(fanout, "run_deployment", fake_run_deployment)
     out = tmp_path / "fanout"
     result = fanout.augment_fanout(
-        config=_cfg(tiny, out), node_deployment="augment-node/test", shards_per_node=1, concurrency_limit=limit
+        config=tiny_job_config(tiny, out),
+        node_deployment="augment-node/test",
+        shards_per_node=1,
+        concurrency_limit=limit,
     )
     assert result["node_runs"] == 3 and result["num_kept"] == 20
     assert peak[0] == 1  # the limit of 1 serialised the three node runs
     assert sorted(s for _, ids, _ in started for s in ids) == [0, 1, 2]
     assert all(name == "augment-node/test" and tags == [fanout.NODE_TAG] for name, _, tags in started)
-    assert _shard_bytes(out) == reference_run["shards"]
+    assert shard_bytes(out) == reference_run["shards"]
 
 
 def test_bad_references_fail_the_flow_at_once_without_retries_or_output(harness, tiny, tmp_path):
     out = tmp_path / "out"
-    state = augment(config=_cfg(tiny, out, ref=str(tmp_path / "missing")), return_state=True)
+    state = augment(config=tiny_job_config(tiny, out, ref=str(tmp_path / "missing")), return_state=True)
     assert state.is_failed() and "missing" in str(state.message) + repr(state.result(raise_on_failure=False))
     with get_client(sync_client=True) as client:
         runs = client.read_task_runs(
@@ -299,6 +281,6 @@ def test_bad_references_fail_the_flow_at_once_without_retries_or_output(harness,
 
 
 def test_node_run_refuses_an_unclaimed_output_folder(harness, tiny, tmp_path):
-    state = fanout.augment_node(config=_cfg(tiny, tmp_path / "nowhere"), shard_ids=[0], return_state=True)
+    state = fanout.augment_node(config=tiny_job_config(tiny, tmp_path / "nowhere"), shard_ids=[0], return_state=True)
     assert state.is_failed()
     assert not (tmp_path / "nowhere" / "shards").exists()

@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 import webdataset as wds
 from PIL import Image
-from tiny_models import save_tiny_ddpm, save_tiny_dit, write_reference_folder
+from tiny_models import save_tiny_ddpm, save_tiny_dit, shard_bytes, tiny_job_config, write_reference_folder
 from typer.testing import CliRunner
 
 from pipeline.cli import app
@@ -38,27 +38,6 @@ def tiny(tmp_path_factory):
     }
 
 
-def _cfg(tiny, out, **kw) -> AugmentConfig:
-    base = dict(
-        ref=tiny["refs"],
-        n=20,
-        out=str(out),
-        model=tiny["dit"],
-        shard_size=8,
-        batch_size=6,
-        steps=4,
-        cache_dir=tiny["cache"],
-        keep=0.8,
-        progress="quiet",
-    )
-    base.update(kw)
-    return AugmentConfig(**base)
-
-
-def _shard_bytes(out: Path) -> dict[str, bytes]:
-    return {p.name: p.read_bytes() for p in sorted((out / "shards").glob("*.tar"))}
-
-
 def test_plan_over_generates_to_keep_exactly_n():
     cfg = AugmentConfig(ref="x", n=2500, out="o", keep=0.75, shard_size=1000)
     plan = plan_job(cfg)
@@ -70,7 +49,7 @@ def test_plan_over_generates_to_keep_exactly_n():
 
 
 def test_end_to_end_shards_manifest_and_run_record(tiny, tmp_path):
-    cfg = _cfg(tiny, tmp_path / "out")
+    cfg = tiny_job_config(tiny, tmp_path / "out")
     summary = run_job(cfg)
     out = tmp_path / "out"
     assert summary.num_kept == 20 and summary.shards_written == 3
@@ -105,8 +84,8 @@ def test_end_to_end_shards_manifest_and_run_record(tiny, tmp_path):
 
 
 def test_same_samples_whatever_the_batch_size_for_unguided(tiny, tmp_path):
-    a = _cfg(tiny, tmp_path / "a", guidance="none", batch_size=3)
-    b = _cfg(tiny, tmp_path / "b", guidance="none", batch_size=10)
+    a = tiny_job_config(tiny, tmp_path / "a", guidance="none", batch_size=3)
+    b = tiny_job_config(tiny, tmp_path / "b", guidance="none", batch_size=10)
     run_job(a)
     run_job(b)
     ta = pq.read_table(tmp_path / "a" / "manifest.parquet").to_pylist()
@@ -117,9 +96,9 @@ def test_same_samples_whatever_the_batch_size_for_unguided(tiny, tmp_path):
 
 def test_resume_after_losing_a_shard_is_byte_identical(tiny, tmp_path):
     out = tmp_path / "out"
-    cfg = _cfg(tiny, out)
+    cfg = tiny_job_config(tiny, out)
     run_job(cfg)
-    reference = _shard_bytes(out)
+    reference = shard_bytes(out)
     manifest = (out / "manifest.parquet").read_bytes()
     # crash simulation: shard 1 lost its marker and is truncated; a temp file from the dead writer remains
     (out / "shards" / "synthetic-000001.tar.done").unlink()
@@ -127,14 +106,14 @@ def test_resume_after_losing_a_shard_is_byte_identical(tiny, tmp_path):
     (out / "shards" / "synthetic-000002.tar.tmp-999999").write_bytes(b"junk")
     summary = run_job(cfg)
     assert summary.shards_written == 1 and summary.shards_skipped == 2
-    assert _shard_bytes(out) == reference
+    assert shard_bytes(out) == reference
     assert (out / "manifest.parquet").read_bytes() == manifest
     assert not list((out / "shards").glob("*.tmp-*"))
 
 
 def test_different_config_into_same_folder_is_refused(tiny, tmp_path):
     out = tmp_path / "out"
-    run_job(_cfg(tiny, out, n=8))
+    run_job(tiny_job_config(tiny, out, n=8))
     result = CliRunner().invoke(
         app,
         [
@@ -211,7 +190,7 @@ def test_dry_run_prints_the_plan(tiny, tmp_path):
 
 
 def test_pixel_space_model_and_plain_references(tiny, tmp_path):
-    cfg = _cfg(tiny, tmp_path / "out", model=tiny["ddpm"], ref=tiny["plain_refs"], n=6, guidance="posterior")
+    cfg = tiny_job_config(tiny, tmp_path / "out", model=tiny["ddpm"], ref=tiny["plain_refs"], n=6, guidance="posterior")
     summary = run_job(cfg)
     assert summary.num_kept == 6
     rows = pq.read_table(tmp_path / "out" / "manifest.parquet").to_pylist()
@@ -234,7 +213,7 @@ def test_kill_9_then_resume_gives_identical_shards(tiny, tmp_path):
         "--shard-size",
         "4",
         "--steps",
-        "6",
+        "12",
         "--batch-size",
         "5",
         "--progress",
@@ -249,41 +228,41 @@ def test_kill_9_then_resume_gives_identical_shards(tiny, tmp_path):
     deadline = time.time() + 120
     while time.time() < deadline and not list((victim / "shards").glob("*.done")):
         time.sleep(0.05)
-    time.sleep(0.3)  # land somewhere inside the next shard
+    time.sleep(0.05)  # land somewhere inside the next shard
     proc.kill()
     proc.wait()
     assert len(list((victim / "shards").glob("*.done"))) < 6, "the run finished before it could be killed"
     subprocess.run(_cli([*args, "--out", str(victim)]), check=True, env=env, cwd=REPO)
-    assert _shard_bytes(victim) == _shard_bytes(tmp_path / "clean")
+    assert shard_bytes(victim) == shard_bytes(tmp_path / "clean")
     assert (victim / "manifest.parquet").read_bytes() == (tmp_path / "clean" / "manifest.parquet").read_bytes()
 
 
 @pytest.mark.slow
 def test_two_processes_give_the_same_samples_as_one(tiny, tmp_path):
-    one = _cfg(tiny, tmp_path / "one", n=16, shard_size=4)
+    one = tiny_job_config(tiny, tmp_path / "one", n=16, shard_size=4)
     run_job(one)
-    two = _cfg(tiny, tmp_path / "two", n=16, shard_size=4, processes=2)
+    two = tiny_job_config(tiny, tmp_path / "two", n=16, shard_size=4, processes=2)
     summary = run_job(two)
     assert summary.num_kept == 16
-    assert _shard_bytes(tmp_path / "two") == _shard_bytes(tmp_path / "one")
+    assert shard_bytes(tmp_path / "two") == shard_bytes(tmp_path / "one")
     workers = {json.loads(p.read_text())["worker"] for p in (tmp_path / "two" / "shards").glob("*.done")}
     assert workers == {"rank0", "rank1"}
 
 
 def test_holdout_split_is_stratified_deterministic_and_recorded(tiny, tmp_path):
-    cfg = _cfg(tiny, tmp_path / "out", n=4, holdout=0.25, guidance="none")
+    cfg = tiny_job_config(tiny, tmp_path / "out", n=4, holdout=0.25, guidance="none")
     run_job(cfg)
     record = json.loads((tmp_path / "out" / "run.json").read_text())
     held, used = record["reference"]["heldout_files"], record["reference"]["files"]
     assert len(held) == 6 and len(used) == 18 and not set(held) & set(used)
     assert sum(f.startswith("a/") for f in held) == 3  # 25% of each class
-    again = _cfg(tiny, tmp_path / "out2", n=4, holdout=0.25, guidance="none")
+    again = tiny_job_config(tiny, tmp_path / "out2", n=4, holdout=0.25, guidance="none")
     run_job(again)
     assert json.loads((tmp_path / "out2" / "run.json").read_text())["reference"]["heldout_files"] == held
 
 
 def test_sequential_coupling_runs_one_sample_at_a_time(tiny, tmp_path):
-    cfg = _cfg(tiny, tmp_path / "out", n=4, coupling="sequential", guidance="noisy", kernel="cubic")
+    cfg = tiny_job_config(tiny, tmp_path / "out", n=4, coupling="sequential", guidance="noisy", kernel="cubic")
     summary = run_job(cfg)
     assert summary.num_kept == 4
 
@@ -291,7 +270,7 @@ def test_sequential_coupling_runs_one_sample_at_a_time(tiny, tmp_path):
 def test_same_settings_with_changed_references_are_refused(tiny, tmp_path):
     refs = write_reference_folder(tmp_path / "refs", count=12, classes=("a", "b"))
     out = tmp_path / "out"
-    run_job(_cfg(tiny, out, ref=str(refs), n=4, guidance="none"))
+    run_job(tiny_job_config(tiny, out, ref=str(refs), n=4, guidance="none"))
     (refs / "a" / "img_000.png").unlink()  # same settings, different reference content
     with pytest.raises(InputError, match="other inputs"):
-        run_job(_cfg(tiny, out, ref=str(refs), n=4, guidance="none"))
+        run_job(tiny_job_config(tiny, out, ref=str(refs), n=4, guidance="none"))

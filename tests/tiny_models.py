@@ -104,3 +104,28 @@ def write_reference_folder(
         folder.mkdir(exist_ok=True)
         Image.fromarray(arr, mode="L").save(folder / f"img_{i:03d}.png")
     return root
+
+
+def tiny_job_config(tiny: dict, out: Path, **overrides):
+    """A fast job config on the tiny DiT (20 kept samples in 3 shards of 8, 4 steps)."""
+    from pipeline.config import AugmentConfig
+
+    base = dict(
+        ref=tiny["refs"],
+        n=20,
+        out=str(out),
+        model=tiny["dit"],
+        shard_size=8,
+        batch_size=6,
+        steps=4,
+        cache_dir=tiny["cache"],
+        keep=0.8,
+        progress="quiet",
+    )
+    base.update(overrides)
+    return AugmentConfig(**base)
+
+
+def shard_bytes(out: Path) -> dict[str, bytes]:
+    """Every shard of a run folder, by name: for byte-identity checks."""
+    return {p.name: p.read_bytes() for p in sorted((Path(out) / "shards").glob("*.tar"))}
