@@ -21,6 +21,7 @@ import argparse
 import dataclasses
 import json
 import math
+import os
 import shutil
 import sys
 import time
@@ -164,6 +165,19 @@ class ThreadTuner:
                     self.choice = min(self.times, key=lambda k: float(np.median(self.times[k])))
                 self.set(self.choice)
         self.t0 = time.perf_counter()
+
+    def probe(self, workload: Any) -> None:
+        """`auto`: run `workload` with 1 and with 2 threads, keep the faster (for evaluation loops)."""
+        if not self.auto:
+            return
+        times = {}
+        for n in (1, 2):
+            self.set(n)
+            t0 = time.perf_counter()
+            workload()
+            times[n] = time.perf_counter() - t0
+        self.choice = min(times, key=times.__getitem__)
+        self.set(self.choice)
 
     def end(self, step: int) -> None:
         self.counts[self.current] = self.counts.get(self.current, 0) + 1
@@ -655,6 +669,10 @@ def evaluate(cfg: TrainConfig, split: Split, out: Path) -> dict[str, Any]:
     bar = progress_bar(total, 0, "eval (sample-passes)")
     for s in settings:
         mult = 2 if s["cfg"] != 1.0 else 1
+        TUNER.probe(
+            lambda s=s: generate(prior, s["labels"][:64], 0, 4, s["cfg"], s["ig"], batch_size=min(64, cfg.eval_batch))
+        )
+        load_before = os.getloadavg()[0]
         run = generate(
             prior,
             s["labels"],
@@ -672,6 +690,8 @@ def evaluate(cfg: TrainConfig, split: Split, out: Path) -> dict[str, Any]:
             "labels": "null class" if bool((s["labels"] == null_id).all()) else "balanced classes",
             "sampling_seconds": run.sampling_seconds,
             "decode_seconds": run.decode_seconds,
+            "torch_threads": torch.get_num_threads(),
+            "load_average_1min": [round(load_before, 2), round(os.getloadavg()[0], 2)],
         }
         if clf is not None:
             c = classify(clf, run.images)
@@ -819,7 +839,9 @@ def render_model_card(report: dict[str, Any]) -> str:
         f"| load time (`load_shipped`, after imports) | {m['load_seconds']:.3f} s |",
         f"| wall time, {n} unconditional samples, {m['ddim_steps']} DDIM steps | "
         f"{u.get('sampling_seconds', 0):.1f} s denoising + {u.get('decode_seconds', 0):.1f} s VAE decoding"
-        f" ({1000 * (u.get('sampling_seconds', 0) + u.get('decode_seconds', 0)) / n:.0f} ms/sample) |",
+        f" ({1000 * (u.get('sampling_seconds', 0) + u.get('decode_seconds', 0)) / n:.0f} ms/sample;"
+        f" {u.get('torch_threads', '?')} torch thread(s), 1-min load average before/after"
+        f" {u.get('load_average_1min', 'n/a')}) |",
     ]
     if cfg_name in m:
         r = m[cfg_name]
@@ -879,6 +901,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--channels", type=int, choices=(1, 3), default=1)
     for name in ("vae_steps", "unet_steps", "classifier_steps", "eval_samples"):
         p.add_argument("--" + name.replace("_", "-"), type=int, default=None)
+    p.add_argument("--eval-cfg-scale", type=float, default=None, help="CFG scale of the evaluated setting")
+    p.add_argument("--eval-ig-scale", type=float, default=None, help="IG scale of the evaluated setting")
     p.add_argument("--card-only", action="store_true", help="re-render --out/README.md from --out/metrics.json")
     p.add_argument("--interrupt", default=None, help=argparse.SUPPRESS)  # STAGE:STEP, for tests
     return p.parse_args(argv)
@@ -891,7 +915,7 @@ def build_config(args: argparse.Namespace) -> TrainConfig:
         over["model_id"] = args.model_id
     elif args.data != "mnist":
         over["model_id"] = f"mmd-augment/{Path(args.data).name}-ldm"
-    for name in ("vae_steps", "unet_steps", "classifier_steps", "eval_samples"):
+    for name in ("vae_steps", "unet_steps", "classifier_steps", "eval_samples", "eval_cfg_scale", "eval_ig_scale"):
         if getattr(args, name) is not None:
             over[name] = getattr(args, name)
     if args.image_size % 4:
@@ -915,7 +939,8 @@ def main(argv: list[str] | None = None) -> int:
     cfg_file = work / "config.json"
     if args.resume and cfg_file.is_file():
         previous = json.loads(cfg_file.read_text())
-        changed = {k for k, v in cfg.to_json().items() if previous.get(k) != v}
+        # evaluation settings may change between runs: the stages they don't touch stay valid
+        changed = {k for k, v in cfg.to_json().items() if previous.get(k) != v and not k.startswith("eval_")}
         if changed:
             raise SystemExit(f"--resume: config differs from {cfg_file} in {sorted(changed)}; drop --resume to restart")
     elif work.exists() and (any(work.glob("*.done.json")) or any(work.glob("ckpt_*.pt"))):
