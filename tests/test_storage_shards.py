@@ -86,11 +86,12 @@ def _write_in_child(out_dir: str) -> None:
 def test_bytes_identical_across_runs_and_processes(tmp_path):
     first = sha(write_shard(tmp_path / "a", "data", 0, samples()))
     assert sha(write_shard(tmp_path / "b", "data", 0, samples())) == first
-    # Another process (forked: a fresh interpreter would spend seconds importing torch via webdataset).
-    ctx = multiprocessing.get_context("fork")
+    # Another process: a fresh interpreter (forking a process that already runs torch/OpenMP threads
+    # can hang or crash the child in a long test session).
+    ctx = multiprocessing.get_context("spawn")
     child = ctx.Process(target=_write_in_child, args=(str(tmp_path / "c"),))
     child.start()
-    child.join(30)
+    child.join(120)
     assert child.exitcode == 0
     assert sha(shard_path(tmp_path / "c", "data", 0)) == first
 

@@ -74,8 +74,14 @@ def ddim_sample(
     num_steps: int = 50,
     cfg_scale: float = 1.0,
     ig_scale: float = 1.0,
+    eta: float = 0.0,
+    generators: list[torch.Generator] | None = None,
 ) -> torch.Tensor:
-    """Deterministic DDIM (eta = 0, Song et al. 2021 eq. 12) from `noise` to clean latents."""
+    """DDIM (Song et al. 2021 eq. 12) from `noise` to clean latents.
+
+    eta = 0: deterministic ODE sampler; eta = 1: ancestral (DDPM-like) steps, whose fresh noise comes
+    from one generator per sample (`generators`), so results do not depend on the batch size.
+    """
     ts = ddim_timesteps(len(alphas_cumprod), num_steps)
     x = noise
     for k, t in enumerate(ts):
@@ -83,7 +89,13 @@ def ddim_sample(
         a_t = alphas_cumprod[t]
         a_prev = alphas_cumprod[ts[k + 1]] if k + 1 < len(ts) else torch.tensor(1.0)
         x0 = (x - (1 - a_t).sqrt() * eps) / a_t.sqrt()  # Tweedie estimate of the clean latent
-        x = a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * eps
+        sigma = eta * ((1 - a_prev) / (1 - a_t)).sqrt() * (1 - a_t / a_prev).sqrt()  # eq. 16
+        x = a_prev.sqrt() * x0 + (1 - a_prev - sigma**2).clamp_min(0).sqrt() * eps
+        if eta > 0 and k + 1 < len(ts):
+            if generators is None:
+                raise ValueError("eta > 0 needs one generator per sample")
+            z = torch.stack([torch.randn(x.shape[1:], generator=g) for g in generators])
+            x = x + sigma * z
     return x
 
 
@@ -104,6 +116,7 @@ def generate(
     ig_scale: float = 1.0,
     batch_size: int = 250,
     progress: Callable[[int], None] | None = None,
+    eta: float = 0.0,
 ) -> SampleRun:
     """Sample len(labels) images from a `ShippedPrior`-like object (vae, unet, scheduler, info)."""
     shape = tuple(prior.info["latent_shape"])
@@ -115,8 +128,9 @@ def generate(
     for start in range(0, len(labels), batch_size):
         sl = slice(start, start + batch_size)
         noise = noise_for_indices(idx[sl], shape, seed)
+        gens = [torch.Generator().manual_seed(seed * 1_000_003 + int(i) + 7_919) for i in idx[sl].tolist()]
         t0 = time.perf_counter()
-        z = ddim_sample(prior.unet, ac, noise, labels[sl], null_id, num_steps, cfg_scale, ig_scale)
+        z = ddim_sample(prior.unet, ac, noise, labels[sl], null_id, num_steps, cfg_scale, ig_scale, eta, gens)
         t1 = time.perf_counter()
         images.append(prior.decode(z))
         dec += time.perf_counter() - t1
