@@ -39,7 +39,12 @@ class AugmentConfig(BaseModel):
     # sampling
     sampler: SamplerName = "ddim"
     steps: int = Field(default=50, ge=1, le=1000)
-    eta: float = Field(default=0.0, ge=0.0, le=1.0)
+    eta: float = Field(
+        default=1.0,
+        ge=0.0,
+        le=1.0,
+        description="DDIM η: 1 = ancestral (much better samples from the shipped prior), 0 = deterministic ODE",
+    )
     batch_size: int = Field(default=64, ge=1)
     cfg_scale: float = Field(default=1.0, ge=0.0)
     ig_scale: float = Field(default=1.0, ge=0.0)

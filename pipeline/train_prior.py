@@ -333,6 +333,7 @@ def load_data(cfg: TrainConfig) -> Split:
 
 
 def train_vae(cfg: TrainConfig, split: Split, work: Path, ckpt: Checkpointer) -> dict[str, Any]:
+    torch.manual_seed(step_seed(cfg.seed, "vae", -1))  # initial weights: independent of earlier stages
     vae = make_vae(cfg)
     opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
     start, elapsed = 0, 0.0
@@ -438,6 +439,7 @@ def train_unet(cfg: TrainConfig, split: Split, work: Path, ckpt: Checkpointer) -
     n_views, n_train = latents.shape[:2]
     num_classes = split.data.num_classes
     null_id = num_classes
+    torch.manual_seed(step_seed(cfg.seed, "unet", -1))  # initial weights: a resumed run skips earlier stages
     model = InternalGuidanceUNet.build(
         latent_channels=cfg.latent_channels,
         latent_size=latents.shape[-1],
@@ -512,6 +514,7 @@ def train_unet(cfg: TrainConfig, split: Split, work: Path, ckpt: Checkpointer) -
 
 def train_classifier(cfg: TrainConfig, split: Split, work: Path, ckpt: Checkpointer) -> dict[str, Any]:
     num_classes = split.data.num_classes
+    torch.manual_seed(step_seed(cfg.seed, "classifier", -1))
     clf = DigitClassifier(cfg.channels, num_classes)
     opt = torch.optim.AdamW(clf.parameters(), lr=cfg.classifier_lr, weight_decay=1e-4)
     start, elapsed = 0, 0.0
@@ -883,6 +886,7 @@ def render_model_card(report: dict[str, Any]) -> str:
         "- 32x32 grayscale handwritten digits from 4,500 training images: a demo and test prior.",
         "- The evaluation classifier was trained on the same training split; it is an in-domain judge, and the",
         "  FD floor above shows how far two finite real samples of this size already are from each other.",
+        *[f"- {issue}" for issue in report.get("known_issues", [])],
         "",
     ]
     return "\n".join(lines)
