@@ -111,8 +111,8 @@ def execute(cfg, dry_run: bool = False) -> None:
 
 
 def _seconds_per_sample_estimate(cfg) -> float:
-    """Rough per-sample cost: measured on the shipped prior, 2-core CPU, 50 DDIM steps, batch 64."""
-    base = 0.05 * cfg.steps / 50
+    """Rough per-sample cost: 86 ms measured on the shipped prior (model card), 2-core CPU, 50 DDIM steps."""
+    base = 0.086 * cfg.steps / 50
     factor = {"none": 1.0, "latent": 1.05, "posterior": 3.0, "lookahead": 3.0 * (cfg.lookahead_steps or cfg.steps)}
     return base * factor[cfg.guidance] * (2 if cfg.cfg_scale != 1 else 1)
 

@@ -138,16 +138,7 @@ def generate_pool(ctx: JobContext, shard: ShardPlan, progress: Progress | None =
 
 def filter_pool(ctx: JobContext, latents: torch.Tensor, labels: torch.Tensor | None, num_kept: int):
     """(scores [n], kept mask [n], rank [n]): keep the `num_kept` lowest leave-one-out contributions."""
-    kernel = ctx.target.kernel
-    product = isinstance(kernel, ProductKernel)
-    scores = mmd_contributions(
-        latents,
-        ctx.bundle.latents,
-        kernel,
-        unbiased=True,
-        x_cond=labels if product else None,
-        y_cond=ctx.bundle.labels if product else None,
-    ).double()
+    scores = mmd_contributions(latents, ctx.bundle.latents, unbiased=True, **_kernel_args(ctx, labels)).double()
     if len(scores) > 1 and float(scores.max() - scores.min()) == 0.0:
         log.warning(
             "all %d MMD contributions are equal (samples far outside the kernel's reach of the references?): "
@@ -257,15 +248,15 @@ def run_shard(ctx: JobContext, shard: ShardPlan, progress: Progress | None = Non
     return result
 
 
-def _mmd2(ctx: JobContext, latents: torch.Tensor, labels: torch.Tensor | None) -> float:
+def _kernel_args(ctx: JobContext, labels: torch.Tensor | None) -> dict:
+    """The job's kernel and, for the product kernel, the sample and reference conditions."""
     product = isinstance(ctx.target.kernel, ProductKernel)
-    return float(
-        mmd2(
-            latents,
-            ctx.bundle.latents,
-            ctx.target.kernel,
-            unbiased=False,
-            x_cond=labels if product else None,
-            y_cond=ctx.bundle.labels if product else None,
-        )
-    )
+    return {
+        "kernel": ctx.target.kernel,
+        "x_cond": labels if product else None,
+        "y_cond": ctx.bundle.labels if product else None,
+    }
+
+
+def _mmd2(ctx: JobContext, latents: torch.Tensor, labels: torch.Tensor | None) -> float:
+    return float(mmd2(latents, ctx.bundle.latents, unbiased=False, **_kernel_args(ctx, labels)))
