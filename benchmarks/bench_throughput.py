@@ -51,12 +51,15 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--strength", type=float, default=None, help="default: the config default")
+    ap.add_argument("--eta", type=float, default=None, help="DDIM eta; default: the config default")
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--job-n", type=int, default=256)
     ap.add_argument("--out", default=None, help="write the numbers as JSON here")
     args = ap.parse_args()
     torch.manual_seed(0)
-    strength = args.strength if args.strength is not None else AugmentConfig(ref="x", out="x", n=1).strength
+    defaults = AugmentConfig(ref="x", out="x", n=1)
+    strength = args.strength if args.strength is not None else defaults.strength
+    eta = args.eta if args.eta is not None else defaults.eta
 
     model = with_sampler(load_model(None, device="cpu"), "ddim")
     refs = read_references(args.ref, channels=model.image_channels, size=(model.image_size,) * 2)
@@ -76,7 +79,9 @@ def main() -> None:
                 target = MMDTarget(refs128, kernel, unbiased=False)
                 guidance = MMDGuidance(target, StrengthSchedule(strength), mode=mode, lookahead_steps=2)
             t = time.perf_counter()
-            res = sample_latents(model.denoiser, model.scheduler, seeds, num_steps=args.steps, guidance=guidance)
+            res = sample_latents(
+                model.denoiser, model.scheduler, seeds, num_steps=args.steps, guidance=guidance, eta=eta
+            )
             dt = time.perf_counter() - t
             r = results.setdefault(name, {"seconds": [], "calls_per_sample": res.denoiser_calls})
             r["seconds"].append(dt)
@@ -91,8 +96,8 @@ def main() -> None:
     target = MMDTarget(guide, kernel, unbiased=False)
     g = MMDGuidance(target, StrengthSchedule(strength))
     seeds2 = list(range(1000, 1000 + args.batch))
-    x_none = sample_latents(model.denoiser, model.scheduler, seeds2, num_steps=args.steps).latents
-    x_lat = sample_latents(model.denoiser, model.scheduler, seeds2, num_steps=args.steps, guidance=g).latents
+    x_none = sample_latents(model.denoiser, model.scheduler, seeds2, num_steps=args.steps, eta=eta).latents
+    x_lat = sample_latents(model.denoiser, model.scheduler, seeds2, num_steps=args.steps, guidance=g, eta=eta).latents
     alignment = {
         "mmd2_heldout_none": float(mmd2(x_none, held, kernel)),
         "mmd2_heldout_latent": float(mmd2(x_lat, held, kernel)),
@@ -116,6 +121,7 @@ def main() -> None:
             cache_dir=str(Path(tmp) / "cache"),
             progress="quiet",
             shard_size=args.job_n,
+            eta=eta,
         )
         t = time.perf_counter()
         summary = run_job(cfg, model=job_model)
@@ -129,7 +135,12 @@ def main() -> None:
         "vae_seconds": dec.seconds + enc.seconds,
         "network_share": network / wall,
     }
-    report = {"settings": vars(args) | {"strength": strength}, "modes": results, "alignment": alignment, "job": job}
+    report = {
+        "settings": vars(args) | {"strength": strength, "eta": eta},
+        "modes": results,
+        "alignment": alignment,
+        "job": job,
+    }
     print(json.dumps(report, indent=2))
     if args.out:
         Path(args.out).write_text(json.dumps(report, indent=2))

@@ -184,6 +184,7 @@ class Study:
                 ig_interval=s.ig_interval,
                 guidance=guidance,
                 mmd_condition=lab if s.class_aware else None,
+                eta=self.args.eta,
             )
             out.append(res.latents)
             calls += res.denoiser_calls * len(lab)
@@ -415,6 +416,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--strengths", type=float, nargs="+", default=[0.01, 0.02, 0.05, 0.1, 0.2])
     ap.add_argument("--default-strength", type=float, default=0.05)
+    ap.add_argument("--eta", type=float, default=1.0, help="DDIM eta (1 = the pipeline default, ancestral)")
     args = ap.parse_args()
     torch.set_num_threads(2)
     out = Path(args.out)

@@ -28,12 +28,15 @@ __all__ = [
     "REPORT_FILE",
     "iter_shard_samples",
     "read_samples",
+    "read_optional_json",
+    "read_report_html",
     "write_eval_json",
     "write_report_html",
 ]
 
 EVAL_FILE = "eval.json"
 REPORT_FILE = "report.html"
+UTILITY_FILE = "utility.json"
 
 
 def iter_shard_samples(path: str | os.PathLike[str], keys: set[str] | None = None) -> Iterator[dict[str, Any]]:
@@ -143,3 +146,20 @@ def write_eval_json(out_dir: str | os.PathLike[str], result: dict[str, Any]) -> 
 def write_report_html(out_dir: str | os.PathLike[str], html: str) -> Path:
     """Write `out_dir/report.html` atomically (UTF-8)."""
     return atomic_write_bytes(Path(out_dir) / REPORT_FILE, html.encode("utf-8"))
+
+
+def read_optional_json(path: str | os.PathLike[str]) -> dict[str, Any] | None:
+    """A JSON object written by this project (eval.json, utility.json), or None if the file is absent."""
+    p = Path(path)
+    if not p.is_file():
+        return None
+    try:
+        return json.loads(p.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise InputError(f"{p}: unreadable JSON ({exc})") from exc
+
+
+def read_report_html(out_dir: str | os.PathLike[str]) -> str | None:
+    """`out_dir/report.html` as text, or None if there is no report yet."""
+    p = Path(out_dir) / REPORT_FILE
+    return p.read_text(encoding="utf-8") if p.is_file() else None

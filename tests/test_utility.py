@@ -4,6 +4,7 @@ correct (helps) or flipped (arm (c) must score ~0)."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -12,8 +13,10 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from pipeline.cli import app
+from pipeline.evaluation.report import render_report
 from pipeline.evaluation.utility import utility_eval
 from pipeline.worker import to_png
+from storage.eval_io import write_eval_json, write_report_html
 from storage.manifest import merge_manifest, write_manifest_part
 from storage.run_record import write_run_record
 from storage.shards import write_shard
@@ -122,3 +125,21 @@ def test_cli_writes_utility_json_and_rejects_unlabelled_real(folders, tmp_path):
         Image.fromarray(np.zeros((32, 32), np.uint8), mode="L").save(plain / f"{i}.png")
     bad = CliRunner().invoke(app, ["utility", str(folders["good"]), "--real", str(plain)])
     assert bad.exit_code == 2 and "class sub-folders" in bad.output
+
+
+def test_utility_tables_are_added_to_an_existing_eval_report(folders, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(folders["good"], run)
+    write_eval_json(run, {"settings": {}, "counts": {}})
+    write_report_html(run, render_report({"settings": {}}, []))
+    args = ["utility", str(run), "--real", str(folders["real"]), "--real-test", str(folders["test"])]
+    for _ in range(2):  # a second run replaces the section instead of appending another
+        result = CliRunner().invoke(app, [*args, "--seeds", "1", "--steps", "5"])
+        assert result.exit_code == 0, result.output
+    html = (run / "report.html").read_text()
+    assert html.count('id="utility"') == 1
+    assert "(b) real + synthetic (this run)" in html and "held-out real test images" in html
+    assert html.index('id="utility"') < html.index("<h2>Settings</h2>")
+    record = json.loads((run / "eval.json").read_text())
+    assert record["utility"]["settings"]["n_synthetic"] == 40
+    assert set(record["utility"]["arms"]) == {"a_real", "b_real_plus_synthetic", "c_synthetic"}

@@ -26,6 +26,8 @@ __all__ = [
     "image_grid",
     "pairs_figure",
     "render_report",
+    "utility_section",
+    "with_utility_section",
 ]
 
 _DPI = 100
@@ -329,6 +331,8 @@ def render_report(result: dict[str, Any], figures: Sequence[tuple[str, bytes, st
         frows = [[k, _get(filt, "kept", k), _get(filt, "rejected", k)] for k in keys]
         parts.append(_table(["statistic", "kept", "rejected"], frows))
 
+    parts.append(utility_section(result.get("utility")))
+
     if figures:
         parts.append("<h2>Figures</h2>")
     for title, png, caption in figures:
@@ -349,3 +353,55 @@ def render_report(result: dict[str, Any], figures: Sequence[tuple[str, bytes, st
     )
     parts.append("</body></html>")
     return "\n".join(parts) + "\n"
+
+
+_UTILITY_START, _UTILITY_END = "<!-- utility:start -->", "<!-- utility:end -->"
+_ARM_TITLES = {
+    "a_real": "(a) real train part alone",
+    "b_real_plus_synthetic": "(b) real + synthetic (this run)",
+    "c_synthetic": "(c) synthetic alone",
+    "d_real_plus_unguided": "(d) real + unguided prior samples",
+}
+
+
+def utility_section(utility: dict[str, Any] | None) -> str:
+    """The downstream-utility tables (`augment utility`), between markers so a later utility run can
+    replace them in an existing report; empty markers when there is no utility result."""
+    if not utility or not utility.get("arms"):
+        return _UTILITY_START + _UTILITY_END
+    s, arms = utility.get("settings", {}), utility["arms"]
+    parts = [
+        _UTILITY_START,
+        '<section id="utility"><h2>Downstream utility (held-out accuracy of a small classifier)</h2>',
+        f'<p class="muted">{_e(s.get("n_real_train"))} real training images, {_e(s.get("n_synthetic"))} synthetic, '
+        f"{_e(s.get('n_test'))} held-out real test images; {_e(s.get('seeds'))} seeds × {_e(s.get('steps'))} "
+        "training steps per arm; same classifier, optimiser and augmentation in every arm.</p>",
+    ]
+    rows = [
+        [
+            _ARM_TITLES.get(name, name),
+            arm.get("n_train"),
+            f"{fmt(arm.get('accuracy_mean'), 3)} ± {fmt(arm.get('accuracy_std'), 3)}",
+            ", ".join(fmt(a, 3) for a in arm.get("accuracies", [])),
+        ]
+        for name, arm in arms.items()
+    ]
+    parts.append(_table(["arm", "train images", "accuracy (mean ± std)", "per seed"], rows))
+    classes = list(s.get("classes") or sorted({c for a in arms.values() for c in a.get("per_class", {})}))
+    if classes:
+        names = list(arms)
+        prow = [[c, *[_get(arms[n], "per_class", c) for n in names]] for c in classes]
+        parts.append(_table(["class", *[_ARM_TITLES.get(n, n) for n in names]], prow))
+    parts.append("</section>" + _UTILITY_END)
+    return "".join(parts)
+
+
+def with_utility_section(report_html: str, utility: dict[str, Any]) -> str:
+    """An existing report with its utility section replaced (or added before the settings)."""
+    section = utility_section(utility)
+    start, end = report_html.find(_UTILITY_START), report_html.find(_UTILITY_END)
+    if start != -1 and end > start:
+        return report_html[:start] + section + report_html[end + len(_UTILITY_END) :]
+    anchor = report_html.find("<h2>Settings</h2>")
+    anchor = anchor if anchor != -1 else report_html.find("</body>")
+    return report_html[:anchor] + section + report_html[anchor:]

@@ -29,7 +29,15 @@ import torch
 from torch import Tensor
 
 from storage.errors import InputError
-from storage.eval_io import EVAL_FILE, REPORT_FILE, read_samples, write_eval_json, write_report_html
+from storage.eval_io import (
+    EVAL_FILE,
+    REPORT_FILE,
+    UTILITY_FILE,
+    read_optional_json,
+    read_samples,
+    write_eval_json,
+    write_report_html,
+)
 from storage.manifest import read_manifest
 from storage.references import References, read_references
 from storage.run_record import read_run_record
@@ -441,6 +449,9 @@ def evaluate_run(
         "filter_scores": filter_scores,
         "warnings": warns.items,
     }
+    utility = read_optional_json(run / UTILITY_FILE)  # from an earlier `augment utility` on this run
+    if utility is not None:
+        result["utility"] = utility
 
     if write:
         t = time.perf_counter()

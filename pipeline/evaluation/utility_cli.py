@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Annotated
 
@@ -24,10 +23,20 @@ def utility_command(
     limit: Annotated[int | None, typer.Option(help="Use at most this many synthetic samples.")] = None,
 ) -> None:
     """Train one small classifier per arm — (a) real, (b) real + synthetic, (c) synthetic, (d) real +
-    unguided — and report held-out accuracy; writes RUN/utility.json (and adds it to eval.json)."""
+    unguided — and report held-out accuracy; writes RUN/utility.json and adds the tables to the run's
+    eval.json and report.html when `augment eval` has run (a later `augment eval` picks utility.json up)."""
     from storage._atomic import atomic_write_json
     from storage.errors import InputError
+    from storage.eval_io import (
+        EVAL_FILE,
+        UTILITY_FILE,
+        read_optional_json,
+        read_report_html,
+        write_eval_json,
+        write_report_html,
+    )
 
+    from .report import with_utility_section
     from .utility import format_table, utility_eval
 
     try:
@@ -41,13 +50,15 @@ def utility_command(
             steps=steps,
             limit=limit,
         )
+        record = read_optional_json(run / EVAL_FILE)
     except InputError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from exc
-    atomic_write_json(run / "utility.json", result)
-    eval_json = run / "eval.json"
-    if eval_json.is_file():
-        record = json.loads(eval_json.read_text())
+    atomic_write_json(run / UTILITY_FILE, result)
+    if record is not None:  # an earlier `augment eval`: add the tables to its eval.json and report.html
         record["utility"] = result
-        atomic_write_json(eval_json, record)
+        write_eval_json(run, record)
+        report = read_report_html(run)
+        if report is not None:
+            write_report_html(run, with_utility_section(report, result))
     typer.echo(format_table(result))
