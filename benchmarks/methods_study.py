@@ -329,6 +329,8 @@ def coupling(study: Study) -> list[dict]:
                 coupling="sequential",
                 sampler="ddpm",
                 steps=1000,
+                n=48,  # 48,000 batch-1 network calls per seed: one seed, fewer samples
+                seeds=1,
             ),
         ],
         domains=["thick"],
@@ -414,8 +416,8 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--steps", type=int, default=50)
-    ap.add_argument("--strengths", type=float, nargs="+", default=[0.01, 0.02, 0.05, 0.1, 0.2])
-    ap.add_argument("--default-strength", type=float, default=0.05)
+    ap.add_argument("--strengths", type=float, nargs="+", default=[0.005, 0.01, 0.02, 0.05, 0.1])
+    ap.add_argument("--default-strength", type=float, default=0.01)
     ap.add_argument("--eta", type=float, default=1.0, help="DDIM eta (1 = the pipeline default, ancestral)")
     args = ap.parse_args()
     torch.set_num_threads(2)

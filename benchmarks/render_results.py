@@ -56,9 +56,13 @@ def main() -> None:
         record = json.loads(path.read_text())
         s = record["settings"]
         print(f"### {record['study']}\n")
+        flags = f"--n {s['n']} --seeds {s['seeds']} --steps {s['steps']} --eta {s.get('eta', 0.0):g}"
+        if record["study"] == "strength":
+            flags += " --strengths " + " ".join(f"{v:g}" for v in s["strengths"])
+        else:
+            flags += f" --default-strength {s['default_strength']:g}"
         print(
-            f"`python benchmarks/methods_study.py --study {record['study']} --n {s['n']} --seeds {s['seeds']} "
-            f"--steps {s['steps']}` ({record['seconds'] / 60:.1f} min)\n"
+            f"`python benchmarks/methods_study.py --study {record['study']} {flags}` ({record['seconds'] / 60:.1f} min)\n"
         )
         print(table(record["rows"]))
         print()
