@@ -34,6 +34,7 @@ from guidance import (
     StrengthSchedule,
     mmd2,
     mmd_contributions,
+    nearest_reference_distance,
 )
 from guidance.kernels import median_pairwise_distance
 from pipeline.evaluation import metrics as M
@@ -43,6 +44,7 @@ from pipeline.plan import class_proportions
 from pipeline.reference import ReferenceBundle, split_holdout
 from pipeline.sampling import sample_latents
 from pipeline.seeding import sample_seed
+from pipeline.worker import SUPPORT_RADIUS, rank_pool
 from storage.references import read_references
 
 REPO = Path(__file__).resolve().parent.parent
@@ -199,7 +201,8 @@ class Study:
                 x_cond=labels if s.class_aware else None,
                 y_cond=d.guide_labels if s.class_aware else None,
             )
-            keep = torch.argsort(scores, stable=True)[:n].sort().values
+            outside = nearest_reference_distance(latents, d.guide_latents) > SUPPORT_RADIUS * d.bandwidth
+            keep = (rank_pool(scores, outside) < n).nonzero().flatten()  # the job's filter rule
             latents, labels = latents[keep], labels[keep]
         return {"latents": latents, "labels": labels, "calls": calls / n, "seconds": seconds / n}
 

@@ -62,7 +62,8 @@ def main() -> None:
         else:
             flags += f" --default-strength {s['default_strength']:g}"
         print(
-            f"`python benchmarks/methods_study.py --study {record['study']} {flags}` ({record['seconds'] / 60:.1f} min)\n"
+            f"`python benchmarks/methods_study.py --study {record['study']} {flags}` "
+            f"({record['seconds'] / 60:.1f} min)\n"
         )
         print(table(record["rows"]))
         print()

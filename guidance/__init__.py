@@ -18,7 +18,7 @@ from .kernels import (
 )
 from .latent import latent_guidance_delta
 from .lookahead import ddim_lookahead_x0, gradient_guidance_delta, lookahead_timesteps
-from .mmd import MMDTarget, SampleMemory, mmd2, mmd2_grad, mmd_contributions
+from .mmd import MMDTarget, SampleMemory, mmd2, mmd2_grad, mmd_contributions, nearest_reference_distance
 from .mmd_guidance import GUIDANCE_MODES, GuidanceMode, MMDGuidance
 from .parameterization import from_x0_eps, to_x0_eps
 from .schedules import StepNormalization, StrengthSchedule, guidance_step
@@ -52,5 +52,6 @@ __all__ = [
     "mmd2",
     "mmd2_grad",
     "mmd_contributions",
+    "nearest_reference_distance",
     "to_x0_eps",
 ]

@@ -261,6 +261,22 @@ def mmd2(
     return _mmd2_from_blocks(kxx, kyy, kxy, unbiased)
 
 
+def nearest_reference_distance(x: Tensor, y: Tensor, chunk: int = 1024) -> Tensor:
+    """min_j ‖x_i − y_j‖ for each row of ``x`` [n, ...] against ``y`` [m, ...], shape [n] (float64).
+
+    The filter's support check: a sample many median distances from every reference has kernel value ≈ 0
+    with all of them, so its leave-one-out MMD² effect is the same neutral value as any other such sample
+    (−2(k̄_XX − k̄_XY)/(n − 1)): MMD cannot rank it, and it is no image of the target domain.
+    """
+    xf = x.detach().reshape(x.shape[0], -1).double()
+    yf = y.detach().reshape(y.shape[0], -1).double().to(xf.device)
+    if xf.shape[1] != yf.shape[1]:
+        raise ValueError(f"x and y have different feature sizes: {xf.shape[1]} vs {yf.shape[1]}")
+    if yf.shape[0] == 0:
+        raise ValueError("y needs at least one reference")
+    return torch.cat([torch.cdist(c, yf).min(1).values for c in xf.split(chunk)]) if len(xf) else xf.new_zeros(0)
+
+
 def mmd_contributions(
     x: Tensor,
     y: Tensor,

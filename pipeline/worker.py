@@ -27,6 +27,7 @@ from guidance import (
     StrengthSchedule,
     mmd2,
     mmd_contributions,
+    nearest_reference_distance,
 )
 from storage.manifest import write_manifest_part
 from storage.shards import write_shard
@@ -136,20 +137,43 @@ def generate_pool(ctx: JobContext, shard: ShardPlan, progress: Progress | None =
     return torch.cat(out), labels
 
 
+#: A sample farther than this many median reference distances (the RBF bandwidth) from its nearest
+#: reference is outside the references' support: the filter ranks it last (see nearest_reference_distance).
+SUPPORT_RADIUS = 3.0
+
+
 def filter_pool(ctx: JobContext, latents: torch.Tensor, labels: torch.Tensor | None, num_kept: int):
-    """(scores [n], kept mask [n], rank [n]): keep the `num_kept` lowest leave-one-out contributions."""
+    """(scores [n], kept mask [n], rank [n], nearest-reference distance [n]): keep the `num_kept` samples
+    with the lowest leave-one-out contributions, samples outside the references' support last."""
     scores = mmd_contributions(latents, ctx.bundle.latents, unbiased=True, **_kernel_args(ctx, labels)).double()
+    nearest = nearest_reference_distance(latents, ctx.bundle.latents)
+    outside = nearest > SUPPORT_RADIUS * ctx.bundle.bandwidth
+    if bool(outside.any()):
+        log.warning(
+            "%d of %d samples lie outside the references' support (nearest reference > %g x the median "
+            "reference distance %.4g): ranked last by the filter",
+            int(outside.sum()),
+            len(outside),
+            SUPPORT_RADIUS,
+            ctx.bundle.bandwidth,
+        )
     if len(scores) > 1 and float(scores.max() - scores.min()) == 0.0:
         log.warning(
             "all %d MMD contributions are equal (samples far outside the kernel's reach of the references?): "
             "the filter keeps the first samples by index",
             len(scores),
         )
-    order = torch.argsort(scores, stable=True)  # ascending: most helpful first
+    rank = rank_pool(scores, outside)
+    return scores, rank < num_kept, rank, nearest
+
+
+def rank_pool(scores: torch.Tensor, outside: torch.Tensor) -> torch.Tensor:
+    """Rank 0 = most helpful: ascending leave-one-out contribution, samples outside the support last
+    (ties by index)."""
+    order = torch.argsort(torch.where(outside, torch.inf, scores), stable=True)
     rank = torch.empty_like(order)
     rank[order] = torch.arange(len(order))
-    kept = rank < num_kept
-    return scores, kept, rank
+    return rank
 
 
 def to_png(image: torch.Tensor) -> bytes:
@@ -172,7 +196,7 @@ def run_shard(ctx: JobContext, shard: ShardPlan, progress: Progress | None = Non
     t0 = time.perf_counter()
     latents, labels = generate_pool(ctx, shard, progress)
     t1 = time.perf_counter()
-    scores, kept, rank = filter_pool(ctx, latents, labels, shard.num_kept)
+    scores, kept, rank, nearest = filter_pool(ctx, latents, labels, shard.num_kept)
     t2 = time.perf_counter()
     write_idx = torch.arange(len(latents)) if cfg.keep_rejected else kept.nonzero().flatten()
     images = model.decode(latents[write_idx].to(model.device), batch_size=cfg.batch_size)
@@ -205,6 +229,7 @@ def run_shard(ctx: JobContext, shard: ShardPlan, progress: Progress | None = Non
             "class_name": class_name,
             "condition": class_name,
             "mmd_contribution": float(scores[j]),
+            "nearest_reference_distance": float(nearest[j]),
             "kept": bool(kept[j]),
             "rank_in_shard": int(rank[j]),
             "config_hash": cfg.config_hash,

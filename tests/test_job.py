@@ -9,18 +9,22 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pyarrow.parquet as pq
 import pytest
+import torch
 import webdataset as wds
 from PIL import Image
 from tiny_models import save_tiny_ddpm, save_tiny_dit, shard_bytes, tiny_job_config, write_reference_folder
 from typer.testing import CliRunner
 
+from guidance import RBFKernel
 from pipeline.cli import app
 from pipeline.config import AugmentConfig
 from pipeline.job import run_job
 from pipeline.plan import plan_job
+from pipeline.worker import filter_pool
 from storage.errors import InputError
 
 REPO = Path(__file__).resolve().parent.parent
@@ -274,3 +278,16 @@ def test_same_settings_with_changed_references_are_refused(tiny, tmp_path):
     (refs / "a" / "img_000.png").unlink()  # same settings, different reference content
     with pytest.raises(InputError, match="other inputs"):
         run_job(tiny_job_config(tiny, out, ref=str(refs), n=4, guidance="none"))
+
+
+def test_filter_ranks_samples_outside_the_reference_support_last():
+    gen = torch.Generator().manual_seed(0)
+    y = torch.randn(30, 2, 2, generator=gen)
+    pool = torch.cat([0.3 * torch.randn(12, 2, 2, generator=gen), torch.full((2, 2, 2), 500.0)])
+    bundle = SimpleNamespace(latents=y, labels=None, bandwidth=1.5)
+    ctx = SimpleNamespace(bundle=bundle, target=SimpleNamespace(kernel=RBFKernel(1.5)))
+    scores, kept, rank, nearest = filter_pool(ctx, pool, None, num_kept=12)
+    assert kept[:12].all() and not kept[12:].any()
+    assert rank[12:].tolist() == [12, 13]
+    assert float(scores[12]) < float(scores[:12].max())  # the plain LOO score alone would have kept them
+    assert (nearest[12:] > 3 * 1.5).all() and (nearest[:12] < 3 * 1.5).all()

@@ -18,7 +18,7 @@ from guidance.kernels import (
     RandomFourierFeatures,
     RBFKernel,
 )
-from guidance.mmd import MMDTarget, SampleMemory, mmd2, mmd2_grad, mmd_contributions
+from guidance.mmd import MMDTarget, SampleMemory, mmd2, mmd2_grad, mmd_contributions, nearest_reference_distance
 
 D = 3  # features per sample in the small cases
 
@@ -580,3 +580,32 @@ def test_sample_memory_capacity_zero_and_errors():
     labelled.add(torch.randn(1, 2), torch.tensor([0]))
     with pytest.raises(ValueError, match="cond is required"):
         labelled.add(torch.randn(1, 2))
+
+
+def test_nearest_reference_distance_by_hand():
+    x = torch.tensor([[0.0, 0.0], [3.0, 4.0]])
+    y = torch.tensor([[0.0, 1.0], [6.0, 8.0], [3.0, 0.0]])
+    assert nearest_reference_distance(x, y).tolist() == pytest.approx([1.0, 4.0])
+    with pytest.raises(ValueError, match="feature sizes"):
+        nearest_reference_distance(x, torch.zeros(2, 3))
+
+
+def test_far_sample_gets_the_neutral_closed_form_contribution():
+    """A sample with k ≈ 0 to everything: Δ = 2/(n(n−1)) · (B/m − A/(n−2)), A = Σ_{i≠j} k(x_i, x_j),
+    B = Σ k(x_i, y_j) (both without the far sample, whose terms are 0) — the same for every far sample,
+    and below the score of typical samples when the batch is tighter than the references."""
+    gen = torch.Generator().manual_seed(0)
+    y = torch.randn(30, 2, generator=gen)
+    near = 0.3 * torch.randn(12, 2, generator=gen)  # tighter than the references
+    far = torch.tensor([[1e3, 0.0], [0.0, -1e3]])
+    x = torch.cat([near, far]).double()
+    kernel = RBFKernel(1.0)
+    delta = mmd_contributions(x, y.double(), kernel, unbiased=True)
+    n, m = len(x), len(y)
+    kxx = kernel.matrix(near.double(), near.double())
+    a = float(kxx.sum() - kxx.diagonal().sum())
+    b = float(kernel.matrix(near.double(), y.double()).sum())
+    expected = 2.0 / (n * (n - 1)) * (b / m - a / (n - 2))
+    assert float(delta[-1]) == pytest.approx(expected, rel=1e-9)
+    assert float(delta[-2]) == pytest.approx(expected, rel=1e-9)
+    assert float(delta[-1]) < float(delta[:-2].max())  # so a plain ranking would keep it over some near samples
