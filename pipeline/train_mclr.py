@@ -60,8 +60,8 @@ def mclr_loss(
     dropped = torch.rand(b, generator=generator) < label_dropout
     main_labels = torch.where(dropped, torch.full_like(labels, null_class), labels)
 
-    def per_sample(out: torch.Tensor) -> torch.Tensor:
-        return ((out - eps) ** 2).flatten(1).mean(1)
+    def per_sample(out: torch.Tensor) -> torch.Tensor:  # ‖ε̂ − ε‖² per sample; the doubled batch repeats ε
+        return ((out - eps.repeat(len(out) // b, 1, 1, 1)) ** 2).flatten(1).mean(1)
 
     main_out, head_out = model(x_t, t, main_labels)
     denoise = per_sample(main_out).mean() + 0.5 * per_sample(head_out).mean()  # as pre-training (IG head λ=0.5)

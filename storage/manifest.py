@@ -135,12 +135,24 @@ def merge_manifest(out_dir: str | os.PathLike[str], *, expected_shards: Iterable
         raise FileNotFoundError(f"{out_dir / MANIFEST_DIR}: no manifest parts to merge")
     tables = []
     for _, path in parts:
-        table = pq.read_table(path)
-        if not table.schema.equals(MANIFEST_SCHEMA, check_metadata=False):
-            raise ValueError(f"{path}: manifest part has a different schema than this version writes")
-        tables.append(table.cast(MANIFEST_SCHEMA))
+        tables.append(_current_schema(pq.read_table(path), path))
     merged = pa.concat_tables(tables).combine_chunks()
     return atomic_write_bytes(out_dir / MANIFEST_FILE, _table_bytes(merged))
+
+
+def _current_schema(table: pa.Table, path: Path) -> pa.Table:
+    """A part in this version's schema; a part of an earlier version that lacks only nullable columns
+    (e.g. `nearest_reference_distance`) gets them as nulls. Anything else is an error."""
+    have = {f.name: f for f in table.schema}
+    added = [f for f in MANIFEST_SCHEMA if f.name not in have]
+    unknown = sorted(set(have) - set(_COLUMNS))
+    retyped = sorted(f.name for f in MANIFEST_SCHEMA if f.name in have and have[f.name].type != f.type)
+    if unknown or retyped or any(not f.nullable for f in added):
+        raise ValueError(f"{path}: manifest part has a different schema than this version writes")
+    columns = [
+        table[f.name].combine_chunks() if f.name in have else pa.nulls(len(table), f.type) for f in MANIFEST_SCHEMA
+    ]
+    return pa.Table.from_arrays(columns, schema=MANIFEST_SCHEMA)
 
 
 def read_manifest(

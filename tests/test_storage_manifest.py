@@ -41,7 +41,7 @@ def test_part_has_the_fixed_schema(tmp_path):
     assert table.column("seed").to_pylist() == [7200, 7201, 7202]
     assert [f.name for f in table.schema] == [
         "key", "index", "shard", "seed", "label", "class_name", "condition",
-        "mmd_contribution", "kept", "rank_in_shard", "config_hash", "model_id",
+        "mmd_contribution", "nearest_reference_distance", "kept", "rank_in_shard", "config_hash", "model_id",
     ]  # fmt: skip
     empty = read_manifest(write_manifest_part(tmp_path, 5, []))
     assert empty.num_rows == 0 and empty.schema.equals(MANIFEST_SCHEMA, check_metadata=False)
@@ -94,4 +94,20 @@ def test_merge_checks_completeness_and_schema(tmp_path):
 
     pq.write_table(pa.table({"key": ["x"]}), manifest_part_path(tmp_path, 2))
     with pytest.raises(ValueError, match="part-000002.parquet"):
+        merge_manifest(tmp_path)
+
+
+def test_parts_of_an_earlier_version_without_a_nullable_column_are_upgraded(tmp_path):
+    import pyarrow.parquet as pq
+
+    write_manifest_part(tmp_path, 0, [dict(r, nearest_reference_distance=1.5) for r in rows(0)])
+    old = pq.read_table(manifest_part_path(tmp_path, 0)).drop_columns(["nearest_reference_distance", "label"])
+    pq.write_table(old, manifest_part_path(tmp_path, 1))  # as a version without these nullable columns wrote it
+    merged = read_manifest(merge_manifest(tmp_path))
+    assert merged.schema.equals(MANIFEST_SCHEMA, check_metadata=False)
+    assert merged["nearest_reference_distance"].to_pylist() == [1.5] * 3 + [None] * 3
+    assert merged["key"].to_pylist()[3:] == merged["key"].to_pylist()[:3]
+    required = pq.read_table(manifest_part_path(tmp_path, 0)).drop_columns(["kept"])
+    pq.write_table(required, manifest_part_path(tmp_path, 2))  # a required column missing: refused
+    with pytest.raises(ValueError, match="part-000002.parquet: manifest part has a different schema"):
         merge_manifest(tmp_path)
