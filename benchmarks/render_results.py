@@ -54,6 +54,8 @@ def main() -> None:
     folder = Path(sys.argv[1] if len(sys.argv) > 1 else "runs/study")
     for path in sorted(folder.glob("*.json")):
         record = json.loads(path.read_text())
+        if "study" not in record:  # e.g. bench_throughput.json beside the study files
+            continue
         s = record["settings"]
         print(f"### {record['study']}\n")
         flags = f"--n {s['n']} --seeds {s['seeds']} --steps {s['steps']} --eta {s.get('eta', 0.0):g}"
