@@ -229,7 +229,8 @@ def run_shard(ctx: JobContext, shard: ShardPlan, progress: Progress | None = Non
             "class_name": class_name,
             "condition": class_name,
             "mmd_contribution": float(scores[j]),
-            "nearest_reference_distance": float(nearest[j]),
+            # 5 significant digits: latents agree across process/thread counts only to float32 rounding
+            "nearest_reference_distance": float(f"{float(nearest[j]):.5g}"),
             "kept": bool(kept[j]),
             "rank_in_shard": int(rank[j]),
             "config_hash": cfg.config_hash,
