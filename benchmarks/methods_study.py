@@ -44,7 +44,7 @@ from pipeline.plan import class_proportions
 from pipeline.reference import ReferenceBundle, split_holdout
 from pipeline.sampling import sample_latents
 from pipeline.seeding import sample_seed
-from pipeline.worker import SUPPORT_RADIUS, rank_pool
+from pipeline.worker import rank_pool
 from storage.references import read_references
 
 REPO = Path(__file__).resolve().parent.parent
@@ -201,8 +201,8 @@ class Study:
                 x_cond=labels if s.class_aware else None,
                 y_cond=d.guide_labels if s.class_aware else None,
             )
-            outside = nearest_reference_distance(latents, d.guide_latents) > SUPPORT_RADIUS * d.bandwidth
-            keep = (rank_pool(scores, outside) < n).nonzero().flatten()  # the job's filter rule
+            rank, _ = rank_pool(scores, nearest_reference_distance(latents, d.guide_latents), d.bandwidth)
+            keep = (rank < n).nonzero().flatten()  # the job's filter rule
             latents, labels = latents[keep], labels[keep]
         return {"latents": latents, "labels": labels, "calls": calls / n, "seconds": seconds / n}
 

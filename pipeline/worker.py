@@ -147,7 +147,7 @@ def filter_pool(ctx: JobContext, latents: torch.Tensor, labels: torch.Tensor | N
     with the lowest leave-one-out contributions, samples outside the references' support last."""
     scores = mmd_contributions(latents, ctx.bundle.latents, unbiased=True, **_kernel_args(ctx, labels)).double()
     nearest = nearest_reference_distance(latents, ctx.bundle.latents)
-    outside = nearest > SUPPORT_RADIUS * ctx.bundle.bandwidth
+    rank, outside = rank_pool(scores, nearest, ctx.bundle.bandwidth)
     if bool(outside.any()):
         log.warning(
             "%d of %d samples lie outside the references' support (nearest reference > %g x the median "
@@ -163,17 +163,17 @@ def filter_pool(ctx: JobContext, latents: torch.Tensor, labels: torch.Tensor | N
             "the filter keeps the first samples by index",
             len(scores),
         )
-    rank = rank_pool(scores, outside)
     return scores, rank < num_kept, rank, nearest
 
 
-def rank_pool(scores: torch.Tensor, outside: torch.Tensor) -> torch.Tensor:
-    """Rank 0 = most helpful: ascending leave-one-out contribution, samples outside the support last
-    (ties by index)."""
+def rank_pool(scores: torch.Tensor, nearest: torch.Tensor, bandwidth: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rank, outside): rank 0 = most helpful, ascending leave-one-out contribution with samples outside
+    the references' support (nearest reference > SUPPORT_RADIUS × bandwidth) last; ties by index."""
+    outside = nearest > SUPPORT_RADIUS * bandwidth
     order = torch.argsort(torch.where(outside, torch.inf, scores), stable=True)
     rank = torch.empty_like(order)
     rank[order] = torch.arange(len(order))
-    return rank
+    return rank, outside
 
 
 def to_png(image: torch.Tensor) -> bytes:
