@@ -58,6 +58,7 @@ class Domain:
     guide_labels: torch.Tensor  # reference class index
     held_images: torch.Tensor
     held_features: torch.Tensor
+    held_digits: torch.Tensor  # digit of each held-out image
     class_digits: list[int]  # reference class index -> digit (model label)
     bandwidth: float
 
@@ -124,6 +125,7 @@ class Study:
             guide_labels=guide.labels,
             held_images=held_images,
             held_features=self.features(held_images),
+            held_digits=torch.tensor([int(refs.class_names[int(c)]) for c in refs.labels[held_mask]]),
             class_digits=[int(c) for c in refs.class_names],
             bandwidth=bundle.bandwidth,
         )
@@ -224,6 +226,7 @@ class Study:
             "calls": g["calls"],
             "sec": g["seconds"],
         }
+        row["class_mmd2"] = class_mmd2(feats.float(), intended, held.float(), d.held_digits, RBFKernel(bw))
         pr = M.prdc(feats, held, k=5)
         row.update({k: pr[k] for k in ("precision", "recall", "coverage")})
         return row
@@ -233,6 +236,8 @@ class Study:
         for dname in domains or list(self.domains):
             d = self.domains[dname]
             for s in settings:
+                if self.args.only and not any(part in s.name for part in self.args.only):
+                    continue
                 per_seed = [self.evaluate(s, d, seed) for seed in range(s.seeds or self.args.seeds)]
                 agg = {"domain": dname, "setting": s.name}
                 for key in per_seed[0]:
@@ -242,6 +247,17 @@ class Study:
                 rows.append(agg)
                 print(_fmt_row(agg), flush=True)
         return rows
+
+
+def class_mmd2(x: torch.Tensor, x_digits: torch.Tensor, y: torch.Tensor, y_digits: torch.Tensor, kernel) -> float:
+    """Mean over classes of the unbiased MMD² between samples meant as class c and held-out images of c
+    (the class-conditional alignment the product kernel targets; classes with < 2 of either skipped)."""
+    per_class = [
+        float(mmd2(x[x_digits == c], y[y_digits == c], kernel, unbiased=True))
+        for c in y_digits.unique()
+        if (x_digits == c).sum() >= 2 and (y_digits == c).sum() >= 2
+    ]
+    return float(np.mean(per_class)) if per_class else float("nan")
 
 
 def _fmt_row(r: dict) -> str:
@@ -324,7 +340,7 @@ def coupling(study: Study) -> list[dict]:
                 coupling="sequential",
             ),
             Setting(
-                "public scheme, 1000-step DDPM",
+                "public scheme, 1000-step DDPM, s=0.01 (48 samples, 1 seed)",
                 strength=0.01,
                 mode="noisy",
                 kernel="cubic",
@@ -333,6 +349,18 @@ def coupling(study: Study) -> list[dict]:
                 sampler="ddpm",
                 steps=1000,
                 n=48,  # 48,000 batch-1 network calls per seed: one seed, fewer samples
+                seeds=1,
+            ),
+            Setting(
+                "public scheme, 1000-step DDPM, s=0.0005 = 0.01 x 50/1000 (48 samples, 1 seed)",
+                strength=0.0005,
+                mode="noisy",
+                kernel="cubic",
+                class_aware=False,
+                coupling="sequential",
+                sampler="ddpm",
+                steps=1000,
+                n=48,
                 seeds=1,
             ),
         ],
@@ -345,8 +373,11 @@ def product_kernel(study: Study) -> list[dict]:
     return study.run(
         [
             Setting("unconditional prior, no guidance", tell_model=False, class_aware=False),
-            Setting(f"unconditional + plain kernel s={s}", strength=s, tell_model=False, class_aware=False),
-            Setting(f"unconditional + product kernel s={s}", strength=s, tell_model=False, class_aware=True),
+            *[
+                Setting(f"unconditional + {name} kernel s={v}", strength=v, tell_model=False, class_aware=aware)
+                for v in (s, 5 * s)  # the kernel alone must carry the class: also a stronger push
+                for name, aware in (("plain", False), ("product", True))
+            ],
             Setting(f"conditional + plain kernel s={s}", strength=s, class_aware=False),
             Setting(f"conditional + product kernel s={s}", strength=s, class_aware=True),
         ]
@@ -422,6 +453,13 @@ def main() -> None:
     ap.add_argument("--strengths", type=float, nargs="+", default=[0.005, 0.01, 0.02, 0.05, 0.1])
     ap.add_argument("--default-strength", type=float, default=0.01)
     ap.add_argument("--eta", type=float, default=1.0, help="DDIM eta (1 = the pipeline default, ancestral)")
+    ap.add_argument(
+        "--only",
+        nargs="+",
+        default=None,
+        help="run only the settings whose name contains one of these; their rows replace or join those in "
+        "an existing <out>/<study>.json (the other rows are kept)",
+    )
     args = ap.parse_args()
     torch.set_num_threads(2)
     out = Path(args.out)
@@ -433,7 +471,19 @@ def main() -> None:
         print(f"== {name}", flush=True)
         rows = STUDIES[name](study)
         record = {"study": name, "settings": vars(args), "rows": rows, "seconds": time.perf_counter() - t}
-        (out / f"{name}.json").write_text(json.dumps(record, indent=2))
+        path = out / f"{name}.json"
+        if args.only and path.is_file():
+            record = merge_rows(json.loads(path.read_text()), record)
+        path.write_text(json.dumps(record, indent=2))
+
+
+def merge_rows(previous: dict, update: dict) -> dict:
+    """`previous` with `update`'s rows replacing those of the same (domain, setting) in place, new ones
+    appended; seconds add up, and the settings are the previous run's (plus the flags of this one)."""
+    new = {(r["domain"], r["setting"]): r for r in update["rows"]}
+    rows = [new.pop((r["domain"], r["setting"]), r) for r in previous["rows"]] + list(new.values())
+    settings = {**previous["settings"], "rerun": {k: v for k, v in update["settings"].items() if k != "out"}}
+    return {**previous, "rows": rows, "settings": settings, "seconds": previous["seconds"] + update["seconds"]}
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ from pathlib import Path
 
 COLUMNS = [
     ("mmd2", "MMD² ↓", 4),
+    ("class_mmd2", "per-class MMD² ↓", 4),  # only in tables whose rows have it
     ("kid", "KID ↓", 4),
     ("fd", "FD ↓", 2),
     ("precision", "precision ↑", 2),
@@ -42,10 +43,11 @@ def table(rows: list[dict]) -> str:
             for r in rows
         ]
         return "\n".join([head, *body])
-    head = "| domain | setting | " + " | ".join(c[1] for c in COLUMNS) + " |"
-    sep = "|---|---|" + "---|" * len(COLUMNS)
+    columns = [c for c in COLUMNS if all(c[0] in r for r in rows)]
+    head = "| domain | setting | " + " | ".join(c[1] for c in columns) + " |"
+    sep = "|---|---|" + "---|" * len(columns)
     body = [
-        f"| {r['domain']} | {r['setting']} | " + " | ".join(_cell(r, k, d) for k, _, d in COLUMNS) + " |" for r in rows
+        f"| {r['domain']} | {r['setting']} | " + " | ".join(_cell(r, k, d) for k, _, d in columns) + " |" for r in rows
     ]
     return "\n".join([head, sep, *body])
 

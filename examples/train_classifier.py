@@ -126,12 +126,13 @@ class SmallCNN(nn.Module):
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, items: list[tuple[Path, int]], size: int) -> dict:
+def evaluate(model: nn.Module, items: list[tuple[Path, int]], size: int, classes: list[str]) -> dict:
+    """Held-out accuracy, overall and per class (keyed by class name)."""
     model.eval()
     x = torch.stack([to_tensor(Image.open(p), size) for p, _ in items])
     y = torch.tensor([label for _, label in items])
     pred = torch.cat([model(chunk).argmax(1) for chunk in x.split(256)])
-    per_class = {int(c): float((pred[y == c] == c).float().mean()) for c in y.unique()}
+    per_class = {classes[int(c)]: float((pred[y == c] == c).float().mean()) for c in y.unique()}
     model.train()
     return {"accuracy": float((pred == y).float().mean()), "per_class": per_class, "n": len(y)}
 
@@ -179,7 +180,7 @@ def train(args: argparse.Namespace) -> dict:
     if args.eval_dir and rank == 0:
         eval_items, eval_classes = class_folder(args.eval_dir)
         eval_items = [(p, classes.index(eval_classes[i])) for p, i in eval_items]
-        result["eval"] = evaluate(net, eval_items, args.size)
+        result["eval"] = evaluate(net, eval_items, args.size, classes)
         print(json.dumps(result["eval"]), flush=True)
     if args.save and rank == 0:
         torch.save(net.state_dict(), args.save)

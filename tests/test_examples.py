@@ -68,6 +68,7 @@ def test_example_trains_on_mixed_stream_and_reports_accuracy(run):
     result = ex.train(args)
     assert result["classes"] == ["cat", "dog"]
     assert result["eval"]["n"] == 16 and 0.0 <= result["eval"]["accuracy"] <= 1.0
+    assert set(result["eval"]["per_class"]) == {"cat", "dog"}  # keyed by the folder names
     # synthetic-only training also works (labels from each sample's class_name)
     args = ex.parse_args(["--classes", "cat,dog", "--synthetic-fraction", "1", "--steps", "3", "--log-every", "0"])
     args.shards = run["shards"]
