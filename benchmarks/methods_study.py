@@ -331,6 +331,13 @@ def coupling(study: Study) -> list[dict]:
     return study.run(
         [
             Setting(f"joint batch, latent, RBF, s={s}", strength=s),
+            Setting(  # the public scheme's every choice but the coupling: isolates joint vs sequential
+                "joint batch, noisy, cubic, s=0.01",
+                strength=0.01,
+                mode="noisy",
+                kernel="cubic",
+                class_aware=False,
+            ),
             Setting(
                 "public scheme: sequential+memory(100), noisy, cubic, s=0.01",
                 strength=0.01,
@@ -365,6 +372,18 @@ def coupling(study: Study) -> list[dict]:
             ),
         ],
         domains=["thick"],
+    )
+
+
+def noisy_vs_latent(study: Study) -> list[dict]:
+    """The gradient on the noisy x_t (the public code's) vs on x̂0, with RBF and cubic kernels, both domains."""
+    s = study.args.default_strength
+    return study.run(
+        [
+            Setting(f"{mode}, {kernel} s={s}", strength=s, mode=mode, kernel=kernel)
+            for mode in ("latent", "noisy")
+            for kernel in ("rbf", "cubic")
+        ]
     )
 
 
@@ -434,6 +453,7 @@ STUDIES: dict[str, Callable[[Study], list[dict]]] = {
     "rff": rff_accuracy_speed,
     "modes": modes,
     "coupling": coupling,
+    "noisy": noisy_vs_latent,
     "product": product_kernel,
     "cfg": cfg,
     "ig": internal_guidance,

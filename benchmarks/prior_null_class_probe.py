@@ -1,0 +1,115 @@
+"""Why the shipped prior's unconditional (null-class) samples miss their floor, and what helps: a probe.
+
+The model card's floor: >= 70% of null-class samples recognised by the classifier with probability > 0.9.
+This script measures that fraction (and, for comparison, class-conditional samples without CFG) for
+  - the shipped weights, with the card's sampler (50 DDIM steps, eta 1) and with more sampling steps;
+  - real held-out images and their VAE reconstructions (what a perfect sampler would score);
+  - optionally, the UNet trained further from the training run's checkpoint (`<work>/ckpt_unet.pt`, written
+    by `python -m pipeline.train_prior`) with another label-dropout rate, to see what more training buys.
+
+    python benchmarks/prior_null_class_probe.py [--samples 300] [--more-steps 600 --dropout 0.3 --lr 3e-4]
+
+Nothing it writes is shipped; results print as JSON lines.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+
+from pipeline.models.prior_eval import class_summary, classify, generate
+from pipeline.models.shipped import SHIPPED_MODEL_DIR, load_shipped
+from pipeline.train_prior import EMA, TrainConfig, batch_indices, load_data, step_seed
+
+
+def confident(prior, labels: torch.Tensor | None, num_samples: int, steps: int = 50, eta: float = 1.0) -> dict:
+    """Confident fraction (and class accuracy if `labels`) of samples; labels None = null class."""
+    null_id = int(prior.info["null_class_id"])
+    k = int(prior.info["num_classes"])
+    lab = torch.full((num_samples,), null_id) if labels is None else labels[:num_samples]
+    with torch.no_grad():
+        run = generate(prior, lab, seed=12345, num_steps=steps, eta=eta, batch_size=150)
+        summary = class_summary(classify(prior.classifier, run.images)["probs"], labels, k)
+    return {key: round(summary[key], 4) for key in ("confident_fraction", "class_accuracy") if key in summary}
+
+
+def train_more(prior, work: Path, steps: int, dropout: float, lr: float) -> None:
+    """Continue the UNet from `work/ckpt_unet.pt` (raw weights + EMA) for `steps` steps; load the EMA."""
+    cfg = TrainConfig()
+    state = torch.load(work / "ckpt_unet.pt", map_location="cpu", weights_only=False)
+    model = prior.unet
+    model.load_state_dict(state["model"])
+    model.train().requires_grad_(True)
+    ema = EMA(model, cfg.ema_decay)
+    ema.shadow = state["ema"]
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+    stored = load_file(str(work / "latents.safetensors"))
+    latents, labels = stored["latents"], stored["labels"]
+    null_id = int(prior.info["null_class_id"])
+    alphas = prior.scheduler.alphas_cumprod.to(torch.float32)
+    first = int(state["step"])
+    t0 = time.monotonic()
+    for step in range(first, first + steps):
+        torch.manual_seed(step_seed(cfg.seed, "unet", step))
+        idx = batch_indices(latents.shape[1], cfg.unet_batch, step, cfg.seed, "unet")
+        z0 = latents[torch.randint(0, latents.shape[0], (len(idx),)), idx]
+        y = labels[idx].clone()
+        y[torch.rand(len(y)) < dropout] = null_id
+        t = torch.randint(0, cfg.num_train_timesteps, (len(idx),))
+        eps = torch.randn_like(z0)
+        a = alphas[t].view(-1, 1, 1, 1)
+        main, head = model(a.sqrt() * z0 + (1 - a).sqrt() * eps, t, y)
+        loss = F.mse_loss(main, eps) + cfg.ig_loss_weight * F.mse_loss(head, eps)  # the training loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        ema.update(model, step)
+        if (step - first) % 100 == 0:
+            print(f"step {step}: loss {loss.item():.4f} ({time.monotonic() - t0:.0f} s)", flush=True)
+    model.load_state_dict(ema.shadow)
+    model.eval().requires_grad_(False)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=str(SHIPPED_MODEL_DIR))
+    ap.add_argument("--work", default="train_work", help="the training run's work folder (for --more-steps)")
+    ap.add_argument("--samples", type=int, default=300)
+    ap.add_argument("--more-steps", type=int, default=0, help="continue training this many UNet steps")
+    ap.add_argument("--dropout", type=float, default=0.3, help="label dropout while training further")
+    ap.add_argument("--lr", type=float, default=3e-4)
+    args = ap.parse_args()
+    torch.set_num_threads(2)
+    prior = load_shipped(args.model)
+    k = int(prior.info["num_classes"])
+    cond = torch.arange(args.samples) % k
+
+    def report(name: str, value: dict) -> None:
+        print(json.dumps({"setting": name, **value}), flush=True)
+
+    split = load_data(TrainConfig())
+    real = split.data.images[split.heldout]
+    with torch.no_grad():
+        recon = torch.cat([prior.decode(prior.encode(b)) for b in real.split(250)])
+    for name, images in (("real held-out", real), ("VAE reconstructions of held-out", recon)):
+        summary = class_summary(classify(prior.classifier, images)["probs"], None, k)
+        report(name, {"confident_fraction": round(summary["confident_fraction"], 4)})
+    report("shipped, null class, 50 DDIM steps eta 1", confident(prior, None, args.samples))
+    report("shipped, null class, 250 DDIM steps eta 1", confident(prior, None, args.samples, steps=250))
+    report("shipped, conditional no CFG", confident(prior, cond, args.samples))
+    if args.more_steps:
+        train_more(prior, Path(args.work), args.more_steps, args.dropout, args.lr)
+        tag = f"+{args.more_steps} steps at label dropout {args.dropout:g}"
+        report(f"{tag}, null class", confident(prior, None, args.samples))
+        report(f"{tag}, conditional no CFG", confident(prior, cond, args.samples))
+
+
+if __name__ == "__main__":
+    main()
