@@ -270,8 +270,9 @@ def _fmt_row(r: dict) -> str:
 
 # ---------------------------------------------------------------------- the studies
 def strength_sweep(study: Study) -> list[dict]:
+    mode = study.args.mode
     settings = [Setting("none (conditional prior)", strength=0.0)]
-    settings += [Setting(f"latent s={s}", strength=s) for s in study.args.strengths]
+    settings += [Setting(f"{mode} s={s}", strength=s, mode=mode) for s in study.args.strengths]
     return study.run(settings)
 
 
@@ -428,7 +429,7 @@ def filter_study(study: Study) -> list[dict]:
     settings = []
     for strength in (0.0, s):
         for keep in (1.0, 0.9, 0.75, 0.5):
-            settings.append(Setting(f"s={strength} keep={keep}", strength=strength, keep=keep))
+            settings.append(Setting(f"s={strength} keep={keep}", strength=strength, keep=keep, mode=study.args.mode))
     return study.run(settings, domains=["thick"])
 
 
@@ -473,6 +474,7 @@ def main() -> None:
     ap.add_argument("--strengths", type=float, nargs="+", default=[0.005, 0.01, 0.02, 0.05, 0.1])
     ap.add_argument("--default-strength", type=float, default=0.01)
     ap.add_argument("--eta", type=float, default=1.0, help="DDIM eta (1 = the pipeline default, ancestral)")
+    ap.add_argument("--mode", default="latent", help="guidance mode of the strength and filter studies")
     ap.add_argument(
         "--only",
         nargs="+",

@@ -61,6 +61,8 @@ def main() -> None:
         s = record["settings"]
         print(f"### {record['study']}\n")
         flags = f"--n {s['n']} --seeds {s['seeds']} --steps {s['steps']} --eta {s.get('eta', 0.0):g}"
+        if s.get("mode", "latent") != "latent" and record["study"] in ("strength", "filter"):
+            flags += f" --mode {s['mode']}"
         if record["study"] == "strength":
             flags += " --strengths " + " ".join(f"{v:g}" for v in s["strengths"])
         else:
