@@ -347,30 +347,21 @@ def coupling(study: Study) -> list[dict]:
                 class_aware=False,
                 coupling="sequential",
             ),
-            Setting(
-                "public scheme, 1000-step DDPM, s=0.01 (48 samples, 1 seed)",
-                strength=0.01,
-                mode="noisy",
-                kernel="cubic",
-                class_aware=False,
-                coupling="sequential",
-                sampler="ddpm",
-                steps=1000,
-                n=48,  # 48,000 batch-1 network calls per seed: one seed, fewer samples
-                seeds=1,
-            ),
-            Setting(
-                "public scheme, 1000-step DDPM, s=0.0005 = 0.01 x 50/1000 (48 samples, 1 seed)",
-                strength=0.0005,
-                mode="noisy",
-                kernel="cubic",
-                class_aware=False,
-                coupling="sequential",
-                sampler="ddpm",
-                steps=1000,
-                n=48,
-                seeds=1,
-            ),
+            *[
+                Setting(
+                    f"public scheme, 1000-step DDPM, s={label} (48 samples, 1 seed)",
+                    strength=strength,
+                    mode="noisy",
+                    kernel="cubic",
+                    class_aware=False,
+                    coupling="sequential",
+                    sampler="ddpm",
+                    steps=1000,
+                    n=48,  # 48,000 batch-1 network calls per seed: one seed, fewer samples
+                    seeds=1,
+                )
+                for strength, label in ((0.01, "0.01"), (0.0005, "0.0005 = 0.01 x 50/1000"))
+            ],
         ],
         domains=["thick"],
     )
