@@ -1,11 +1,11 @@
 """Throughput of the guidance modes and where an `augment` run spends its time.
 
 Side by side in one process (absolute timings on a shared 2-core machine are noisy; compare ratios):
-  1. sampling throughput (samples/s) for --guidance none | latent | posterior | lookahead(k=2),
+  1. sampling throughput (samples/s) for --guidance none | latent | noisy | posterior | lookahead(k=2),
      same seeds, batch 64, 50 DDIM steps, against 128 references;
   2. a whole `run_job` with latent guidance, with the denoiser and VAE wrapped in timers: the share of
      wall time spent in the networks (the rest is reading, filtering, PNG encoding and writing);
-  3. MMD² to a held-out half of the references for guided vs unguided samples.
+  3. MMD² to a held-out half of the references for unguided, latent- and noisy-guided samples.
 
     python benchmarks/bench_throughput.py [--ref examples/thick_digits] [--batch 64] [--steps 50] [--out bench.json]
 """
@@ -71,7 +71,7 @@ def main() -> None:
     refs128 = latents[torch.arange(128) % len(latents)]
     results: dict[str, dict] = {}
     seeds = list(range(args.batch))
-    modes = {"none": None, "latent": "latent", "posterior": "posterior", "lookahead2": "lookahead"}
+    modes = {"none": None, "latent": "latent", "noisy": "noisy", "posterior": "posterior", "lookahead2": "lookahead"}
     for rep in range(args.repeats):
         for name, mode in modes.items():
             guidance = None
@@ -94,14 +94,12 @@ def main() -> None:
 
     # alignment: guided against the guidance half, measured on the held-out half
     target = MMDTarget(guide, kernel, unbiased=False)
-    g = MMDGuidance(target, StrengthSchedule(strength))
     seeds2 = list(range(1000, 1000 + args.batch))
-    x_none = sample_latents(model.denoiser, model.scheduler, seeds2, num_steps=args.steps, eta=eta).latents
-    x_lat = sample_latents(model.denoiser, model.scheduler, seeds2, num_steps=args.steps, guidance=g, eta=eta).latents
-    alignment = {
-        "mmd2_heldout_none": float(mmd2(x_none, held, kernel)),
-        "mmd2_heldout_latent": float(mmd2(x_lat, held, kernel)),
-    }
+    alignment = {}
+    for name in ("none", "latent", "noisy"):
+        g = None if name == "none" else MMDGuidance(target, StrengthSchedule(strength), mode=name)
+        x = sample_latents(model.denoiser, model.scheduler, seeds2, num_steps=args.steps, guidance=g, eta=eta).latents
+        alignment[f"mmd2_heldout_{name}"] = float(mmd2(x, held, kernel))
 
     # whole job: share of wall time in the denoiser and the VAE
     job_model = with_sampler(load_model(None, device="cpu"), "ddim")
