@@ -20,12 +20,11 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from pipeline.models.prior_eval import class_summary, classify, generate
 from pipeline.models.shipped import SHIPPED_MODEL_DIR, load_shipped
-from pipeline.train_prior import EMA, TrainConfig, batch_indices, load_data, step_seed
+from pipeline.train_prior import EMA, Checkpointer, TrainConfig, load_data, unet_losses
 
 
 def confident(prior, labels: torch.Tensor | None, num_samples: int, steps: int = 50, eta: float = 1.0) -> dict:
@@ -42,7 +41,9 @@ def confident(prior, labels: torch.Tensor | None, num_samples: int, steps: int =
 def train_more(prior, work: Path, steps: int, dropout: float, lr: float) -> None:
     """Continue the UNet from `work/ckpt_unet.pt` (raw weights + EMA) for `steps` steps; load the EMA."""
     cfg = TrainConfig()
-    state = torch.load(work / "ckpt_unet.pt", map_location="cpu", weights_only=False)
+    state = Checkpointer(work, "unet", every_s=float("inf"), interrupt=None).load()
+    if state is None:
+        raise SystemExit(f"{work / 'ckpt_unet.pt'} not found: run `python -m pipeline.train_prior` first")
     model = prior.unet
     model.load_state_dict(state["model"])
     model.train().requires_grad_(True)
@@ -50,22 +51,13 @@ def train_more(prior, work: Path, steps: int, dropout: float, lr: float) -> None
     ema.shadow = state["ema"]
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
     stored = load_file(str(work / "latents.safetensors"))
-    latents, labels = stored["latents"], stored["labels"]
-    null_id = int(prior.info["null_class_id"])
     alphas = prior.scheduler.alphas_cumprod.to(torch.float32)
+    null_id = int(prior.info["null_class_id"])
     first = int(state["step"])
     t0 = time.monotonic()
     for step in range(first, first + steps):
-        torch.manual_seed(step_seed(cfg.seed, "unet", step))
-        idx = batch_indices(latents.shape[1], cfg.unet_batch, step, cfg.seed, "unet")
-        z0 = latents[torch.randint(0, latents.shape[0], (len(idx),)), idx]
-        y = labels[idx].clone()
-        y[torch.rand(len(y)) < dropout] = null_id
-        t = torch.randint(0, cfg.num_train_timesteps, (len(idx),))
-        eps = torch.randn_like(z0)
-        a = alphas[t].view(-1, 1, 1, 1)
-        main, head = model(a.sqrt() * z0 + (1 - a).sqrt() * eps, t, y)
-        loss = F.mse_loss(main, eps) + cfg.ig_loss_weight * F.mse_loss(head, eps)  # the training loss
+        main, head = unet_losses(model, cfg, stored["latents"], stored["labels"], alphas, null_id, step, dropout)
+        loss = main + cfg.ig_loss_weight * head  # the training loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

@@ -433,10 +433,36 @@ class EMA:
                 self.shadow[k].copy_(v)
 
 
+def unet_losses(
+    model: torch.nn.Module,
+    cfg: TrainConfig,
+    latents: torch.Tensor,
+    labels: torch.Tensor,
+    alphas_cumprod: torch.Tensor,
+    null_id: int,
+    step: int,
+    label_dropout: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Epsilon-prediction MSE of the main output and of the IG head on training step `step`'s batch
+    (seeded per step: latents [views, n, C, H, W], a random view per image, `label_dropout` of the
+    labels (default `cfg.label_dropout`) replaced by the null class)."""
+    torch.manual_seed(step_seed(cfg.seed, "unet", step))
+    idx = batch_indices(latents.shape[1], cfg.unet_batch, step, cfg.seed, "unet")
+    view = torch.randint(0, latents.shape[0], (len(idx),))
+    z0 = latents[view, idx]
+    y = labels[idx].clone()
+    dropout = cfg.label_dropout if label_dropout is None else label_dropout
+    y[torch.rand(len(y)) < dropout] = null_id  # null class -> classifier-free guidance
+    t = torch.randint(0, cfg.num_train_timesteps, (len(idx),))
+    eps = torch.randn_like(z0)
+    a = alphas_cumprod[t].view(-1, 1, 1, 1)
+    main, head = model(a.sqrt() * z0 + (1 - a).sqrt() * eps, t, y)
+    return F.mse_loss(main, eps), F.mse_loss(head, eps)
+
+
 def train_unet(cfg: TrainConfig, split: Split, work: Path, ckpt: Checkpointer) -> dict[str, Any]:
     stored = load_file(work / "latents.safetensors")
     latents, labels = stored["latents"], stored["labels"]
-    n_views, n_train = latents.shape[:2]
     num_classes = split.data.num_classes
     null_id = num_classes
     torch.manual_seed(step_seed(cfg.seed, "unet", -1))  # initial weights: a resumed run skips earlier stages
@@ -464,20 +490,8 @@ def train_unet(cfg: TrainConfig, split: Split, work: Path, ckpt: Checkpointer) -
     running = None
     for step in range(start, cfg.unet_steps):
         TUNER.begin(step)
-        torch.manual_seed(step_seed(cfg.seed, "unet", step))
-        idx = batch_indices(n_train, cfg.unet_batch, step, cfg.seed, "unet")
-        view = torch.randint(0, n_views, (len(idx),))
-        z0 = latents[view, idx]
-        y = labels[idx].clone()
-        y[torch.rand(len(y)) < cfg.label_dropout] = null_id  # null class -> classifier-free guidance
-        t = torch.randint(0, cfg.num_train_timesteps, (len(idx),))
-        eps = torch.randn_like(z0)
-        a = alphas_cumprod[t].view(-1, 1, 1, 1)
-        z_t = a.sqrt() * z0 + (1 - a).sqrt() * eps
+        loss_main, loss_head = unet_losses(model, cfg, latents, labels, alphas_cumprod, null_id, step)
         set_lr(opt, lr_at(step, cfg.unet_steps, cfg.unet_lr, min(100, cfg.unet_steps // 10 + 1)))
-        main, head = model(z_t, t, y)
-        loss_main = F.mse_loss(main, eps)
-        loss_head = F.mse_loss(head, eps)
         loss = loss_main + cfg.ig_loss_weight * loss_head  # Internal Guidance: lambda = 0.5
         opt.zero_grad(set_to_none=True)
         loss.backward()
