@@ -128,3 +128,18 @@ def test_float16_storage_loads_back_as_float32(tmp_path: Path) -> None:
     with torch.no_grad():
         a, b = model(z, t, y)[0], again(z, t, y)[0]
     torch.testing.assert_close(a, b, atol=2e-2, rtol=1e-2)
+
+
+@pytest.mark.slow
+def test_resume_accepts_changes_to_stages_still_to_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """After an interrupted VAE, the UNet's settings may change on --resume; the VAE's may not."""
+    from pipeline.training.cli import EXIT_INTERRUPTED, main
+
+    args = ["--smoke", "--threads", "1", "--work", str(tmp_path / "work"), "--out", str(tmp_path / "out")]
+    assert main([*args, "--interrupt", "vae:2"]) == EXIT_INTERRUPTED
+    with pytest.raises(SystemExit, match="vae_steps"):
+        main([*args, "--resume", "--vae-steps", "6"])
+    assert main([*args, "--resume", "--unet-steps", "2"]) == 0
+    assert "settings changed for stages still to run: ['unet_steps']" in capsys.readouterr().out
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert metrics["stages"]["unet"]["steps"] == 2

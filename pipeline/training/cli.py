@@ -27,7 +27,7 @@ from typing import Any
 from storage._atomic import atomic_write_json
 
 from .card import render_model_card, write_model_card
-from .config import PRESETS, STAGES, TrainConfig, preset_config
+from .config import PRESETS, STAGES, TrainConfig, first_stage_affected, preset_config
 from .data import load_data
 from .evaluate import assemble, evaluate
 from .loop import TUNER, Checkpointer, Interrupted, done_info, mark_done
@@ -51,7 +51,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--model-id", default=None)
     p.add_argument("--image-size", type=int, default=32)
     p.add_argument("--channels", type=int, choices=(1, 3), default=1)
-    for name in ("vae_steps", "unet_steps", "classifier_steps", "eval_samples"):
+    for name in ("vae_steps", "unet_steps", "classifier_steps", "eval_samples", "curve_every"):
         p.add_argument("--" + name.replace("_", "-"), type=int, default=None)
     p.add_argument("--label-dropout", type=float, default=None, help="share of labels replaced by the null class")
     p.add_argument("--eval-cfg-scale", type=float, default=None, help="CFG scale of the evaluated setting")
@@ -73,7 +73,7 @@ def build_config(args: argparse.Namespace) -> TrainConfig:
         over["model_id"] = args.model_id
     elif args.data != "mnist":
         over["model_id"] = f"mmd-augment/{Path(args.data).name}-ldm"
-    names = ("vae_steps", "unet_steps", "classifier_steps", "eval_samples", "label_dropout")
+    names = ("vae_steps", "unet_steps", "classifier_steps", "eval_samples", "curve_every", "label_dropout")
     for name in (*names, "eval_cfg_scale", "eval_ig_scale"):
         if getattr(args, name) is not None:
             over[name] = getattr(args, name)
@@ -82,15 +82,27 @@ def build_config(args: argparse.Namespace) -> TrainConfig:
     return preset_config("smoke" if args.smoke else args.preset, **over)
 
 
+def stage_started(work: Path, stage: str) -> bool:
+    """Whether `stage` (or any later stage) has a done marker or a checkpoint in `work`."""
+    later = STAGES[STAGES.index(stage) :]
+    return any((work / f"{s}.done.json").is_file() or (work / f"ckpt_{s}.pt").is_file() for s in later)
+
+
 def prepare_work_dir(work: Path, cfg: TrainConfig, resume: bool) -> None:
     """Check a resumed run's config, or clear an earlier run's checkpoints; record the config."""
     cfg_file = work / "config.json"
     if resume and cfg_file.is_file():
         previous = json.loads(cfg_file.read_text())
-        # evaluation settings may change between runs: the stages they don't touch stay valid
-        changed = {k for k, v in cfg.to_json().items() if previous.get(k) != v and not k.startswith("eval_")}
+        # a setting may change if every stage it affects is still to run (e.g. the UNet's steps after the VAE)
+        changed = sorted(k for k, v in cfg.to_json().items() if previous.get(k) != v)
+        settled = [k for k in changed if stage_started(work, first_stage_affected(k))]
+        if settled:
+            raise SystemExit(
+                f"--resume: config differs from {cfg_file} in {settled}, which finished or started stages depend on;"
+                " drop --resume to restart"
+            )
         if changed:
-            raise SystemExit(f"--resume: config differs from {cfg_file} in {sorted(changed)}; drop --resume to restart")
+            print(f"--resume: settings changed for stages still to run: {changed}")
     elif work.exists() and (any(work.glob("*.done.json")) or any(work.glob("ckpt_*.pt"))):
         print(f"starting from scratch: clearing previous checkpoints in {work} (use --resume to continue)")
         for p in [*work.glob("*.done.json"), *work.glob("ckpt_*.pt"), work / "latents.safetensors"]:

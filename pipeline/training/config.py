@@ -107,3 +107,27 @@ def preset_config(name: str, **overrides: Any) -> TrainConfig:
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; choose from {sorted(PRESETS)}")
     return dataclasses.replace(TrainConfig(), **{**PRESETS[name], **overrides})
+
+
+#: The first stage each setting affects (settings not listed affect every stage from the VAE on).
+_FIRST_STAGE_PREFIXES = {
+    "classifier_": "classifier",
+    "latent_views": "latents",
+    "unet_": "unet",
+    "ig_": "unet",
+    "label_dropout": "unet",
+    "ema_decay": "unet",
+    "num_train_timesteps": "unet",
+    "beta_": "unet",
+    "curve_": "unet",
+    "eval_": "eval",
+    "model_id": "eval",
+}
+
+
+def first_stage_affected(key: str) -> str:
+    """The earliest stage whose result depends on setting `key` (a resume may change later stages only)."""
+    for prefix, stage in _FIRST_STAGE_PREFIXES.items():
+        if key.startswith(prefix):
+            return stage
+    return STAGES[0]
