@@ -34,12 +34,4 @@ class LatentGuidance(GuidanceMethod):
     name = "latent"
 
     def correct_x0(self, step: GuidanceStep) -> X0Correction:
-        delta, value = latent_guidance_delta(
-            step.x0,
-            step.target,
-            step.strength,
-            x_cond=step.x_cond,
-            normalization=step.normalization,
-            memory=step.memory,
-        )
-        return X0Correction(delta, value)
+        return X0Correction(*latent_guidance_delta(step.x0, step.target, step.strength, **step.mmd_options))

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import ClassVar, NamedTuple
+from typing import ClassVar, NamedTuple, TypedDict
 
 import torch
 
@@ -34,6 +34,14 @@ AlphaSigmaFn = Callable[[float], tuple[float, float]]
 
 #: A backward pass through the denoiser costs about two forward passes (so one guided call ≈ 3).
 BACKWARD_COST = 2.0
+
+
+class MMDOptions(TypedDict):
+    """The keyword options every MMD step function takes (`latent_guidance_delta`, `noisy_guidance_update`, …)."""
+
+    x_cond: torch.Tensor | None
+    normalization: StepNormalization
+    memory: SampleMemory | None
 
 
 @dataclass(frozen=True)
@@ -72,6 +80,11 @@ class GuidanceStep:
     def remaining(self) -> int:
         """Steps left, this one included."""
         return self.num_steps - self.step_index
+
+    @property
+    def mmd_options(self) -> MMDOptions:
+        """x_cond, normalization and memory, as keywords for the methods' step functions."""
+        return MMDOptions(x_cond=self.x_cond, normalization=self.normalization, memory=self.memory)
 
 
 class X0Correction(NamedTuple):

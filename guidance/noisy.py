@@ -41,7 +41,4 @@ class NoisyGuidance(GuidanceMethod):
     name = "noisy"
 
     def correct_prev(self, x_prev: torch.Tensor, step: GuidanceStep) -> PrevCorrection:
-        new_x, value = noisy_guidance_update(
-            x_prev, step.target, step.strength, step.normalization, x_cond=step.x_cond, memory=step.memory
-        )
-        return PrevCorrection(new_x, value)
+        return PrevCorrection(*noisy_guidance_update(x_prev, step.target, step.strength, **step.mmd_options))

@@ -47,13 +47,5 @@ class PosteriorGuidance(GuidanceMethod):
         return step.x0
 
     def correct_x0(self, step: GuidanceStep) -> X0Correction:
-        delta, value = gradient_guidance_delta(
-            step.x_t,
-            self.final_x0(step),
-            step.target,
-            step.strength,
-            x_cond=step.x_cond,
-            normalization=step.normalization,
-            memory=step.memory,
-        )
-        return X0Correction(delta, value)
+        x0_hat = self.final_x0(step)
+        return X0Correction(*gradient_guidance_delta(step.x_t, x0_hat, step.target, step.strength, **step.mmd_options))
