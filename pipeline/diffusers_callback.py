@@ -404,6 +404,10 @@ class MMDGuidanceCallback(PipelineCallback):
                 log.info("every reference has the same prompt: guiding without the prompt kernel")
         y_cond = None
         if prompt_aware:
+            if "prompt_embeds" not in (getattr(pipe, "_callback_tensor_inputs", None) or []):
+                raise TypeError(
+                    f"{type(pipe).__name__} does not pass prompt_embeds to its callback: use prompt_aware=False"
+                )
             if prompts is None:
                 raise ValueError(
                     f"{ref}: prompt-aware guidance needs captions (<image>.txt or captions.jsonl/.csv) or class "

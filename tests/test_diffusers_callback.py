@@ -8,8 +8,11 @@ with batched prompts, `num_images_per_prompt` and CFG on or off, and refuse pipe
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import string
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -455,3 +458,20 @@ def test_flux_packed_latents(world):
     assert float(target.mmd2(guided)) < 0.7 * float(target.mmd2(plain))
     with pytest.raises(ValueError, match="generate at height=16, width=16"):
         guide(pipe, 0, 1.0, {"latents": torch.randn(2, 64, 16)})
+
+
+def test_example_script_help():
+    """The example for a real checkpoint (not run here: it loads weights by hub id) parses and documents itself."""
+    example = Path(__file__).resolve().parent.parent / "examples" / "diffusers_callback.py"
+    done = subprocess.run([sys.executable, str(example), "--help"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "--model" in done.stdout and "--ref" in done.stdout
+    spec = importlib.util.spec_from_file_location("diffusers_callback_example", example)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    args = module.parse_args(["--model", "some/hub-id", "--ref", "refs", "--prompt", "a", "--prompt", "b"])
+    assert (args.model, args.prompt, args.strength) == (
+        "some/hub-id",
+        ["a", "b"],
+        AugmentConfig.model_fields["strength"].default,
+    )
