@@ -543,6 +543,8 @@ def _guidance_config(
 ) -> AugmentConfig:
     """The job's validated config carrying the guidance settings (`out` and `n` are unused here)."""
     update = dict(settings)
+    if isinstance(update.get("cache_dir"), os.PathLike):
+        update["cache_dir"] = os.fspath(update["cache_dir"])
     if strength is not None:
         update["strength"] = strength
     if config is None:

@@ -279,7 +279,7 @@ def test_settings_come_from_the_jobs_config(world):
     assert len(g.memory) == 4  # the finished latents join the sample memory
     guide.reset()
     assert len(g.memory) == 0
-    off = MMDGuidanceCallback.from_references(pipe, world["refs"], strength=0.0, cache_dir=world["cache"])
+    off = MMDGuidanceCallback.from_references(pipe, world["refs"], strength=0.0, cache_dir=Path(world["cache"]))
     torch.testing.assert_close(sd_latents(pipe, off), sd_latents(pipe))
 
 
