@@ -186,8 +186,9 @@ def peak_mib(device: torch.device) -> float | None:
 # ---- the models ---------------------------------------------------------------------------------------------
 
 
-def char_tokenizer(folder: Path) -> CLIPTokenizer:
-    """A CLIP tokenizer over lower-case characters (no vocabulary download), padded to 77 tokens like SD's."""
+def char_tokenizer(folder: Path, max_length: int = 77) -> CLIPTokenizer:
+    """A CLIP tokenizer over lower-case characters (no vocabulary download; no merges), padded to `max_length`
+    tokens (77, SD's), with its vocab.json and merges.txt written to `folder`."""
     vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
     for suffix in ("", "</w>"):
         for c in string.ascii_lowercase:
@@ -195,7 +196,7 @@ def char_tokenizer(folder: Path) -> CLIPTokenizer:
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "vocab.json").write_text(json.dumps(vocab))
     (folder / "merges.txt").write_text("#version: 0.2\n")
-    return CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=77)
+    return CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=max_length)
 
 
 def build_sd15(tmp: Path, device: torch.device, dtype: torch.dtype, size: int) -> StableDiffusionPipeline:

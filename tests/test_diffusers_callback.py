@@ -9,8 +9,6 @@ with batched prompts, `num_images_per_prompt` and CFG on or off, and refuse pipe
 from __future__ import annotations
 
 import importlib.util
-import json
-import string
 import subprocess
 import sys
 from pathlib import Path
@@ -29,7 +27,7 @@ from diffusers import (
     StableDiffusionPipeline,
 )
 from PIL import Image
-from tiny_models import save_tiny_ddpm, save_tiny_dit, tiny_unet_condition, write_reference_folder
+from tiny_models import save_tiny_ddpm, save_tiny_dit, tiny_unet_condition, tiny_vae, write_reference_folder
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from guidance import ProductKernel, guidance_step
@@ -46,6 +44,7 @@ from pipeline.diffusers_callback import (
 from pipeline.sampling import initial_noise, sample_latents
 from storage.errors import InputError
 
+REPO = Path(__file__).resolve().parent.parent
 PROMPTS = ["red", "blue"]
 STEPS = 4
 
@@ -54,19 +53,12 @@ STEPS = 4
 
 
 def tiny_clip(tmp: Path) -> tuple[CLIPTextModel, CLIPTokenizer]:
-    """A 2-layer CLIP text encoder (hidden 12 = the tiny UNet's cross-attention width) and a character-level
-    CLIP tokenizer whose vocabulary is written to `tmp` (lower-case letters; no merges)."""
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-    for suffix in ("", "</w>"):
-        for c in string.ascii_lowercase:
-            vocab[c + suffix] = len(vocab)
-    tmp.mkdir(parents=True, exist_ok=True)
-    (tmp / "vocab.json").write_text(json.dumps(vocab))
-    (tmp / "merges.txt").write_text("#version: 0.2\n")
-    tokenizer = CLIPTokenizer(str(tmp / "vocab.json"), str(tmp / "merges.txt"), model_max_length=16)
+    """A 2-layer CLIP text encoder (hidden 12 = the tiny UNet's cross-attention width) and the benchmark's
+    character-level CLIP tokenizer (vocabulary written to `tmp`, 16 tokens)."""
+    tokenizer = load_benchmark().char_tokenizer(tmp, max_length=16)
     torch.manual_seed(0)
     config = CLIPTextConfig(
-        vocab_size=len(vocab),
+        vocab_size=len(tokenizer),
         hidden_size=12,
         intermediate_size=24,
         num_hidden_layers=2,
@@ -80,21 +72,16 @@ def tiny_clip(tmp: Path) -> tuple[CLIPTextModel, CLIPTokenizer]:
 
 
 def tiny_rgb_vae(**config) -> AutoencoderKL:
-    """3-channel AutoencoderKL, 16x16 images -> 4x8x8 latents. The scaling factor brings the random
-    encoder's latents (std 0.27) to the scale of the random denoisers' samples, so the kernel sees both."""
-    torch.manual_seed(0)
-    return AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        latent_channels=4,
-        block_out_channels=(8, 16),
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        layers_per_block=1,
-        norm_num_groups=4,
-        sample_size=16,
-        **{"scaling_factor": 20.0, **config},
-    ).eval()
+    """3-channel tiny VAE. The scaling factor brings the random encoder's latents (std 0.27) to the scale of
+    the random denoisers' samples, so the kernel sees both."""
+    return tiny_vae(3, **{"scaling_factor": 20.0, **config}).eval()
+
+
+def load_benchmark():
+    spec = importlib.util.spec_from_file_location("bench_real_size", REPO / "benchmarks" / "bench_real_size.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def tiny_sd(tmp: Path) -> StableDiffusionPipeline:
@@ -462,7 +449,7 @@ def test_flux_packed_latents(world):
 
 def test_example_script_help():
     """The example for a real checkpoint (not run here: it loads weights by hub id) parses and documents itself."""
-    example = Path(__file__).resolve().parent.parent / "examples" / "diffusers_callback.py"
+    example = REPO / "examples" / "diffusers_callback.py"
     done = subprocess.run([sys.executable, str(example), "--help"], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert "--model" in done.stdout and "--ref" in done.stdout

@@ -43,7 +43,8 @@ def save_tiny_ddpm(path: Path, channels: int = 1, size: int = 16) -> Path:
     return path
 
 
-def tiny_vae(channels: int = 1) -> AutoencoderKL:
+def tiny_vae(channels: int = 1, **config) -> AutoencoderKL:
+    """16x16 images -> 4x8x8 latents; `config` overrides (scaling_factor, shift_factor, ...)."""
     torch.manual_seed(0)
     return AutoencoderKL(
         in_channels=channels,
@@ -55,6 +56,7 @@ def tiny_vae(channels: int = 1) -> AutoencoderKL:
         layers_per_block=1,
         norm_num_groups=4,
         sample_size=16,
+        **config,
     )
 
 
