@@ -20,10 +20,12 @@ batches and records the peak after each (memory must be flat in the number of sa
 DiT-XL/2-shaped transformer through the job's loop (`--dit`), and on CUDA an out-of-memory error provoked
 through the `augment` CLI to check its advice message (`--oom-check`).
 
-    # this 2-core CPU, 256x256 (32x32 latents): ~15-25 minutes; absolute numbers drift with load, compare ratios
-    python benchmarks/bench_real_size.py --size 256 --batch-sizes 2 --steps 2 --out runs/bench_real_size_cpu.json
+    # this 2-core CPU, 256x256 (32x32 latents), about 25 minutes; absolute numbers drift with the machine's load
+    # (seconds_per_denoiser_forward shows it), so compare ratios from a run on an otherwise idle machine
+    python benchmarks/bench_real_size.py --size 256 --batch-sizes 2 --steps 2 --repeats 3 \
+        --out runs/bench_real_size_cpu.json
     # one GPU: 512x512, bf16/fp16 (MMD math in float32), VAE slicing, batch sizes up to memory, OOM advice check
-    python benchmarks/bench_real_size.py --size 512 --batch-sizes 1,4,8,16,32 --steps 30 --dit --oom-check \
+    python benchmarks/bench_real_size.py --size 512 --batch-sizes 1,4,8,16,32 --steps 30 --repeats 3 --dit --oom-check \
         --out runs/bench_real_size_gpu.json
 """
 
@@ -144,9 +146,13 @@ class Timed:
     """Wraps a callable and accumulates its wall time (synchronising the GPU around it)."""
 
     def __init__(self, fn: Callable[..., Any], device: torch.device):
-        self.fn, self.device, self.seconds = fn, device, 0.0
+        self.fn, self.device, self.seconds, self.calls = fn, device, 0.0, 0
+
+    def reset(self) -> None:
+        self.seconds, self.calls = 0.0, 0
 
     def __call__(self, *args, **kwargs):
+        self.calls += 1
         synchronize(self.device)
         t = time.perf_counter()
         try:
@@ -282,7 +288,8 @@ class Bench:
         return [("a photo of a cat", "a painting of a dog")[i % 2] for i in range(batch)]
 
     def measure(self, run: Callable[[], Any]) -> dict[str, Any]:
-        self.unet_timer.seconds = self.decode_timer.seconds = 0.0
+        self.unet_timer.reset()
+        self.decode_timer.reset()
         reset_peak(self.device)
         synchronize(self.device)
         t = time.perf_counter()
@@ -291,7 +298,10 @@ class Bench:
         wall = time.perf_counter() - t
         return {
             "seconds": wall,
-            "denoiser_seconds": self.unet_timer.seconds,
+            "denoiser_seconds": self.unet_timer.seconds,  # forward passes only (not posterior's backward)
+            "denoiser_forward_calls": self.unet_timer.calls,
+            # the machine's speed during this run: compare it across rows before trusting a ratio
+            "seconds_per_denoiser_forward": self.unet_timer.seconds / max(1, self.unet_timer.calls),
             "vae_seconds": self.decode_timer.seconds,
             "denoiser_share": self.unet_timer.seconds / wall,
             "vae_share": self.decode_timer.seconds / wall,
@@ -353,21 +363,27 @@ class Bench:
 def run_batch(bench: Bench, batch: int, modes: list[str], callback: MMDGuidanceCallback) -> dict[str, Any]:
     bench.warmup(batch)
     rows: dict[str, Any] = {}
+    names = [f"job/{mode}" for mode in modes] + ["stock", "stock+callback"]
     for rep in range(bench.args.repeats):
         trial = {}
-        for mode in modes:
-            # memory flat in the number of samples: the default-guidance run makes two batches, peak after each
-            batches = 2 if mode == bench.defaults.guidance and bench.args.flat_check else 1
-            trial[f"job/{mode}"] = bench.job(mode, batch, batches)
-        trial["stock"] = bench.stock(batch, None)
-        trial["stock+callback"] = bench.stock(batch, callback)
-        for name, row in trial.items():
+        order = names[rep % len(names) :] + names[: rep % len(names)]  # rotate: load drift spreads over rows
+        for name in order:
+            if name.startswith("job/"):
+                mode = name.removeprefix("job/")
+                # memory flat in the number of samples: the default-guidance run makes two batches, peak after each
+                batches = 2 if mode == bench.defaults.guidance and bench.args.flat_check else 1
+                trial[name] = bench.job(mode, batch, batches)
+            else:
+                trial[name] = bench.stock(batch, callback if name == "stock+callback" else None)
+        for name in names:
+            row = trial[name]
             best = rows.get(name)
             row["samples_per_second"] = row["samples"] / row["seconds"]
             print(
                 f"[batch {batch} rep {rep}] {name:16s} {row['samples_per_second']:8.4f} samples/s  "
                 f"denoiser {row['denoiser_share']:5.1%}  vae {row['vae_share']:5.1%}  "
-                f"peak {row['peak_memory_mib'] or float('nan'):9.0f} MiB",
+                f"peak {row['peak_memory_mib'] or float('nan'):9.0f} MiB  "
+                f"{row['seconds_per_denoiser_forward']:6.2f} s/forward",
                 flush=True,
             )
             if best is None or row["samples_per_second"] > best["samples_per_second"]:
@@ -510,7 +526,7 @@ def main() -> None:
         help="default-guidance run makes two batches and compares peak memory (default: on CUDA only)",
     )
     ap.add_argument("--references", type=int, default=None, help="reference images (default: 32 on CUDA, 8 on CPU)")
-    ap.add_argument("--repeats", type=int, default=1, help="best of this many")
+    ap.add_argument("--repeats", type=int, default=1, help="best of this many (the run order rotates per repeat)")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--dtype", default="auto", help="auto = float32 on CPU, bfloat16 (else float16) on CUDA")
     ap.add_argument("--dit", action="store_true", help="also time the job's loop on a DiT-XL/2-shaped transformer")
