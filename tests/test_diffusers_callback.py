@@ -462,3 +462,16 @@ def test_example_script_help():
         ["a", "b"],
         AugmentConfig.model_fields["strength"].default,
     )
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_pipeline_on_cuda(world, dtype):
+    """A half-precision pipeline on the GPU: the callback's math runs in float32, the latents keep their dtype."""
+    pipe = tiny_sd(world["tmp"] / f"gpu-{dtype}").to("cuda", dtype)
+    guide = MMDGuidanceCallback.from_references(pipe, world["refs"], strength=0.2, cache_dir=world["cache"])
+    plain = sd_latents(pipe, cfg=4.0, per_prompt=2)
+    guided = sd_latents(pipe, guide, cfg=4.0, per_prompt=2)
+    assert guided.dtype == dtype and guided.device.type == "cuda" and torch.isfinite(guided).all()
+    target = guide.guidance.target
+    assert float(target.mmd2(guided.float())) < float(target.mmd2(plain.float()))
