@@ -17,8 +17,8 @@ What it shares with the `augment` job (nothing is re-implemented here):
   pipeline's own VAE and cached as a reference bundle (`storage.bundle`, the job's cache folder);
 - the sample kernel comes from `pipeline.reference.build_kernel` (median-heuristic bandwidth), the guidance
   settings (strength schedule, step normalisation, sample memory) from `pipeline.worker.make_guidance`, all
-  from one validated `AugmentConfig`; the update is the job's `noisy` update (`MMDTarget.grad` and
-  `guidance.schedules.guidance_step`, as in `pipeline.sampling.sample_latents`);
+  from one validated `AugmentConfig`; the update is the job's `noisy` method's own function,
+  `guidance.noisy.noisy_guidance_update`;
 - the gradient is batch-coupled: MMD² over the whole batch of latents at that step (all prompts ×
   `num_images_per_prompt`); under classifier-free guidance the callback sees the un-doubled batch.
 
@@ -53,7 +53,14 @@ from typing import Any
 import torch
 from diffusers.callbacks import PipelineCallback
 
-from guidance import EmbeddingKernel, MMDGuidance, MMDTarget, ProductKernel, StrengthSchedule, guidance_step
+from guidance import (
+    EmbeddingKernel,
+    MMDGuidance,
+    MMDTarget,
+    ProductKernel,
+    StrengthSchedule,
+    noisy_guidance_update,
+)
 from guidance.kernels import ConditionKernel, median_pairwise_distance
 from storage.bundle import bundle_dir, load_bundle, save_bundle
 from storage.references import read_references
@@ -62,7 +69,17 @@ from .config import AugmentConfig
 from .reference import MIN_REFERENCES, ReferenceBundle, build_kernel, default_cache_dir, split_holdout
 from .worker import make_guidance
 
-__all__ = ["LatentEncoding", "MMDGuidanceCallback", "encode_references", "latent_encoding", "pipeline_fingerprint"]
+__all__ = [
+    "LatentEncoding",
+    "MMDGuidanceCallback",
+    "check_pipeline",
+    "default_resolution",
+    "encode_references",
+    "latent_encoding",
+    "pipeline_fingerprint",
+    "pool_prompt_embeds",
+    "pooled_prompt_embeddings",
+]
 
 log = logging.getLogger(__name__)
 
@@ -296,18 +313,6 @@ def pool_prompt_embeds(embeds: torch.Tensor) -> torch.Tensor:
 # --------------------------------------------------------------------------------------------------------
 
 
-def noisy_update(
-    guidance: MMDGuidance, x: torch.Tensor, strength: float, x_cond: torch.Tensor | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(guided x, MMD² before the move): the job's `noisy` step on a noisy latent x [B, ...].
-
-    The same calls as `pipeline.sampling.sample_latents` after `sched.step` in mode `noisy`: the closed-form
-    ∇_x MMD²(x, Y) of the target (float32), turned into a step by `guidance_step` with the job's normalisation.
-    """
-    grad, value = guidance.target.grad(x.float(), x_cond=x_cond, memory=guidance.memory)
-    return (x - guidance_step(grad, x, strength, guidance.normalization)).to(x.dtype), value
-
-
 class MMDGuidanceCallback(PipelineCallback):
     """Batch MMD guidance of a diffusers pipeline toward a reference set, as a `callback_on_step_end`.
 
@@ -477,7 +482,8 @@ class MMDGuidanceCallback(PipelineCallback):
         x = self._unpack(pipeline, latents)
         cond = self._conditions(callback_kwargs, x.shape[0]) if self.prompt_aware else None
         if strength > 0:
-            x, value = noisy_update(self.guidance, x, strength, cond)
+            g = self.guidance
+            x, value = noisy_guidance_update(x, g.target, strength, g.normalization, x_cond=cond, memory=g.memory)
             self._trace.append(value.detach())
             callback_kwargs["latents"] = self._pack(pipeline, x, latents)
         if remember:

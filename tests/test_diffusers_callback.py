@@ -30,7 +30,7 @@ from PIL import Image
 from tiny_models import save_tiny_ddpm, save_tiny_dit, tiny_unet_condition, tiny_vae, write_reference_folder
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-from guidance import ProductKernel, guidance_step
+from guidance import ProductKernel, guidance_step, noisy_guidance_update
 from pipeline.adapters import UNet2DConditionAdapter
 from pipeline.config import AugmentConfig
 from pipeline.diffusers_callback import (
@@ -38,7 +38,6 @@ from pipeline.diffusers_callback import (
     MMDGuidanceCallback,
     encode_references,
     latent_encoding,
-    noisy_update,
     pool_prompt_embeds,
 )
 from pipeline.sampling import initial_noise, sample_latents
@@ -419,7 +418,7 @@ def test_flux_packed_latents(world):
     x = torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(5))
     packed = FluxPipeline._pack_latents(x, 3, 4, 8, 8)
     out = guide(pipe, 1, pipe.scheduler.timesteps[1], {"latents": packed})["latents"]
-    expected, _ = noisy_update(guide.guidance, x, 0.2)
+    expected, _ = noisy_guidance_update(x, guide.guidance.target, 0.2, guide.guidance.normalization)
     torch.testing.assert_close(out, FluxPipeline._pack_latents(expected, 3, 4, 8, 8))
 
     # whole runs on a batch of 4 prompt embeddings (Flux does not repeat given embeddings per image)
