@@ -21,7 +21,7 @@ from .lookahead import ddim_lookahead_x0, gradient_guidance_delta, lookahead_tim
 from .mmd import MMDTarget, SampleMemory, mmd2, mmd2_grad, mmd_contributions, nearest_reference_distance
 from .mmd_guidance import GUIDANCE_MODES, GuidanceMode, MMDGuidance
 from .parameterization import from_x0_eps, to_x0_eps
-from .schedules import StepNormalization, StrengthSchedule, guidance_step
+from .schedules import StepNormalization, StrengthSchedule, attraction_bounded_step, guidance_step
 
 __all__ = [
     "GUIDANCE_MODES",
@@ -40,6 +40,7 @@ __all__ = [
     "SampleMemory",
     "StepNormalization",
     "StrengthSchedule",
+    "attraction_bounded_step",
     "cfg_combine",
     "ddim_lookahead_x0",
     "from_x0_eps",
