@@ -118,3 +118,28 @@ def test_strength_auto_records_its_choice_in_run_json_and_resumes_from_it(tiny, 
     assert run_job(cfg).strength == pilot["chosen"]
     other = tiny_job_config(tiny, tmp_path / "other", n=16, shard_size=8, pilot_samples=8, pilot_max_strength=0.02)
     assert run_job(other).strength == pilot["chosen"]
+
+
+def test_the_eval_report_shows_the_pilot():
+    from dataclasses import asdict
+
+    from pipeline.evaluation.report import pilot_figure, pilot_section
+
+    base = _candidate(0.0, 0.02)
+    cands = [_candidate(0.01, 0.01), _candidate(0.02, 0.005, coverage=0.2)]
+    cands[1].feasible, cands[1].violations = False, ["coverage 0.2 < 0.9 x unguided 0.9"]
+    pilot = {
+        "chosen": 0.01,
+        "reason": "lowest MMD² among 1 feasible candidate(s)",
+        "baseline": asdict(base),
+        "candidates": [asdict(c) for c in cands],
+        "feature_space": "decoded images at 32x32 pixels",
+        "samples_generated": 192,
+        "seconds": 12.5,
+        "cost_fraction_of_job": 0.02,
+        "heldout_references": 30,
+    }
+    html = pilot_section(pilot)
+    assert "chosen s = 0.01" in html and "coverage 0.2 &lt; 0.9" in html and html.count("<tr>") == 4
+    assert pilot_figure(pilot).startswith(b"\x89PNG")
+    assert pilot_section(None) == ""
