@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import re
 import sys
 import time
@@ -61,15 +62,24 @@ START, END = "<!-- domain-suite:start -->", "<!-- domain-suite:end -->"
 
 
 def arm_settings(arm: str) -> dict[str, Any]:
-    """Config overrides of an arm: "default", "unguided", or "<guidance>@<strength|auto>"."""
-    if arm == "default":
-        return {}
-    if arm == "unguided":
-        return {"guidance": "none"}
-    mode, _, strength = arm.partition("@")
-    if not strength:
-        raise SystemExit(f"arm {arm!r}: use default, unguided or <guidance>@<strength|auto>")
-    return {"guidance": mode, "strength": strength if strength == "auto" else float(strength)}
+    """Config overrides of an arm: "default", "unguided" or "<guidance>@<strength|auto>", then optional
+    ",key=value" settings (JSON values), e.g. "default,cfg_scale=2" or "default,label_filter=true"."""
+    base, *extras = arm.split(",")
+    if base == "default":
+        out: dict[str, Any] = {}
+    elif base == "unguided":
+        out = {"guidance": "none"}
+    else:
+        mode, _, strength = base.partition("@")
+        if not strength:
+            raise SystemExit(f"arm {arm!r}: use default, unguided or <guidance>@<strength|auto>, then ,key=value")
+        out = {"guidance": mode, "strength": strength if strength == "auto" else float(strength)}
+    for extra in extras:
+        key, sep, value = extra.partition("=")
+        if not sep:
+            raise SystemExit(f"arm {arm!r}: {extra!r} is not key=value")
+        out[key] = json.loads(value)
+    return out
 
 
 def write_folder(root: Path, images: np.ndarray, labels: np.ndarray, rows: np.ndarray) -> None:
@@ -190,7 +200,7 @@ def run_domain(name: str, root: Path, plain: torch.Tensor, args: argparse.Namesp
     print(
         f"{name}: references alone {result['utility_real']['mean']:.3f} ({time.perf_counter() - t:.0f} s)", flush=True
     )
-    grids = [("references", refs.images), ("test images", test.images)]
+    grids = [("references", refs.images[_by_class(refs.labels)]), ("test images", test.images[_by_class(test.labels)])]
     for arm in args.arms:
         t = time.perf_counter()
         overrides = dict(arm_settings(arm))
@@ -198,7 +208,7 @@ def run_domain(name: str, root: Path, plain: torch.Tensor, args: argparse.Namesp
             overrides["steps"] = args.steps
         cfg = AugmentConfig(
             ref=str(root / "refs"),
-            out=str(args.out / "runs" / name / arm.replace("@", "-")),
+            out=str(args.out / "runs" / name / re.sub(r"[^A-Za-z0-9._-]+", "-", arm)),
             n=args.n,
             shard_size=args.shard_size,
             cache_dir=str(args.out / "cache"),
@@ -212,13 +222,18 @@ def run_domain(name: str, root: Path, plain: torch.Tensor, args: argparse.Namesp
         if arm in args.utility_arms:
             metrics["utility"] = utility(refs, syn, test, args.seeds, args.utility_steps)
         result["arms"][arm] = metrics
-        order = torch.argsort(syn.labels, stable=True)[:: max(1, len(syn.labels) // 32)][:32]
-        grids.append((f"{arm} (s={_fmt(metrics['strength'])})", syn.images[order]))
+        grids.append((f"{arm} (s={_fmt(metrics['strength'])})", syn.images[_by_class(syn.labels)]))
         print(f"{name} {arm}: {_line(metrics)} ({time.perf_counter() - t:.0f} s)", flush=True)
     args.grids.mkdir(parents=True, exist_ok=True)
     (args.grids / f"{name}.png").write_bytes(grids_figure(grids, ncol=8, max_images=32))
     result["floors"] = floors(result)
     return result
+
+
+def _by_class(labels: torch.Tensor, count: int = 32) -> torch.Tensor:
+    """`count` indices spread evenly over the images sorted by class (every class shown)."""
+    order = torch.argsort(labels, stable=True)
+    return order[torch.linspace(0, len(order) - 1, min(count, len(order))).round().long()]
 
 
 def floors(result: dict[str, Any]) -> dict[str, bool] | None:
@@ -363,6 +378,8 @@ def main(argv: list[str] | None = None) -> None:
     args.grids = args.grids or args.results.parent / "results" / "suite"
     args.command = "python benchmarks/domain_suite.py " + " ".join(sys.argv[1:] if argv is None else argv)
     args.out.mkdir(parents=True, exist_ok=True)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("pipeline.pilot").setLevel(logging.INFO)
     t0 = time.perf_counter()
     folders, plain = prepare_data(args.out, args.domains)
     clf = load_shipped_classifier()

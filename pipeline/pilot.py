@@ -14,11 +14,14 @@ between domains. Before the job, the pilot:
    held-out features), lower is better;
 4. under constraints that keep alignment from being bought with fidelity or diversity (MMD² alone calls a
    collapse onto one blob shape "better"):
-   - precision no lower than unguided (within one binomial standard error of the pilot batch),
-   - coverage at least 0.9 × unguided (no collapse),
+   - precision no lower than unguided (within one binomial standard error of the pilot batch; k = 3),
+   - coverage at least 0.9 × unguided, and the median distance from a sample to its nearest other sample
+     at least half of unguided's (no collapse onto a few shapes: near-duplicates drive it to 0),
    - labelled runs: the judged class histogram no further from the plan than unguided + 0.1 in total
      variation (no class collapse),
-   - garbage (outside the guide references' support, the filter's rule) at most unguided + 2 points;
+   - garbage at most unguided + 2 points: samples outside the guide references' support (the filter's
+     rule, latent space) or, in the scoring space, farther from every reference than any reference is
+     from its nearest other one (`evaluation.metrics.garbage`);
 5. searches by doubling from `pilot_start` while candidates stay feasible and improve, up to
    `pilot_max_strength`, then refines around the best (×√2 on either side not yet tried), as
    training-free guidance searches do, and keeps the feasible candidate with the lowest MMD² if it beats
@@ -53,7 +56,7 @@ from .evaluation.features import (
     fit_images,
     shipped_classifier_available,
 )
-from .evaluation.metrics import prdc
+from .evaluation.metrics import garbage, nearest_neighbour_distances, prdc
 from .plan import ShardPlan, assign_classes, primary_count
 from .seeding import derive_seed
 
@@ -68,6 +71,8 @@ IRRELEVANT_FIELDS = frozenset(
 
 #: Constraint margins (see the module doc).
 COVERAGE_FRACTION = 0.9
+SPREAD_FRACTION = 0.5
+PRDC_K = 3
 CLASS_TV_MARGIN = 0.1
 GARBAGE_MARGIN = 0.02
 
@@ -88,7 +93,8 @@ class Candidate:
     precision: float
     recall: float
     coverage: float
-    garbage: float  # fraction outside the guide references' support
+    garbage: float  # fraction outside the guide references' support or far from every reference (features)
+    spread: float  # median distance from a sample to its nearest other sample (features)
     class_tv: float | None  # total variation between the judged class histogram and the plan (labelled)
     seconds: float
     feasible: bool = True
@@ -98,11 +104,14 @@ class Candidate:
 def is_feasible(c: Candidate, base: Candidate, n: int) -> list[str]:
     """The constraints `c` violates against the unguided baseline `base` (empty: feasible)."""
     out = []
-    tol = math.sqrt(max(base.precision * (1 - base.precision), 1e-12) / max(n, 1))
+    n = max(n, 1)
+    tol = math.sqrt(max(base.precision * (1 - base.precision), 1 / n) / n)  # at least one sample's worth
     if c.precision < base.precision - tol:
         out.append(f"precision {c.precision:.3f} < unguided {base.precision:.3f} - {tol:.3f}")
     if c.coverage < COVERAGE_FRACTION * base.coverage:
         out.append(f"coverage {c.coverage:.3f} < {COVERAGE_FRACTION} x unguided {base.coverage:.3f}")
+    if c.spread < SPREAD_FRACTION * base.spread:
+        out.append(f"spread {c.spread:.3g} < {SPREAD_FRACTION} x unguided {base.spread:.3g} (collapse)")
     if c.class_tv is not None and base.class_tv is not None and c.class_tv > base.class_tv + CLASS_TV_MARGIN:
         out.append(
             f"class histogram off the plan by {c.class_tv:.3f} > unguided {base.class_tv:.3f} + {CLASS_TV_MARGIN}"
@@ -243,11 +252,12 @@ def run_pilot(ctx: Any) -> dict[str, Any]:
     features = feature_space(cfg.model, model.image_channels, model.image_size)
     held_feats = extract(features, model.decode(held_latents.to(model.device), batch_size=cfg.batch_size))
     bandwidth = float(median_pairwise_distance(held_feats))
+    ref_feats = torch.cat([held_feats, extract(features, model.decode(guide.latents.to(model.device)))])
     kernel = RBFKernel(bandwidth)
     n = cfg.pilot_samples
     pilot_cfg = cfg.model_copy(update={"seed": seed, "strength": 0.0})
     labels = assign_classes(pilot_cfg, ShardPlan(0, 0, n, n), ctx.proportions)
-    k = max(1, min(5, n - 1, len(held_feats) - 1))
+    k = max(1, min(PRDC_K, n - 1, len(held_feats) - 1))
 
     def evaluate(strength: float) -> Candidate:
         t = time.perf_counter()
@@ -265,6 +275,7 @@ def run_pilot(ctx: Any) -> dict[str, Any]:
         feats = extract(features, images)
         quality = prdc(feats, held_feats, k=k)
         outside = nearest_reference_distance(latents, guide.latents) > cfg.support_radius * bundle.bandwidth
+        far = torch.tensor(garbage(feats, ref_feats)["mask"], dtype=torch.bool)
         tv = None
         if labels is not None and ctx.judge is not None and ctx.proportions is not None:
             tv = class_tv(ctx.judge(latents, images), ctx.proportions)
@@ -274,7 +285,8 @@ def run_pilot(ctx: Any) -> dict[str, Any]:
             precision=quality["precision"],
             recall=quality["recall"],
             coverage=quality["coverage"],
-            garbage=float(outside.double().mean()),
+            garbage=float((outside | far).double().mean()),
+            spread=float(nearest_neighbour_distances(feats).median()),
             class_tv=tv,
             seconds=time.perf_counter() - t,
         )

@@ -89,6 +89,7 @@ def test_arms_parse(suite):
     assert suite.arm_settings("unguided") == {"guidance": "none"}
     assert suite.arm_settings("noisy@auto") == {"guidance": "noisy", "strength": "auto"}
     assert suite.arm_settings("latent@0.02") == {"guidance": "latent", "strength": 0.02}
+    assert suite.arm_settings("default,cfg_scale=2,label_filter=true") == {"cfg_scale": 2, "label_filter": True}
     with pytest.raises(SystemExit):
         suite.arm_settings("latent")
 

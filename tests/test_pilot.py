@@ -15,8 +15,8 @@ from pipeline.job import run_job
 from pipeline.pilot import Candidate, choose, class_tv, is_feasible, search
 
 
-def _candidate(s: float, mmd2: float, precision=0.8, coverage=0.9, garbage=0.0, class_tv=0.05) -> Candidate:
-    return Candidate(s, mmd2, precision, 0.8, coverage, garbage, class_tv, seconds=0.0)
+def _candidate(s: float, mmd2: float, precision=0.8, coverage=0.9, garbage=0.0, class_tv=0.05, spread=1.0) -> Candidate:
+    return Candidate(s, mmd2, precision, 0.8, coverage, garbage, spread, class_tv, seconds=0.0)
 
 
 def _bowl(best: float, collapse_above: float = math.inf):
@@ -70,8 +70,11 @@ def test_constraints_name_what_they_violate():
     assert is_feasible(_candidate(0.01, 0.1), base, n=64) == []
     tol = math.sqrt(0.8 * 0.2 / 64)
     assert is_feasible(_candidate(0.01, 0.1, precision=0.8 - tol / 2), base, n=64) == []  # within noise
-    bad = is_feasible(_candidate(0.01, 0.1, precision=0.6, garbage=0.05, class_tv=0.3, coverage=0.5), base, n=64)
-    assert [v.split()[0] for v in bad] == ["precision", "coverage", "class", "garbage"]
+    worst = _candidate(0.01, 0.1, precision=0.6, garbage=0.05, class_tv=0.3, coverage=0.5, spread=0.2)
+    bad = is_feasible(worst, base, n=64)
+    assert [v.split()[0] for v in bad] == ["precision", "coverage", "spread", "class", "garbage"]
+    perfect = _candidate(0.0, 1.0, precision=1.0)
+    assert is_feasible(_candidate(0.01, 0.1, precision=1 - 1 / 64), perfect, n=64) == []  # one sample's worth
 
 
 def test_class_tv_counts_other_classes_as_off_plan():

@@ -170,11 +170,13 @@ def pilot_section(pilot: dict[str, Any] | None) -> str:
     for c in [pilot.get("baseline"), *pilot.get("candidates", [])]:
         if c:
             rows.append(
-                [c["strength"], c["mmd2"], c["precision"], c["recall"], c["coverage"], c["garbage"], c["class_tv"],
-                 "; ".join(c.get("violations", [])) or ("baseline" if c["strength"] == 0 else "ok")]
+                [c["strength"], c["mmd2"], c["precision"], c["recall"], c["coverage"], c.get("spread"), c["garbage"],
+                 c["class_tv"], "; ".join(c.get("violations", [])) or ("baseline" if c["strength"] == 0 else "ok")]
             )  # fmt: skip
     parts.append(
-        _table(["s", "MMD²", "precision", "recall", "coverage", "garbage", "class TV", "constraints"], rows, True)
+        _table(
+            ["s", "MMD²", "precision", "recall", "coverage", "spread", "garbage", "class TV", "constraints"], rows, True
+        )
     )
     return "\n".join(parts)
 
