@@ -9,9 +9,9 @@ between domains. Before the job, the pilot:
    candidate strength, every candidate from the same seeds (common random numbers: differences between
    candidates come from the strength, not from the noise), plus the unguided baseline (s = 0);
 3. scores each candidate by alignment to the held-out part in a feature space *other than the guided
-   latent space* (the shipped digit classifier's penultimate features for the shipped prior, else the
-   decoded images downsampled to at most 32×32 pixels): unbiased RBF MMD² (median bandwidth of the
-   held-out features), lower is better;
+   latent space* (the shipped digit classifier's penultimate features for the shipped prior when the
+   classifier can read the references, else the decoded images downsampled to at most 32×32 pixels; see
+   `feature_space`): unbiased RBF MMD² (median bandwidth of the held-out features), lower is better;
 4. under constraints that keep alignment from being bought with fidelity or diversity (MMD² alone calls a
    collapse onto one blob shape "better"):
    - precision no lower than unguided (within one binomial standard error of the pilot batch; k = 3),
@@ -54,6 +54,7 @@ from .evaluation.features import (
     classifier_extractor,
     extract,
     fit_images,
+    load_shipped_classifier,
     shipped_classifier_available,
 )
 from .evaluation.metrics import garbage, nearest_neighbour_distances, prdc
@@ -82,6 +83,8 @@ FALLBACK_STRENGTH = 0.01  # the sweep's best on the two example domains (docs/re
 
 #: Largest side of the downsampled-pixel feature space (models without the shipped classifier).
 PIXEL_FEATURE_SIZE = 32
+#: The shipped classifier's features score the pilot only if it reads the held-out references this well.
+READABLE = 0.8
 
 
 @dataclass
@@ -186,12 +189,33 @@ def pilot_key(cfg: AugmentConfig, reference_hash: str, model_id: str, files: lis
     return hashlib.sha256(json.dumps(payload, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
-def feature_space(model_spec: str | None, channels: int, size: int) -> FeatureExtractor:
-    """The pilot's scoring space, never the guided latent space: the shipped classifier's features for the
-    shipped prior, else decoded images downsampled to at most PIXEL_FEATURE_SIZE (coarse structure: stroke,
-    slant, layout, colour; not texture-level noise)."""
+def feature_space(
+    model_spec: str | None, channels: int, size: int, references: torch.Tensor, digits: torch.Tensor | None = None
+) -> FeatureExtractor:
+    """The pilot's scoring space, never the guided latent space.
+
+    The shipped classifier's penultimate features when the run uses the shipped prior *and* the classifier
+    reads the (decoded, held-out) `references`: accuracy >= READABLE on their `digits` when the class folders
+    are digits, else a mean top-class probability >= READABLE. A shift it cannot read (a grey background,
+    heavy noise) puts its features out of their range, where distances mean nothing. Otherwise the decoded
+    images downsampled to at most PIXEL_FEATURE_SIZE: coarse structure (stroke, slant, layout, contrast,
+    colour) without texture-level noise.
+    """
     if model_spec in (None, "shipped") and shipped_classifier_available():
-        return classifier_extractor()
+        clf = load_shipped_classifier()
+        extractor = classifier_extractor(clf)
+        with torch.no_grad():
+            probs = torch.cat([clf.fc(extractor.fn(c)).softmax(1).cpu() for c in references.split(256)])
+        if digits is not None:
+            read = float((probs.argmax(1) == digits.cpu()).double().mean())
+            how = "accuracy"
+        else:
+            read = float(probs.max(1).values.double().mean())
+            how = "mean confidence"
+        if read >= READABLE:
+            extractor.description += f" (its {how} on the held-out references: {read:.2f})"
+            return extractor
+        log.info("pilot: the shipped classifier cannot read these references (%s %.2f): pixel features", how, read)
     side = min(size, PIXEL_FEATURE_SIZE)
     return FeatureExtractor(
         "pixels",
@@ -249,8 +273,12 @@ def run_pilot(ctx: Any) -> dict[str, Any]:
     model = ctx.model
     held_latents = bundle.latents[held_mask]
     guide_target = build_target(cfg, guide, model.device)
-    features = feature_space(cfg.model, model.image_channels, model.image_size)
-    held_feats = extract(features, model.decode(held_latents.to(model.device), batch_size=cfg.batch_size))
+    held_images = model.decode(held_latents.to(model.device), batch_size=cfg.batch_size)
+    digits = None
+    if ctx.model_labels is not None and bundle.labels is not None:
+        digits = torch.tensor([ctx.model_labels[int(c)] for c in bundle.labels[held_mask]])
+    features = feature_space(cfg.model, model.image_channels, model.image_size, held_images, digits)
+    held_feats = extract(features, held_images)
     bandwidth = float(median_pairwise_distance(held_feats))
     ref_feats = torch.cat([held_feats, extract(features, model.decode(guide.latents.to(model.device)))])
     kernel = RBFKernel(bandwidth)

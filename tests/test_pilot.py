@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,6 +14,8 @@ from tiny_models import save_tiny_dit, tiny_job_config, write_reference_folder
 import pipeline.job
 from pipeline.job import run_job
 from pipeline.pilot import Candidate, choose, class_tv, is_feasible, search
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def _candidate(s: float, mmd2: float, precision=0.8, coverage=0.9, garbage=0.0, class_tv=0.05, spread=1.0) -> Candidate:
@@ -146,3 +149,16 @@ def test_the_eval_report_shows_the_pilot():
     assert "chosen s = 0.01" in html and "coverage 0.2 &lt; 0.9" in html and html.count("<tr>") == 4
     assert pilot_figure(pilot).startswith(b"\x89PNG")
     assert pilot_section(None) == ""
+
+
+def test_the_shipped_classifier_scores_the_pilot_only_where_it_reads_the_references():
+    from pipeline.pilot import feature_space
+    from storage.references import read_references
+
+    refs = read_references(str(REPO / "examples" / "thick_digits"), channels=1, size=(32, 32))
+    digits = torch.tensor([int(refs.class_names[int(c)]) for c in refs.labels])
+    assert feature_space(None, 1, 32, refs.images, digits).name == "classifier"
+    assert feature_space(None, 1, 32, refs.images).name == "classifier"  # unlabelled: its confidence
+    grey = 0.2 * refs.images - 0.3  # low contrast on a grey background: out of the classifier's range
+    assert feature_space(None, 1, 32, grey, digits).name == "pixels"
+    assert feature_space("some/other-model", 1, 64, refs.images, digits).name == "pixels"
