@@ -24,7 +24,10 @@ from safetensors.torch import load_file
 
 from pipeline.models.prior_eval import class_summary, classify, generate
 from pipeline.models.shipped import SHIPPED_MODEL_DIR, load_shipped
-from pipeline.train_prior import EMA, Checkpointer, TrainConfig, load_data, unet_losses
+from pipeline.training.config import TrainConfig
+from pipeline.training.data import load_data
+from pipeline.training.loop import EMA, Checkpointer
+from pipeline.training.stages import unet_losses
 
 
 def confident(prior, labels: torch.Tensor | None, num_samples: int, steps: int = 50, eta: float = 1.0) -> dict:

@@ -37,3 +37,20 @@ def test_half_precision_model_with_float32_guidance(tmp_path, dtype):
     guidance = MMDGuidance(target, StrengthSchedule(0.1))
     res = sample_latents(model.denoiser, model.scheduler, list(range(8)), num_steps=5, guidance=guidance, device="cuda")
     assert res.latents.dtype == torch.float32 and torch.isfinite(res.latents).all()
+
+
+@pytest.mark.gpu
+@pytest.mark.slow
+def test_prior_training_smoke_on_cuda(tmp_path):
+    """`python -m pipeline.training --device cuda`: every stage, the learning curve and the card on a GPU."""
+    import json
+
+    from pipeline.models.shipped import load_shipped
+    from pipeline.training.cli import main
+
+    out = tmp_path / "out"
+    assert main(["--smoke", "--device", "cuda", "--work", str(tmp_path / "work"), "--out", str(out)]) == 0
+    report = json.loads((out / "metrics.json").read_text())
+    assert report["data"]["device"].startswith("cuda")
+    assert report["stages"]["unet"]["learning_curve"]
+    assert load_shipped(out).info["latent_shape"] == [4, 8, 8]

@@ -152,9 +152,15 @@ class InternalGuidanceUNet(nn.Module):
         )
         return cls(unet, head)
 
-    def save_pretrained(self, directory: str | Path) -> None:
+    def save_pretrained(self, directory: str | Path, dtype: torch.dtype = torch.float32) -> None:
+        """Save in diffusers' layout; `dtype` is the stored UNet weights' (loading upcasts to float32)."""
         directory = Path(directory)
-        self.unet.save_pretrained(directory / _UNET_DIR, safe_serialization=True)
+        if dtype == torch.float32:
+            self.unet.save_pretrained(directory / _UNET_DIR, safe_serialization=True)
+        else:  # diffusers' layout, weights cast on the way out (the module itself stays float32)
+            self.unet.save_config(directory / _UNET_DIR)
+            state = {k: v.detach().to(dtype).contiguous() for k, v in self.unet.state_dict().items()}
+            save_file(state, str(directory / _UNET_DIR / "diffusion_pytorch_model.safetensors"), {"format": "pt"})
         (directory / _HEAD_DIR).mkdir(parents=True, exist_ok=True)
         _write_json(directory / _HEAD_DIR / _CONFIG, self.head.config)
         state = {k: v.detach().contiguous() for k, v in self.head.state_dict().items()}
@@ -166,7 +172,7 @@ class InternalGuidanceUNet(nn.Module):
         from diffusers import UNet2DModel
 
         directory = Path(directory)
-        unet = UNet2DModel.from_pretrained(directory / _UNET_DIR, local_files_only=True)
+        unet = UNet2DModel.from_pretrained(directory / _UNET_DIR, local_files_only=True).float()
         head_config = json.loads((directory / _HEAD_DIR / _CONFIG).read_text())
         head = InternalGuidanceHead(**head_config)
         head.load_state_dict(load_file(str(directory / _HEAD_DIR / _WEIGHTS)))
