@@ -19,9 +19,9 @@ between domains. Before the job, the pilot:
      at least half of unguided's (no collapse onto a few shapes: near-duplicates drive it to 0),
    - labelled runs: the judged class histogram no further from the plan than unguided + 0.1 in total
      variation (no class collapse),
-   - garbage at most unguided + 2 points: samples outside the guide references' support (the filter's
-     rule, latent space) or, in the scoring space, farther from every reference than any reference is
-     from its nearest other one (`evaluation.metrics.garbage`);
+   - garbage at most unguided + 2 points (or + its binomial standard error, if larger): samples outside
+     the guide references' support (the filter's rule, latent space) or, in the scoring space, farther
+     from every reference than any reference is from its nearest other one (`evaluation.metrics.garbage`);
 5. searches by doubling from `pilot_start` while candidates stay feasible and improve, up to
    `pilot_max_strength`, then refines around the best (×√2 on either side not yet tried), as
    training-free guidance searches do, and keeps the feasible candidate with the lowest MMD² if it beats
@@ -119,8 +119,9 @@ def is_feasible(c: Candidate, base: Candidate, n: int) -> list[str]:
         out.append(
             f"class histogram off the plan by {c.class_tv:.3f} > unguided {base.class_tv:.3f} + {CLASS_TV_MARGIN}"
         )
-    if c.garbage > base.garbage + GARBAGE_MARGIN:
-        out.append(f"garbage {c.garbage:.3f} > unguided {base.garbage:.3f} + {GARBAGE_MARGIN}")
+    g_tol = max(GARBAGE_MARGIN, math.sqrt(base.garbage * (1 - base.garbage) / n))  # at least its standard error
+    if c.garbage > base.garbage + g_tol:
+        out.append(f"garbage {c.garbage:.3f} > unguided {base.garbage:.3f} + {g_tol:.3f}")
     return out
 
 

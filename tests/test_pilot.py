@@ -162,3 +162,12 @@ def test_the_shipped_classifier_scores_the_pilot_only_where_it_reads_the_referen
     grey = 0.2 * refs.images - 0.3  # low contrast on a grey background: out of the classifier's range
     assert feature_space(None, 1, 32, grey, digits).name == "pixels"
     assert feature_space("some/other-model", 1, 64, refs.images, digits).name == "pixels"
+
+
+def test_garbage_tolerance_is_at_least_the_baselines_standard_error():
+    base = _candidate(0.0, 1.0, garbage=0.125)
+    se = math.sqrt(0.125 * 0.875 / 64)  # 0.041: four samples in 64
+    assert is_feasible(_candidate(0.01, 0.1, garbage=0.125 + se - 1e-6), base, n=64) == []
+    assert is_feasible(_candidate(0.01, 0.1, garbage=0.125 + se + 1e-6), base, n=64)[0].startswith("garbage")
+    clean = _candidate(0.0, 1.0, garbage=0.0)
+    assert is_feasible(_candidate(0.01, 0.1, garbage=0.03), clean, n=64)[0].startswith("garbage")  # 2 points
