@@ -228,7 +228,11 @@ def check_or_record_inputs(out: str, bundle: ReferenceBundle) -> None:
 def finish_job(
     cfg: AugmentConfig, model: LoadedModel, bundle: ReferenceBundle, plan: JobPlan, written: int, seconds: dict
 ) -> JobSummary:
-    """Merge the manifest parts (every shard must be done) and write run.json."""
+    """Merge the manifest parts (every shard must be done) and write run.json.
+
+    Raises:
+        InputError: the run kept no sample at all (every one rejected), after writing run.json.
+    """
     merge_manifest(cfg.out, expected_shards=[s.shard_id for s in plan.shards])
     summary = summarize(cfg, plan, written, len(plan.shards) - written, seconds)
     pilot = pinned_pilot(cfg, bundle)
@@ -241,6 +245,13 @@ def finish_job(
             cfg.n,
         )
     write_run_record(cfg.out, run_record(cfg, model, bundle, plan, summary))
+    if summary.num_kept == 0:
+        reasons = ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in summary.rejected.items())
+        raise InputError(
+            f"{cfg.out}: every one of the {summary.num_generated} generated samples was rejected ({reasons}): the "
+            "model does not draw this domain at these settings; lower --strength (or use auto), check --model and "
+            "the references, or widen support_radius (run.json and manifest.parquet list every sample)"
+        )
     return summary
 
 

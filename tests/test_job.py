@@ -14,7 +14,14 @@ import pyarrow.parquet as pq
 import pytest
 import webdataset as wds
 from PIL import Image
-from tiny_models import save_tiny_ddpm, save_tiny_dit, shard_bytes, tiny_job_config, write_reference_folder
+from tiny_models import (
+    TINY_SUPPORT_RADIUS,
+    save_tiny_ddpm,
+    save_tiny_dit,
+    shard_bytes,
+    tiny_job_config,
+    write_reference_folder,
+)
 from typer.testing import CliRunner
 
 from pipeline.cli import app
@@ -203,6 +210,13 @@ def test_pixel_space_model_and_plain_references(tiny, tmp_path):
     assert all(r["label"] is None for r in rows)
 
 
+def _tiny_support_config(folder: Path) -> Path:
+    """A config file with the tiny models' support radius (the CLI has no flag for it)."""
+    path = folder / "tiny-support.json"
+    path.write_text(json.dumps({"support_radius": TINY_SUPPORT_RADIUS}))
+    return path
+
+
 def _cli(args: list[str]) -> list[str]:
     return [sys.executable, "-m", "pipeline.cli", *args]
 
@@ -226,6 +240,8 @@ def test_kill_9_then_resume_gives_identical_shards(tiny, tmp_path):
         "quiet",
         "--cache-dir",
         tiny["cache"],
+        "--config",
+        str(_tiny_support_config(tmp_path)),
     ]
     env = dict(os.environ, PYTHONPATH=str(REPO))
     subprocess.run(_cli([*args, "--out", str(tmp_path / "clean")]), check=True, env=env, cwd=REPO)
@@ -342,3 +358,11 @@ def test_label_filter_rejects_samples_judged_another_class(tiny, tmp_path):
     assert all(r["judged_label"] == r["label"] for r in rows if r["kept"])
     assert summary.rejected.get("label", 0) == sum(r["rejected_reason"] == "label" for r in rows)
     assert summary.num_kept + summary.shortfall == 8
+
+
+def test_a_run_that_keeps_nothing_fails_with_one_line_after_recording_why(tiny, tmp_path):
+    cfg = tiny_job_config(tiny, tmp_path / "out", n=4, shard_size=4, strength=0.01, support_radius=1e-9, reserve=0.5)
+    with pytest.raises(InputError, match="every one of the .* generated samples was rejected .*outside support"):
+        run_job(cfg)
+    record = json.loads((tmp_path / "out" / "run.json").read_text())
+    assert record["summary"]["num_kept"] == 0 and record["summary"]["shortfall"] == 4
