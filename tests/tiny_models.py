@@ -108,6 +108,11 @@ def write_reference_folder(
     return root
 
 
+#: Randomly initialised tiny models draw every sample far from the references (no support to speak of):
+#: tests that need kept samples from them widen the filter's support radius.
+TINY_SUPPORT_RADIUS = 1e6
+
+
 def tiny_job_config(tiny: dict, out: Path, **overrides):
     """A fast job config on the tiny DiT (20 kept samples in 3 shards of 8, 4 steps)."""
     from pipeline.config import AugmentConfig
@@ -123,6 +128,7 @@ def tiny_job_config(tiny: dict, out: Path, **overrides):
         cache_dir=tiny["cache"],
         keep=0.8,
         progress="quiet",
+        support_radius=TINY_SUPPORT_RADIUS,
     )
     base.update(overrides)
     return AugmentConfig(**base)
