@@ -31,7 +31,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--prompt", action="append", help="prompt (repeat for several; default: empty prompt)")
     parser.add_argument("--n", type=int, default=4, help="images per prompt")
     parser.add_argument("--out", default="./guided", help="output folder for the PNGs")
-    parser.add_argument("--strength", type=float, default=0.01, help="guidance strength (the job's default)")
+    parser.add_argument("--strength", type=float, default=0.01, help="guidance strength (no pilot here)")
     parser.add_argument("--kernel", default="rbf", choices=["rbf", "rbf-multi", "imq", "cubic", "rff"])
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--cfg", type=float, default=7.5, help="classifier-free guidance scale (1 = off)")

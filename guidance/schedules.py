@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 
@@ -100,3 +100,25 @@ def attraction_bounded_step(
     r = (grad.flatten(1).float() - attraction.flatten(1).float()).norm(dim=1)
     w = (a / (min_ratio * r).clamp_min(1e-30)).clamp(max=1.0)
     return (step.flatten(1) * w.unsqueeze(1)).reshape(x.shape).to(step.dtype)
+
+
+def closed_form_step(
+    x: torch.Tensor,
+    target: Any,
+    strength: float,
+    *,
+    x_cond: torch.Tensor | None = None,
+    normalization: StepNormalization = "per_sample",
+    memory: Any = None,
+    attraction_floor: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(Δ(∇_x MMD²(x, Y)), MMD²(x, Y)): the step of the closed-form methods (`latent` on x̂0, `noisy` on x_t).
+
+    `attraction_floor` = None: Δ = `guidance_step(∇)`; a number: `attraction_bounded_step` with that
+    `min_ratio`, so a sample the references no longer attract is not pushed further out.
+    """
+    if attraction_floor is None:
+        grad, value = target.grad(x.detach(), x_cond=x_cond, memory=memory)
+        return guidance_step(grad, x, strength, normalization), value
+    grad, attraction, value = target.grad_terms(x.detach(), x_cond=x_cond, memory=memory)
+    return attraction_bounded_step(grad, attraction, x, strength, normalization, attraction_floor), value

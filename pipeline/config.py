@@ -65,6 +65,12 @@ class AugmentConfig(BaseModel):
     schedule_start: float = Field(default=0.0, ge=0.0, le=1.0)
     schedule_end: float = Field(default=1.0, ge=0.0, le=1.0)
     normalization: NormalizationName = "per_sample"
+    attraction_floor: float | None = Field(
+        default=None,
+        gt=0.0,
+        description="latent/noisy: shrink the step of a sample whose attraction to the references is below this "
+        "fraction of its batch repulsion (runaway samples stop being pushed out); None = off",
+    )
     memory: int = Field(default=0, ge=0, description="finished samples remembered per shard (0 = off)")
     class_aware: bool = True
     coupling: Literal["batch", "sequential"] = Field(

@@ -66,6 +66,7 @@ from storage.bundle import bundle_dir, load_bundle, save_bundle
 from storage.references import read_references
 
 from .config import AugmentConfig
+from .pilot import FALLBACK_STRENGTH
 from .reference import MIN_REFERENCES, ReferenceBundle, build_kernel, default_cache_dir, split_holdout
 from .worker import make_guidance
 
@@ -373,8 +374,8 @@ class MMDGuidanceCallback(PipelineCallback):
         Args:
             pipe: a diffusers pipeline with `callback_on_step_end` (SD, SDXL, SD3, Flux, ...).
             ref: reference folder or fsspec URL (as `augment --ref`: class sub-folders and captions allowed).
-            strength: guidance strength (default: the job's, 0.01; with `per_sample` normalisation each step
-                moves a latent by strength × its norm).
+            strength: guidance strength (default 0.01, the job's fallback: the callback runs no strength pilot;
+                with `per_sample` normalisation each step moves a latent by strength × its norm).
             config: an `AugmentConfig` to take the guidance settings from (e.g. a job's); keyword `settings`
                 override its fields. Without it the job's defaults apply.
             prompt_aware: product kernel over prompt embeddings (None: on when the references carry captions
@@ -554,12 +555,16 @@ def _guidance_config(
     if strength is not None:
         update["strength"] = strength
     if config is None:
-        return AugmentConfig(ref=str(ref), out="", n=1, guidance="noisy", **update)
-    if config.guidance not in ("noisy", "none"):
-        log.info("the callback applies the 'noisy' update; the config's guidance=%r is not used", config.guidance)
-    data = config.model_dump()
-    data.update(update, ref=str(ref), guidance="noisy" if config.guidance != "none" else "none")
-    return AugmentConfig.model_validate(data)
+        cfg = AugmentConfig(ref=str(ref), out="", n=1, guidance="noisy", **update)
+    else:
+        if config.guidance not in ("noisy", "none"):
+            log.info("the callback applies the 'noisy' update; the config's guidance=%r is not used", config.guidance)
+        data = config.model_dump()
+        data.update(update, ref=str(ref), guidance="noisy" if config.guidance != "none" else "none")
+        cfg = AugmentConfig.model_validate(data)
+    if cfg.strength == "auto":  # the callback runs no pilot: the job's fixed fallback strength
+        cfg = cfg.model_copy(update={"strength": FALLBACK_STRENGTH})
+    return cfg
 
 
 def _reference_prompts(

@@ -228,6 +228,7 @@ def sample_latents(
                     x_cond=mmd_condition,
                     predict=model.predictor(w_ig),
                     alpha_sigma=model.alpha_sigma,
+                    attraction_floor=guidance.attraction_floor,
                 )
                 correction = method.correct_x0(step)
                 if correction is not None:

@@ -137,6 +137,7 @@ def make_guidance(cfg: AugmentConfig, target: MMDTarget, strength: float | None 
         normalization=cfg.normalization,
         lookahead_steps=cfg.lookahead_steps,
         memory=SampleMemory(cfg.memory) if cfg.memory else None,
+        attraction_floor=cfg.attraction_floor,
     )
 
 

@@ -40,6 +40,7 @@ from pipeline.diffusers_callback import (
     latent_encoding,
     pool_prompt_embeds,
 )
+from pipeline.pilot import FALLBACK_STRENGTH
 from pipeline.sampling import initial_noise, sample_latents
 from storage.errors import InputError
 
@@ -459,7 +460,7 @@ def test_example_script_help():
     assert (args.model, args.prompt, args.strength) == (
         "some/hub-id",
         ["a", "b"],
-        AugmentConfig.model_fields["strength"].default,
+        FALLBACK_STRENGTH,  # the callback runs no pilot: the job's fixed fallback
     )
 
 

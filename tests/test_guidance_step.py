@@ -65,3 +65,24 @@ def test_a_sample_out_of_the_references_reach_takes_no_step():
     assert torch.allclose(half[0], 0.5 * plain[0])
     assert (bounded.norm(dim=1) <= plain.norm(dim=1) + 1e-12).all()
     assert torch.equal(attraction_bounded_step(grad, attraction, x, 0.0), torch.zeros_like(x))
+
+
+def test_closed_form_methods_apply_the_attraction_floor_through_the_loop_contract():
+    """`noisy_guidance_update` / `latent_guidance_delta` with a floor: runaway samples stay put, the others
+    move as without it; without a floor the update is the plain normalised step."""
+    from guidance.latent import latent_guidance_delta
+    from guidance.noisy import noisy_guidance_update
+
+    x, y = _setup()
+    x = torch.cat([x, torch.full((1, 3), 40.0, dtype=torch.float64), torch.full((1, 3), 40.5, dtype=torch.float64)])
+    x, y = x.float(), y.float()  # the sampler's dtype
+    target = MMDTarget(y, RBFKernel(1.3), unbiased=False)
+    grad, _ = target.grad(x)
+    plain_x, value = noisy_guidance_update(x, target, 0.1)
+    assert torch.equal(plain_x, x - guidance_step(grad, x, 0.1))
+    bounded_x, value_b = noisy_guidance_update(x, target, 0.1, attraction_floor=0.1)
+    assert torch.equal(value, value_b)
+    assert torch.equal(bounded_x[5:], x[5:])  # no attraction left: not pushed further out
+    assert torch.equal(bounded_x[:5], plain_x[:5])
+    delta, _ = latent_guidance_delta(x, target, 0.1, attraction_floor=0.1)
+    torch.testing.assert_close(x - delta, bounded_x, rtol=0, atol=0)
