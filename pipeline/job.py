@@ -14,7 +14,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -23,14 +23,14 @@ from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler,
 
 from storage._atomic import atomic_write_json
 from storage.errors import InputError
-from storage.manifest import merge_manifest, read_manifest
+from storage.manifest import forget_shards_without_part, manifest_counts, merge_manifest
 from storage.run_record import check_or_claim_output, write_run_record
-from storage.shards import clean_partial, is_done, read_marker
+from storage.shards import clean_partial, done_shard_ids, is_done, read_marker
 
 from . import __version__
 from .config import AugmentConfig
 from .models.loading import LoadedModel, load_model
-from .plan import JobPlan, class_proportions, plan_job
+from .plan import JobPlan, RemainingShards, class_proportions, plan_job
 from .reference import ReferenceBundle, build_target, prepare_reference
 from .worker import JobContext, ShardResult, model_label_map, run_shard
 
@@ -79,32 +79,35 @@ def build_context(cfg: AugmentConfig, model: LoadedModel | None = None) -> JobCo
     return JobContext(cfg, model, bundle, target, props, labels_map)
 
 
-def pending_shards(cfg: AugmentConfig, plan: JobPlan) -> list[int]:
-    return [s.shard_id for s in plan.shards if not is_done(cfg.out, cfg.prefix, s.shard_id)]
+def pending_shards(cfg: AugmentConfig, plan: JobPlan) -> RemainingShards:
+    """Ids of the planned shards still to do, ascending: all but those whose done marker vouches for
+    their bytes. Lazy: it holds the done ids only (listed from the markers), never all shard ids."""
+    total = len(plan.shards)
+    done = [sid for sid in done_shard_ids(cfg.out, cfg.prefix) if sid < total and is_done(cfg.out, cfg.prefix, sid)]
+    return RemainingShards(total, done)
 
 
 def run_shards_in_process(
     ctx: JobContext,
     plan: JobPlan,
-    shard_ids: list[int],
+    shard_ids: Iterable[int],
     progress: Callable[[int], None] | None = None,
     on_shard: Callable[[ShardResult], None] | None = None,
 ) -> list[ShardResult]:
     results = []
-    by_id = {s.shard_id: s for s in plan.shards}
     for sid in shard_ids:
-        result = run_shard(ctx, by_id[sid], progress)
+        result = run_shard(ctx, plan.shards[sid], progress)
         results.append(result)
         if on_shard is not None:
             on_shard(result)
     return results
 
 
-def launch_workers(cfg: AugmentConfig, shard_ids: list[int], progress: Callable[[int], None] | None = None) -> None:
+def launch_workers(cfg: AugmentConfig, shard_ids: Sequence[int], progress: Callable[[int], None] | None = None) -> None:
     """`accelerate launch` K worker processes on this node (gloo on CPU, NCCL on GPUs)."""
     with tempfile.TemporaryDirectory(prefix="augment-") as tmp:
         spec = Path(tmp) / "job.json"
-        spec.write_text(json.dumps({"config": cfg.model_dump(mode="json"), "shards": shard_ids}))
+        spec.write_text(json.dumps({"config": cfg.model_dump(mode="json"), "shards": list(shard_ids)}))
         cmd = [
             sys.executable,
             "-m",
@@ -155,7 +158,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_job(cfg: AugmentConfig, model: LoadedModel | None = None) -> tuple[JobContext, JobPlan, list[int]]:
+def start_job(cfg: AugmentConfig, model: LoadedModel | None = None) -> tuple[JobContext, JobPlan, RemainingShards]:
     """Validate and encode the references, claim the output folder, clean crashed writes, plan.
 
     Returns the context, the plan and the ids of the shards still to do. Bad references fail here,
@@ -165,6 +168,9 @@ def start_job(cfg: AugmentConfig, model: LoadedModel | None = None) -> tuple[Job
     check_or_claim_output(cfg.out, cfg.config_hash, cfg.hashed_fields())
     check_or_record_inputs(cfg.out, ctx.bundle)
     clean_partial(cfg.out)
+    lost = forget_shards_without_part(cfg.out, cfg.prefix)
+    if lost:
+        log.warning("%d done shard(s) lost their manifest part (e.g. shard %d): regenerating them", len(lost), lost[0])
     plan = plan_job(cfg)
     pending = pending_shards(cfg, plan)
     if len(pending) < len(plan.shards):
@@ -192,7 +198,7 @@ def finish_job(
     cfg: AugmentConfig, model: LoadedModel, bundle: ReferenceBundle, plan: JobPlan, written: int, seconds: dict
 ) -> JobSummary:
     """Merge the manifest parts (every shard must be done) and write run.json."""
-    merge_manifest(cfg.out, expected_shards=[s.shard_id for s in plan.shards])
+    merge_manifest(cfg.out, expected_shards=range(len(plan.shards)))
     summary = summarize(cfg, plan, written, len(plan.shards) - written, seconds)
     write_run_record(cfg.out, run_record(cfg, model, bundle, plan, summary))
     return summary
@@ -210,7 +216,7 @@ def run_job(
     ctx, plan, pending = start_job(cfg, model)
     t1 = time.perf_counter()
     if progress is not None:
-        progress(sum(s.num_kept for s in plan.shards if s.shard_id not in pending))
+        progress(sum(plan.shards[sid].num_kept for sid in pending.excluded))
     if cfg.processes > 1 and pending:
         launch_workers(cfg, pending, progress)
     else:
@@ -240,22 +246,41 @@ def _kept_progress(plan: JobPlan, progress: Callable[[int], None] | None) -> Cal
 
 
 def summarize(cfg: AugmentConfig, plan: JobPlan, written: int, skipped: int, seconds: dict) -> JobSummary:
-    """Counts from the manifest; MMD² (V-statistic, latent space) of pool and kept set, mean over shards."""
-    table = read_manifest(Path(cfg.out) / "manifest.parquet")
-    markers = [read_marker(cfg.out, cfg.prefix, s.shard_id) or {} for s in plan.shards]
-    pool = [m["mmd2_pool"] for m in markers if "mmd2_pool" in m]
-    kept = [m["mmd2_kept"] for m in markers if "mmd2_kept" in m]
+    """Counts from the manifest; MMD² (V-statistic, latent space) of pool and kept set, mean over shards.
+    Streams the manifest and the markers: memory does not grow with `n`."""
+    num_rows, num_kept = manifest_counts(Path(cfg.out) / "manifest.parquet")
+    pool, kept = _Mean(), _Mean()
+    for sid in range(len(plan.shards)):
+        marker = read_marker(cfg.out, cfg.prefix, sid) or {}
+        pool.add(marker.get("mmd2_pool"))
+        kept.add(marker.get("mmd2_kept"))
     return JobSummary(
         out=cfg.out,
         config_hash=cfg.config_hash,
-        num_kept=table.filter(table["kept"]).num_rows,
-        num_generated=table.num_rows,
+        num_kept=num_kept,
+        num_generated=num_rows,
         shards_written=written,
         shards_skipped=skipped,
-        mmd2_pool=sum(pool) / len(pool) if pool else None,
-        mmd2_kept=sum(kept) / len(kept) if kept else None,
+        mmd2_pool=pool.value,
+        mmd2_kept=kept.value,
         seconds=dict(seconds),
     )
+
+
+class _Mean:
+    """Running mean of the values given (None values skipped); `value` is None when there were none."""
+
+    def __init__(self) -> None:
+        self.total, self.count = 0.0, 0
+
+    def add(self, value: float | None) -> None:
+        if value is not None:
+            self.total += value
+            self.count += 1
+
+    @property
+    def value(self) -> float | None:
+        return self.total / self.count if self.count else None
 
 
 def run_record(cfg: AugmentConfig, model: LoadedModel, bundle: ReferenceBundle, plan: JobPlan, summary) -> dict:

@@ -30,7 +30,7 @@ from guidance import (
     nearest_reference_distance,
 )
 from storage.manifest import write_manifest_part
-from storage.shards import write_shard
+from storage.shards import REJECTED_DIR, write_shard
 
 from .config import AugmentConfig
 from .models.loading import LoadedModel
@@ -247,7 +247,7 @@ def run_shard(ctx: JobContext, shard: ShardPlan, progress: Progress | None = Non
             sample["latent.npy"] = np.ascontiguousarray(latents[j].numpy())
         (kept_samples if kept[j] else rejected_samples).append(sample)
     if cfg.keep_rejected:
-        write_shard(cfg.out, f"{cfg.prefix}_rejected", shard.shard_id, rejected_samples)
+        write_shard(cfg.out, f"{cfg.prefix}_rejected", shard.shard_id, rejected_samples, folder=REJECTED_DIR)
     write_manifest_part(cfg.out, shard.shard_id, rows)
     result = ShardResult(
         shard_id=shard.shard_id,

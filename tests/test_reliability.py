@@ -1,0 +1,87 @@
+"""Issue 16: every mistake gets one line and exit code 2 (nothing written), every run can finish."""
+
+from __future__ import annotations
+
+import shutil
+import tracemalloc
+
+import pytest
+from tiny_models import save_tiny_dit, shard_bytes, tiny_job_config, write_reference_folder
+
+from pipeline.job import pending_shards, run_job
+from pipeline.plan import plan_job
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny-reliability")
+    return {
+        "dit": str(save_tiny_dit(root / "dit")),
+        "refs": str(write_reference_folder(root / "refs", classes=("a", "b"))),
+        "cache": str(root / "cache"),
+    }
+
+
+@pytest.fixture(scope="module")
+def finished(tiny, tmp_path_factory):
+    """A finished run (3 shards) to copy and damage."""
+    out = tmp_path_factory.mktemp("finished") / "out"
+    run_job(tiny_job_config(tiny, out))
+    return out
+
+
+# ------------------------------------------------------------------------------ a run that can finish
+
+
+@pytest.mark.parametrize("lose", ["manifest", "manifest/part-000001.parquet", "corrupt part"])
+def test_lost_manifest_parts_are_regenerated(tiny, finished, tmp_path, lose):
+    out = tmp_path / "out"
+    shutil.copytree(finished, out)
+    if lose == "corrupt part":
+        (out / "manifest" / "part-000002.parquet").write_bytes(b"PAR1 truncated")
+    elif lose == "manifest":
+        shutil.rmtree(out / "manifest")
+    else:
+        (out / lose).unlink()
+    summary = run_job(tiny_job_config(tiny, out))
+    assert summary.num_kept == 20
+    assert summary.shards_written == {"manifest": 3}.get(lose, 1)
+    assert shard_bytes(out) == shard_bytes(finished)
+    assert (out / "manifest.parquet").read_bytes() == (finished / "manifest.parquet").read_bytes()
+
+
+class _Stop(Exception):
+    pass
+
+
+def _peak_python_memory_of_first_shard(tiny, out, n: int) -> int:
+    def stop(_result) -> None:
+        raise _Stop
+
+    tracemalloc.start()
+    try:
+        with pytest.raises(_Stop):
+            run_job(tiny_job_config(tiny, out, n=n, shard_size=4, guidance="none"), on_shard=stop)
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+def test_memory_of_a_run_is_flat_in_n(tiny, tmp_path):
+    small = _peak_python_memory_of_first_shard(tiny, tmp_path / "small", 8)
+    huge = _peak_python_memory_of_first_shard(tiny, tmp_path / "huge", 10**10)
+    assert huge - small < 1_000_000, (small, huge)
+    assert len(list((tmp_path / "huge" / "shards").glob("*.tar"))) == 1
+    cfg = tiny_job_config(tiny, tmp_path / "huge", n=10**10, shard_size=4, guidance="none")
+    pending = pending_shards(cfg, plan_job(cfg))
+    assert len(pending) == 2_500_000_000 - 1 and pending[0] == 1 and 0 not in pending
+
+
+# --------------------------------------------------------------------------------- misleading output
+
+
+def test_rejected_samples_have_their_own_folder(tiny, tmp_path):
+    out = tmp_path / "out"
+    run_job(tiny_job_config(tiny, out, n=8, keep_rejected=True))
+    assert sorted(p.name for p in (out / "shards").glob("*.tar")) == ["synthetic-000000.tar"]
+    assert sorted(p.name for p in (out / "rejected").glob("*.tar")) == ["synthetic_rejected-000000.tar"]
