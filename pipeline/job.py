@@ -24,7 +24,7 @@ from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler,
 from storage._atomic import atomic_write_json
 from storage.errors import InputError
 from storage.manifest import forget_shards_without_part, manifest_counts, merge_manifest
-from storage.run_record import check_or_claim_output, write_run_record
+from storage.run_record import claim_output, holds_samples, release_output, write_run_record
 from storage.shards import clean_partial, done_shard_ids, is_done, read_marker
 
 from . import __version__
@@ -159,30 +159,36 @@ def _free_port() -> int:
 
 
 def start_job(cfg: AugmentConfig, model: LoadedModel | None = None) -> tuple[JobContext, JobPlan, RemainingShards]:
-    """Validate and encode the references, claim the output folder, clean crashed writes, plan.
+    """Validate and encode the references, claim and lock the output folder, clean crashed writes, plan.
 
     Returns the context, the plan and the ids of the shards still to do. Bad references fail here,
-    before anything is written to `cfg.out`.
+    before anything is written to `cfg.out`; so does an output folder that cannot be written or that
+    another run is writing to. This process holds the folder's lock until `finish_job` (or its exit).
     """
     ctx = build_context(cfg, model)
-    check_or_claim_output(cfg.out, cfg.config_hash, cfg.hashed_fields())
-    check_or_record_inputs(cfg.out, ctx.bundle)
-    clean_partial(cfg.out)
-    lost = forget_shards_without_part(cfg.out, cfg.prefix)
-    if lost:
-        log.warning("%d done shard(s) lost their manifest part (e.g. shard %d): regenerating them", len(lost), lost[0])
-    plan = plan_job(cfg)
-    pending = pending_shards(cfg, plan)
+    claim_output(cfg.out, cfg.config_hash, cfg.hashed_fields())
+    try:
+        check_or_record_inputs(cfg.out, ctx.bundle)
+        clean_partial(cfg.out)
+        lost = forget_shards_without_part(cfg.out, cfg.prefix)
+        if lost:
+            log.warning("%d done shard(s) lost their manifest part (e.g. shard %d): regenerating", len(lost), lost[0])
+        plan = plan_job(cfg)
+        pending = pending_shards(cfg, plan)
+    except BaseException:
+        release_output(cfg.out)
+        raise
     if len(pending) < len(plan.shards):
         log.info("resuming: %d of %d shards already done", len(plan.shards) - len(pending), len(plan.shards))
     return ctx, plan, pending
 
 
 def check_or_record_inputs(out: str, bundle: ReferenceBundle) -> None:
-    """The same settings with other references or another model must not resume into this folder."""
+    """The same settings with other references or another model must not resume into this folder
+    (once it holds samples: before that, the new inputs are recorded instead)."""
     path = Path(out) / INPUTS_FILE
     current = {"reference_content_hash": bundle.content_hash, "model_id": bundle.model_id}
-    if path.is_file():
+    if path.is_file() and holds_samples(out):
         stored = json.loads(path.read_text())
         changed = [f"{k}: {stored.get(k)} -> {v}" for k, v in current.items() if stored.get(k) != v]
         if changed:
@@ -197,10 +203,11 @@ def check_or_record_inputs(out: str, bundle: ReferenceBundle) -> None:
 def finish_job(
     cfg: AugmentConfig, model: LoadedModel, bundle: ReferenceBundle, plan: JobPlan, written: int, seconds: dict
 ) -> JobSummary:
-    """Merge the manifest parts (every shard must be done) and write run.json."""
+    """Merge the manifest parts (every shard must be done), write run.json, release the folder's lock."""
     merge_manifest(cfg.out, expected_shards=range(len(plan.shards)))
     summary = summarize(cfg, plan, written, len(plan.shards) - written, seconds)
     write_run_record(cfg.out, run_record(cfg, model, bundle, plan, summary))
+    release_output(cfg.out)
     return summary
 
 
@@ -214,16 +221,19 @@ def run_job(
     """Run (or resume) the whole job: start, run pending shards (in-process or K workers), finish."""
     t0 = time.perf_counter()
     ctx, plan, pending = start_job(cfg, model)
-    t1 = time.perf_counter()
-    if progress is not None:
-        progress(sum(plan.shards[sid].num_kept for sid in pending.excluded))
-    if cfg.processes > 1 and pending:
-        launch_workers(cfg, pending, progress)
-    else:
-        run_shards_in_process(ctx, plan, pending, _kept_progress(plan, progress), on_shard)
-    t2 = time.perf_counter()
-    seconds = {"prepare": round(t1 - t0, 3), "generate_filter_write": round(t2 - t1, 3)}
-    summary = finish_job(cfg, ctx.model, ctx.bundle, plan, len(pending), seconds)
+    try:
+        t1 = time.perf_counter()
+        if progress is not None:
+            progress(sum(plan.shards[sid].num_kept for sid in pending.excluded))
+        if cfg.processes > 1 and pending:
+            launch_workers(cfg, pending, progress)
+        else:
+            run_shards_in_process(ctx, plan, pending, _kept_progress(plan, progress), on_shard)
+        t2 = time.perf_counter()
+        seconds = {"prepare": round(t1 - t0, 3), "generate_filter_write": round(t2 - t1, 3)}
+        summary = finish_job(cfg, ctx.model, ctx.bundle, plan, len(pending), seconds)
+    finally:
+        release_output(cfg.out)
     summary.seconds["total"] = round(time.perf_counter() - t0, 3)
     return summary
 

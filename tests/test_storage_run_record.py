@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
 
 import pytest
 
 from storage import InputError, check_or_claim_output, read_run_record, write_run_record
-from storage.run_record import CLAIM_FILE
+from storage.run_record import CLAIM_FILE, claim_output, holds_samples, release_output
+
+REPO = Path(__file__).resolve().parent.parent
 
 CONFIG = {"n": 100, "seed": 0, "guidance": {"strength": 0.5, "kernel": "rbf"}, "sizes": (8, 8)}
 
@@ -71,3 +79,87 @@ def test_foreign_folders_are_refused(tmp_path):
     hidden_only.mkdir()
     (hidden_only / ".DS_Store").write_bytes(b"x")
     assert check_or_claim_output(hidden_only, "h1", CONFIG) is False
+
+
+# ------------------------------------------------------------------ claim_output: writable, locked, not hostage
+
+
+def _hold_lock_in_another_process(out):
+    """A child process that claims `out` and sleeps holding its lock; returns it once the lock is held."""
+    code = (
+        "import sys, time; from storage.run_record import claim_output; "
+        f"claim_output({str(out)!r}, 'h1', {{'n': 1}}); print('held', flush=True); time.sleep(60)"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+    assert proc.stdout.readline().strip() == "held"
+    return proc
+
+
+def test_a_second_run_into_a_locked_folder_is_refused_until_the_first_ends(tmp_path):
+    out = tmp_path / "out"
+    holder = _hold_lock_in_another_process(out)
+    try:
+        with pytest.raises(InputError) as info:
+            claim_output(out, "h1", {"n": 1})
+        message = str(info.value)
+        assert "another run is writing to this folder" in message and f"pid {holder.pid}" in message
+        assert "--out" in message and "\n" not in message
+    finally:
+        holder.kill()  # like kill -9: the OS releases the lock
+        holder.wait()
+    assert claim_output(out, "h1", {"n": 1}) is True
+    assert claim_output(out, "h1", {"n": 1}) is True  # this process already holds it
+    release_output(out)
+
+
+def test_a_folder_claimed_by_a_run_that_wrote_no_sample_is_free_for_another_config(tmp_path):
+    out = tmp_path / "out"
+    assert claim_output(out, "h1", CONFIG) is False  # e.g. a run that then failed on NaN at its first batch
+    release_output(out)
+    (out / "shards" / "synthetic-000000.tar.tmp-999999-abcd").write_bytes(b"partial")  # crashed writer: not a sample
+    assert claim_output(out, "h2", {**CONFIG, "n": 5}) is False
+    release_output(out)
+    assert json.loads((out / CLAIM_FILE).read_text())["config_hash"] == "h2"
+    (out / "shards" / "synthetic-000000.tar").write_bytes(b"a sample")
+    assert holds_samples(out)
+    with pytest.raises(InputError, match="different configuration"):
+        claim_output(out, "h3", {**CONFIG, "n": 6})
+    assert check_or_claim_output(tmp_path / "plain", "h1", CONFIG) is False
+    with pytest.raises(InputError, match="different configuration"):  # the guard alone never re-claims
+        check_or_claim_output(tmp_path / "plain", "h2", {})
+
+
+@contextlib.contextmanager
+def _unprivileged():
+    """Drop root's effective ids for the block (permission bits do not stop root); a no-op otherwise."""
+    if os.geteuid() != 0:
+        yield
+        return
+    os.setegid(65534)
+    os.seteuid(65534)
+    try:
+        yield
+    finally:
+        os.seteuid(0)
+        os.setegid(0)
+
+
+def test_an_output_folder_that_cannot_be_written_is_refused_before_anything_else(tmp_path):
+    with tempfile.TemporaryDirectory() as top:  # under /tmp, so an unprivileged user can reach it
+        os.chmod(top, 0o755)
+        locked = Path(top) / "read-only"
+        locked.mkdir(mode=0o555)
+        for out in (locked / "out", locked):
+            with _unprivileged(), pytest.raises(InputError, match=r"cannot write here \(Permission denied\)") as info:
+                claim_output(out, "h1", CONFIG)
+            assert "--out" in str(info.value)
+        assert list(locked.iterdir()) == []
+    (tmp_path / "a-file").write_text("x")
+    with pytest.raises(InputError, match="cannot write here"):
+        claim_output(tmp_path / "a-file" / "out", "h1", CONFIG)
