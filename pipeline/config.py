@@ -17,8 +17,10 @@ ScheduleName = Literal["constant", "interval", "linear_decay", "linear_ramp"]
 NormalizationName = Literal["per_sample", "batch", "raw"]
 DTypeName = Literal["auto", "float32", "float16", "bfloat16"]
 
-#: Fields that do not change which samples are produced (excluded from the config hash).
-RUNTIME_FIELDS = frozenset({"out", "device", "processes", "progress", "cache_dir"})
+#: Fields that do not change which samples are produced (excluded from the config hash). `ref` is a path:
+#: the references' *content* is what matters, and a run folder records and compares it (`.inputs.json`),
+#: so `refs`, `refs/`, its absolute path or a moved copy all resume the same run.
+RUNTIME_FIELDS = frozenset({"out", "ref", "device", "processes", "progress", "cache_dir"})
 
 
 class AugmentConfig(BaseModel):

@@ -2,14 +2,22 @@
 
 from __future__ import annotations
 
+import os
 import shutil
+import subprocess
+import sys
 import tracemalloc
+from pathlib import Path
 
 import pytest
 from tiny_models import save_tiny_dit, shard_bytes, tiny_job_config, write_reference_folder
+from typer.testing import CliRunner
 
+from pipeline.cli import app
 from pipeline.job import pending_shards, run_job
 from pipeline.plan import plan_job
+
+REPO = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
@@ -85,3 +93,54 @@ def test_rejected_samples_have_their_own_folder(tiny, tmp_path):
     run_job(tiny_job_config(tiny, out, n=8, keep_rejected=True))
     assert sorted(p.name for p in (out / "shards").glob("*.tar")) == ["synthetic-000000.tar"]
     assert sorted(p.name for p in (out / "rejected").glob("*.tar")) == ["synthetic_rejected-000000.tar"]
+
+
+def test_the_references_are_compared_by_content_not_by_the_ref_text(tiny, tmp_path, monkeypatch):
+    shutil.copytree(tiny["refs"], tmp_path / "data" / "refs")
+    (tmp_path / "elsewhere").mkdir()
+    out = tmp_path / "out"
+    monkeypatch.chdir(tmp_path / "data")
+    assert run_job(tiny_job_config(tiny, out, ref="refs", n=4)).shards_written == 1
+    for ref in ("refs/", "./refs", str(tmp_path / "data" / "refs"), "../data/refs"):
+        if ref.startswith(".."):
+            monkeypatch.chdir(tmp_path / "elsewhere")
+        summary = run_job(tiny_job_config(tiny, out, ref=ref, n=4))
+        assert (summary.shards_written, summary.shards_skipped) == (0, 1), ref
+    shutil.move(tmp_path / "data" / "refs", tmp_path / "moved")
+    assert run_job(tiny_job_config(tiny, out, ref=str(tmp_path / "moved"), n=4)).shards_skipped == 1
+
+
+def _cli_args(tiny, out, *extra: str) -> list[str]:
+    return [
+        "--ref", tiny["refs"], "--n", "8", "--out", str(out), "--model", tiny["dit"], "--steps", "4",
+        "--shard-size", "8", "--progress", "quiet", "--cache-dir", tiny["cache"], *extra,
+    ]  # fmt: skip
+
+
+def test_a_second_run_into_the_same_folder_exits_2_naming_the_first(tiny, tmp_path):
+    out = tmp_path / "out"
+    cfg = tiny_job_config(tiny, out, n=8)
+    code = (
+        "import time; from storage.run_record import claim_output; "
+        f"claim_output({str(out)!r}, {cfg.config_hash!r}, {cfg.hashed_fields()!r}); print('held', flush=True); "
+        "time.sleep(60)"
+    )
+    first = subprocess.Popen(
+        [sys.executable, "-c", code],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+    try:
+        assert first.stdout.readline().strip() == "held"
+        before = sorted(p.relative_to(out) for p in out.rglob("*"))
+        result = CliRunner().invoke(app, _cli_args(tiny, out))
+        assert result.exit_code == 2, result.output
+        assert "another run is writing to this folder" in result.output and f"pid {first.pid}" in result.output
+        assert sorted(p.relative_to(out) for p in out.rglob("*")) == before
+    finally:
+        first.kill()
+        first.wait()
+    result = CliRunner().invoke(app, _cli_args(tiny, out))
+    assert result.exit_code == 0, result.output
