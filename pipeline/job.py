@@ -24,6 +24,7 @@ from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler,
 from storage._atomic import atomic_write_json
 from storage.errors import InputError
 from storage.manifest import forget_shards_without_part, manifest_counts, merge_manifest
+from storage.references import refuse_output_inside
 from storage.run_record import claim_output, holds_samples, release_output, write_run_record
 from storage.shards import clean_partial, done_shard_ids, is_done, read_marker
 
@@ -68,6 +69,7 @@ def with_sampler(model: LoadedModel, sampler: str) -> LoadedModel:
 
 def build_context(cfg: AugmentConfig, model: LoadedModel | None = None) -> JobContext:
     """Load the model, prepare the reference bundle (validating the references) and the MMD target."""
+    refuse_output_inside(cfg.ref, cfg.out)
     model = with_sampler(model or load_model(cfg.model, cfg.device, cfg.dtype), cfg.sampler)
     bundle = prepare_reference(cfg, model)
     target = build_target(cfg, bundle, model.device)

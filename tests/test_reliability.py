@@ -144,3 +144,50 @@ def test_a_second_run_into_the_same_folder_exits_2_naming_the_first(tiny, tmp_pa
         first.wait()
     result = CliRunner().invoke(app, _cli_args(tiny, out))
     assert result.exit_code == 0, result.output
+
+
+# --------------------------------------------------------------------------- one line, exit 2, nothing written
+
+
+def _refs_copy(tiny, tmp_path) -> Path:
+    refs = tmp_path / "refs"
+    shutil.copytree(tiny["refs"], refs)
+    return refs
+
+
+def _fails_cleanly(tiny, ref, out, expect: str, *extra: str) -> str:
+    """Run the CLI; it must exit 2 with one `error:` line containing `expect`, and leave `out` absent."""
+    args = _cli_args(tiny, out, *extra)
+    args[args.index("--ref") + 1] = str(ref)
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2, result.output
+    errors = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and expect in errors[0], result.output
+    assert "Traceback" not in result.output and not Path(out).exists()
+    return errors[0]
+
+
+def test_a_symbolic_link_loop_in_the_references_is_named(tiny, tmp_path):
+    refs = _refs_copy(tiny, tmp_path)
+    (refs / "a" / "loop").symlink_to("loop")
+    _fails_cleanly(tiny, refs, tmp_path / "out", "a/loop: symbolic link loop")
+
+
+def test_an_output_folder_inside_the_references_is_refused(tiny, tmp_path):
+    refs = _refs_copy(tiny, tmp_path)
+    out = refs / "out"
+    _fails_cleanly(tiny, refs, out, "inside the reference folder")
+
+
+def test_images_in_sub_sub_folders_are_labelled_by_their_top_folder_with_a_warning(tiny, tmp_path, caplog):
+    refs = _refs_copy(tiny, tmp_path)
+    (refs / "b" / "deeper").mkdir()
+    for image in sorted((refs / "b").glob("*.png"))[:3]:
+        image.rename(refs / "b" / "deeper" / image.name)
+    with caplog.at_level("WARNING"):
+        run_job(tiny_job_config(tiny, tmp_path / "out", ref=str(refs), n=4, guidance="none"))
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert any(
+        "3 images in sub-sub-folders (e.g. b/deeper/" in w and "class of their top-level folder (b)" in w
+        for w in warnings
+    )

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -135,31 +133,15 @@ def test_a_folder_claimed_by_a_run_that_wrote_no_sample_is_free_for_another_conf
         check_or_claim_output(tmp_path / "plain", "h2", {})
 
 
-@contextlib.contextmanager
-def _unprivileged():
-    """Drop root's effective ids for the block (permission bits do not stop root); a no-op otherwise."""
-    if os.geteuid() != 0:
-        yield
-        return
-    os.setegid(65534)
-    os.seteuid(65534)
-    try:
-        yield
-    finally:
-        os.seteuid(0)
-        os.setegid(0)
-
-
-def test_an_output_folder_that_cannot_be_written_is_refused_before_anything_else(tmp_path):
-    with tempfile.TemporaryDirectory() as top:  # under /tmp, so an unprivileged user can reach it
-        os.chmod(top, 0o755)
-        locked = Path(top) / "read-only"
-        locked.mkdir(mode=0o555)
-        for out in (locked / "out", locked):
-            with _unprivileged(), pytest.raises(InputError, match=r"cannot write here \(Permission denied\)") as info:
-                claim_output(out, "h1", CONFIG)
-            assert "--out" in str(info.value)
-        assert list(locked.iterdir()) == []
+def test_an_output_folder_that_cannot_be_written_is_refused_before_anything_else(tmp_path, unprivileged):
+    top, drop = unprivileged
+    locked = top / "read-only"
+    locked.mkdir(mode=0o555)
+    for out in (locked / "out", locked):
+        with drop(), pytest.raises(InputError, match=r"cannot write here \(Permission denied\)") as info:
+            claim_output(out, "h1", CONFIG)
+        assert "--out" in str(info.value)
+    assert list(locked.iterdir()) == []
     (tmp_path / "a-file").write_text("x")
     with pytest.raises(InputError, match="cannot write here"):
         claim_output(tmp_path / "a-file" / "out", "h1", CONFIG)
