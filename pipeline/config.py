@@ -8,7 +8,7 @@ import math
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 SamplerName = Literal["ddim", "ddpm", "euler", "dpmpp"]
 GuidanceName = Literal["none", "latent", "posterior", "lookahead", "noisy"]
@@ -16,6 +16,10 @@ KernelName = Literal["rbf", "rbf-multi", "imq", "cubic", "rff"]
 ScheduleName = Literal["constant", "interval", "linear_decay", "linear_ramp"]
 NormalizationName = Literal["per_sample", "batch", "raw"]
 DTypeName = Literal["auto", "float32", "float16", "bfloat16"]
+
+#: The largest guidance strength accepted. With `per_sample` normalisation a strength of 1 already moves x̂0
+#: by its whole length at every step; far larger values (1e30) only overflow to NaN.
+MAX_STRENGTH = 100.0
 
 #: Fields that do not change which samples are produced (excluded from the config hash). `ref` is a path:
 #: the references' *content* is what matters, and a run folder records and compares it (`.inputs.json`),
@@ -26,7 +30,7 @@ RUNTIME_FIELDS = frozenset({"out", "ref", "device", "processes", "progress", "ca
 class AugmentConfig(BaseModel):
     """Everything that defines an `augment` run. Its hash goes into every sample's metadata."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)  # no inf/nan in any setting
 
     # what and where
     ref: str = Field(description="reference folder or fsspec URL")
@@ -93,6 +97,16 @@ class AugmentConfig(BaseModel):
         if any(f <= 0 for f in self.bandwidth_factors):
             raise ValueError(f"bandwidth_factors must be positive, got {self.bandwidth_factors}")
         return self
+
+    @field_validator("strength")
+    @classmethod
+    def _bounded_strength(cls, value: object) -> object:
+        if isinstance(value, float) and value > MAX_STRENGTH:
+            raise ValueError(
+                f"{value:g} is far beyond any useful step (at most {MAX_STRENGTH:g}; the default is 0.01, "
+                "docs/results.md §3.1 sweeps 0.001-0.1)"
+            )
+        return value
 
     # --- derived quantities -------------------------------------------------------------------
     @property

@@ -25,7 +25,7 @@ from storage._atomic import atomic_write_json
 from storage.errors import InputError
 from storage.manifest import forget_shards_without_part, manifest_counts, merge_manifest
 from storage.references import refuse_output_inside
-from storage.run_record import claim_output, holds_samples, release_output, write_run_record
+from storage.run_record import abandon_output, claim_output, holds_samples, release_output, write_run_record
 from storage.shards import clean_partial, done_shard_ids, is_done, read_marker
 
 from . import __version__
@@ -178,7 +178,7 @@ def start_job(cfg: AugmentConfig, model: LoadedModel | None = None) -> tuple[Job
         plan = plan_job(cfg)
         pending = pending_shards(cfg, plan)
     except BaseException:
-        release_output(cfg.out)
+        abandon_output(cfg.out, records=(INPUTS_FILE,))
         raise
     if len(pending) < len(plan.shards):
         log.info("resuming: %d of %d shards already done", len(plan.shards) - len(pending), len(plan.shards))
@@ -234,6 +234,9 @@ def run_job(
         t2 = time.perf_counter()
         seconds = {"prepare": round(t1 - t0, 3), "generate_filter_write": round(t2 - t1, 3)}
         summary = finish_job(cfg, ctx.model, ctx.bundle, plan, len(pending), seconds)
+    except BaseException:
+        abandon_output(cfg.out, records=(INPUTS_FILE,))  # a run that wrote no sample leaves nothing behind
+        raise
     finally:
         release_output(cfg.out)
     summary.seconds["total"] = round(time.perf_counter() - t0, 3)

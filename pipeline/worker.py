@@ -34,6 +34,7 @@ from storage.shards import REJECTED_DIR, write_shard
 
 from .config import AugmentConfig
 from .models.loading import LoadedModel
+from .numerics import sample_finite
 from .plan import ShardPlan, assign_classes, seeds_for
 from .reference import ReferenceBundle
 from .sampling import sample_latents
@@ -116,7 +117,7 @@ def generate_pool(ctx: JobContext, shard: ShardPlan, progress: Progress | None =
         condition = None
         if lab is not None and ctx.model_labels is not None:
             condition = torch.tensor([ctx.model_labels[int(c)] for c in lab], device=model.device)
-        result = sample_latents(
+        result = sample_finite(cfg, model.device, batch, sample_latents)(
             model.denoiser,
             model.scheduler,
             seeds_for(cfg, batch),

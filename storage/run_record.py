@@ -34,6 +34,7 @@ __all__ = [
     "CLAIM_FILE",
     "LOCK_FILE",
     "RUN_FILE",
+    "abandon_output",
     "check_or_claim_output",
     "claim_output",
     "holds_samples",
@@ -50,6 +51,8 @@ _WORK_DIRS = ("shards", "manifest", "rejected")
 _SHOWN_DIFFS = 3
 #: The output locks this process holds, by resolved folder (a process takes each folder's lock once).
 _HELD: dict[str, FileLock] = {}
+#: Folders that this process's `claim_output` created (so `abandon_output` may remove them again).
+_CREATED: set[str] = set()
 
 
 def write_run_record(out_dir: str | os.PathLike[str], record: dict[str, Any]) -> Path:
@@ -98,7 +101,10 @@ def claim_output(out_dir: str | os.PathLike[str], config_hash: str, config: dict
     """
     out = Path(out_dir)
     _refuse_foreign(out)
+    created = not out.exists()
     _make_writable_folder(out)
+    if created:
+        _CREATED.add(_lock_key(out))
     _lock(out)
     try:
         return _check_or_claim(out, config_hash, config, may_reclaim=True)
@@ -112,6 +118,36 @@ def release_output(out_dir: str | os.PathLike[str]) -> None:
     lock = _HELD.pop(_lock_key(Path(out_dir)), None)
     if lock is not None:
         lock.release(force=True)
+
+
+def abandon_output(out_dir: str | os.PathLike[str], *, records: tuple[str, ...] = ()) -> bool:
+    """After a run failed: if `out_dir` holds no samples, undo this process's claim so the failed run
+    leaves nothing behind (the claim, the run's `records` such as `.inputs.json`, empty `shards/`,
+    `manifest/` and `rejected/`, the lock, and the folder itself if the claim created it and it is now
+    empty). Releases the lock either way.
+
+    Returns:
+        True if the claim was undone; False if the folder holds samples (kept as they are) or this
+        process holds no claim on it.
+    """
+    out = Path(out_dir)
+    key = _lock_key(out)
+    try:
+        if key not in _HELD or holds_samples(out):
+            return False
+        for name in (CLAIM_FILE, *records):
+            (out / name).unlink(missing_ok=True)
+        for name in _WORK_DIRS:
+            with contextlib.suppress(OSError):
+                (out / name).rmdir()  # only if empty
+        (out / LOCK_FILE).unlink(missing_ok=True)
+        if key in _CREATED:
+            with contextlib.suppress(OSError):
+                out.rmdir()  # only if empty
+        return True
+    finally:
+        release_output(out)
+        _CREATED.discard(key)
 
 
 def holds_samples(out_dir: str | os.PathLike[str]) -> bool:

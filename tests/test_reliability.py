@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -10,12 +11,15 @@ import tracemalloc
 from pathlib import Path
 
 import pytest
+import torch
 from tiny_models import save_tiny_dit, shard_bytes, tiny_job_config, write_reference_folder
 from typer.testing import CliRunner
 
 from pipeline.cli import app
 from pipeline.job import pending_shards, run_job
 from pipeline.plan import plan_job
+from storage.errors import InputError
+from storage.run_record import claim_output, release_output
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -191,3 +195,98 @@ def test_images_in_sub_sub_folders_are_labelled_by_their_top_folder_with_a_warni
         "3 images in sub-sub-folders (e.g. b/deeper/" in w and "class of their top-level folder (b)" in w
         for w in warnings
     )
+
+
+@pytest.mark.parametrize(
+    "flag, value, expect",
+    [
+        ("--strength", "inf", "--strength: Input should be a finite number"),
+        ("--strength", "1e30", "--strength: Value error, 1e+30 is far beyond any useful step"),
+        ("--cfg-scale", "inf", "--cfg-scale: Input should be a finite number"),
+        ("--keep", "nan", "--keep: Input should be a finite number"),
+    ],
+)
+def test_non_finite_or_absurd_settings_are_refused_up_front(tiny, tmp_path, flag, value, expect):
+    _fails_cleanly(tiny, tiny["refs"], tmp_path / "out", expect, flag, value)
+
+
+class _NaNDenoiser:
+    """A model whose output is NaN (as float16 on a CPU, or an overflowing guidance step, produce)."""
+
+    def __init__(self, inner) -> None:
+        self.inner = inner
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def __call__(self, x_t, t, condition):
+        out = self.inner(x_t, t, condition)
+        return type(out)(sample=out.sample * float("nan"), intermediate=out.intermediate)
+
+
+@pytest.mark.parametrize("guidance", ["none", "latent"])
+def test_nan_latents_stop_the_run_at_the_first_batch_and_leave_nothing(tiny, tmp_path, guidance):
+    from pipeline.models.loading import load_model
+
+    model = load_model(tiny["dit"], device="cpu", dtype="float32")
+    model.denoiser = _NaNDenoiser(model.denoiser)
+    out = tmp_path / "out"
+    cfg = tiny_job_config(tiny, out, n=8, guidance=guidance, dtype="float16")
+    with pytest.raises(InputError) as info:
+        run_job(cfg, model=model)
+    message = str(info.value)
+    assert message.startswith("samples 0..5: the sampler produced NaN or infinite latents (--dtype float16 on cpu")
+    assert "use --dtype float32" in message and "\n" not in message
+    assert not out.exists()  # the failed run leaves no claim: the corrected command is free to run
+    assert run_job(tiny_job_config(tiny, out, n=8, guidance=guidance)).num_kept == 8
+
+
+def test_a_claim_without_samples_does_not_hold_the_folder_hostage(tiny, tmp_path):
+    out = tmp_path / "out"
+    first = tiny_job_config(tiny, out, n=8, strength=50.0)
+    claim_output(out, first.config_hash, first.hashed_fields())  # then killed (-9) before its first shard
+    release_output(out)
+    summary = run_job(tiny_job_config(tiny, out, n=8))
+    assert summary.num_kept == 8 and summary.shards_written == 1
+
+
+def test_model_and_device_mistakes_get_one_line_and_exit_2(tiny, tmp_path):
+    """In a fresh interpreter with HF_HUB_OFFLINE=1: a hub id is never looked up on the network."""
+    device = "cuda:99" if torch.cuda.is_available() else "cuda"
+    cases = {
+        "./nope": ["--model", "./nope"],
+        "no.such.module:fn": ["--model", "no.such.module:fn"],
+        "org/missing": ["--model", "org/missing"],
+        "json:dumps": ["--model", "json:dumps"],
+        "--device bogus": ["--device", "bogus"],
+        f"--device {device}": ["--device", device],
+    }
+    expect = {
+        "./nope": "--model ./nope: no such folder",
+        "no.such.module:fn": "--model no.such.module:fn: cannot import module 'no.such.module'",
+        "org/missing": "--model org/missing: not in the local Hugging Face cache and the hub cannot be reached",
+        "json:dumps": "--model json:dumps: cannot be called as factory(device=..., dtype=...)",
+        "--device bogus": "--device bogus: not a device; use auto, cpu, cuda or cuda:N",
+        f"--device {device}": f"--device {device}: ",
+    }
+    base = [a for a in _cli_args(tiny, "OUT") if a not in ("--model", tiny["dit"])]
+    driver = (
+        "import json, sys; from typer.testing import CliRunner; from pipeline.cli import app\n"
+        "cases, base, out = json.loads(sys.argv[1]), json.loads(sys.argv[2]), sys.argv[3]\n"
+        "res = {}\n"
+        "for name, extra in cases.items():\n"
+        "    r = CliRunner().invoke(app, [a.replace('OUT', out + '/' + str(len(res))) for a in base] + extra)\n"
+        "    res[name] = [r.exit_code, r.output]\n"
+        "print(json.dumps(res))\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run(
+        [sys.executable, "-c", driver, json.dumps(cases), json.dumps(base), str(tmp_path)],
+        capture_output=True, text=True, cwd=REPO, env=env, check=True,
+    )  # fmt: skip
+    results = json.loads(done.stdout.strip().splitlines()[-1])
+    for name, (code, output) in results.items():
+        errors = [line for line in output.splitlines() if line.startswith("error:")]
+        assert code == 2 and len(errors) == 1 and expect[name] in errors[0], (name, output)
+        assert "Traceback" not in output
+    assert list(tmp_path.iterdir()) == []  # nothing written
