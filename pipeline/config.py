@@ -137,5 +137,7 @@ class AugmentConfig(BaseModel):
             data = tomllib.loads(text)
         else:
             data = json.loads(text)
+        if not isinstance(data, dict):
+            raise ValueError(f"must hold an object of settings (names to values), not {json.dumps(data)[:40]}")
         data.update({k: v for k, v in overrides.items() if v is not None})
         return cls.model_validate(data)

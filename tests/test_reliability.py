@@ -290,3 +290,15 @@ def test_model_and_device_mistakes_get_one_line_and_exit_2(tiny, tmp_path):
         assert code == 2 and len(errors) == 1 and expect[name] in errors[0], (name, output)
         assert "Traceback" not in output
     assert list(tmp_path.iterdir()) == []  # nothing written
+
+
+@pytest.mark.parametrize("text", ["[1, 2, 3]", "null", '"n"'])
+def test_a_config_file_that_is_not_an_object_of_settings_gets_one_line(tmp_path, text):
+    config = tmp_path / "job.json"
+    config.write_text(text)
+    result = CliRunner().invoke(app, ["--config", str(config), "--out", str(tmp_path / "out")])
+    assert result.exit_code == 2, result.output
+    assert result.output.strip().splitlines() == [
+        f"error: {config}: must hold an object of settings (names to values), not {' '.join(text.split())}"
+    ]
+    assert not (tmp_path / "out").exists()
