@@ -49,10 +49,8 @@ def non_finite_error(cfg: AugmentConfig, device: torch.device, indices: Sequence
     strength = f"{cfg.strength:g}" if isinstance(cfg.strength, float) else str(cfg.strength)
     half = cfg.dtype in ("float16", "bfloat16")
     advice = []
-    if half and device.type == "cpu":
-        advice.append(f"use --dtype float32 (--dtype {cfg.dtype} overflows on a CPU)")
-    elif half:
-        advice.append("try --dtype float32")
+    if half:
+        advice.append(f"use --dtype float32 ({cfg.dtype} has a narrow range or precision)")
     if isinstance(cfg.strength, float) and cfg.guidance != "none" and cfg.strength > 1.0:
         advice.append(f"lower --strength (now {strength}; the default is 0.01)")
     if cfg.cfg_scale > 20.0:

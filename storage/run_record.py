@@ -3,7 +3,7 @@
 `claim_output` runs before anything else is written to `--out` and before any generation:
 
 - the folder must be writable (checked by writing, in the folder and in `shards/` and `manifest/`);
-- one run at a time: the run holds `OUT/.lock` (an OS file lock, released when the process exits,
+- one run at a time: the run holds `OUT/.augment.lock` (an OS file lock, released when the process exits,
   even by `kill -9`) from its start to its end; a second run into the same folder is refused with a
   message that names the holder's pid and host;
 - one configuration per folder: a fresh folder is claimed (`.config-claim.json` holds the config hash
@@ -45,7 +45,7 @@ __all__ = [
 
 RUN_FILE = "run.json"
 CLAIM_FILE = ".config-claim.json"
-LOCK_FILE = ".lock"
+LOCK_FILE = ".augment.lock"
 #: Folders whose files are samples (or their records) of a run; `holds_samples` looks in them.
 _WORK_DIRS = ("shards", "manifest", "rejected")
 _SHOWN_DIFFS = 3
@@ -100,13 +100,16 @@ def claim_output(out_dir: str | os.PathLike[str], config_hash: str, config: dict
             is a file.
     """
     out = Path(out_dir)
-    _refuse_foreign(out)
+    if not (out / LOCK_FILE).exists():  # a folder with a lock is this tool's: the lock will tell who holds it
+        _refuse_foreign(out)
     created = not out.exists()
-    _make_writable_folder(out)
+    _make_writable_folders(out, ())
     if created:
         _CREATED.add(_lock_key(out))
     _lock(out)
     try:
+        _refuse_foreign(out)  # again, under the lock: nothing can appear in between now
+        _make_writable_folders(out, ("shards", "manifest"))
         return _check_or_claim(out, config_hash, config, may_reclaim=True)
     except BaseException:
         release_output(out)
@@ -187,13 +190,18 @@ def check_or_claim_output(out_dir: str | os.PathLike[str], config_hash: str, con
 
 
 def _refuse_foreign(out: Path) -> None:
-    """InputError for a file, an unreadable folder, or a folder with visible files and no run of this tool."""
+    """InputError for a file, an unreadable folder, or a folder with visible files and no run of this tool
+    (hidden files, and the empty `shards/` and `manifest/` a claim that never finished left, do not count)."""
     try:
         if out.exists() and not out.is_dir():
             raise InputError(f"{out}: exists and is not a folder; choose another --out")
         if not out.is_dir() or any(p.exists() for p in (out / CLAIM_FILE, out / RUN_FILE)):
             return
-        foreign = sorted(p.name for p in out.iterdir() if not p.name.startswith("."))
+        foreign = sorted(
+            p.name
+            for p in out.iterdir()
+            if not p.name.startswith(".") and not (p.name in _WORK_DIRS and p.is_dir() and not any(p.iterdir()))
+        )
     except OSError as e:
         raise InputError(f"{out}: cannot be read ({e.strerror or e}); choose a readable, writable --out") from e
     if foreign:
@@ -201,10 +209,10 @@ def _refuse_foreign(out: Path) -> None:
         raise InputError(f"{out}: not empty ({shown}) and holds no run of this tool; choose another --out or empty it")
 
 
-def _make_writable_folder(out: Path) -> None:
-    """Create `out`, `out/shards` and `out/manifest` and write (then remove) a probe file in each, so a
-    read-only or permission-denied folder is found before any generation."""
-    for folder in (out, out / "shards", out / "manifest"):
+def _make_writable_folders(out: Path, subfolders: tuple[str, ...]) -> None:
+    """Create `out` and its `subfolders` and write (then remove) a probe file in each, so a read-only or
+    permission-denied folder is found before any generation."""
+    for folder in (out, *(out / name for name in subfolders)):
         probe = tmp_name(folder / "write-probe")
         try:
             folder.mkdir(parents=True, exist_ok=True)
@@ -221,7 +229,7 @@ def _lock_key(out: Path) -> str:
 
 
 def _lock(out: Path) -> None:
-    """Take `out/.lock` for this process (once), or raise InputError naming the process that holds it."""
+    """Take `out/.augment.lock` for this process (once), or raise InputError naming the process that holds it."""
     key = _lock_key(out)
     if key in _HELD:
         return
@@ -241,7 +249,7 @@ def _lock(out: Path) -> None:
             "finish (rerun then to check it) or choose another --out"
         ) from None
     except OSError as e:
-        raise InputError(f"{path}: cannot take the folder's lock ({e.strerror or e}); choose another --out") from e
+        raise InputError(f"{out}: cannot write here ({e.strerror or e}); choose a writable --out") from e
     _HELD[key] = lock
 
 

@@ -260,6 +260,7 @@ def test_model_and_device_mistakes_get_one_line_and_exit_2(tiny, tmp_path):
         "json:dumps": ["--model", "json:dumps"],
         "--device bogus": ["--device", "bogus"],
         f"--device {device}": ["--device", device],
+        "--dtype float16 on cpu": ["--device", "cpu", "--dtype", "float16"],
     }
     expect = {
         "./nope": "--model ./nope: no such folder",
@@ -268,6 +269,7 @@ def test_model_and_device_mistakes_get_one_line_and_exit_2(tiny, tmp_path):
         "json:dumps": "--model json:dumps: cannot be called as factory(device=..., dtype=...)",
         "--device bogus": "--device bogus: not a device; use auto, cpu, cuda or cuda:N",
         f"--device {device}": f"--device {device}: ",
+        "--dtype float16 on cpu": "--dtype float16 on cpu: float16 overflows to NaN",
     }
     base = [a for a in _cli_args(tiny, "OUT") if a not in ("--model", tiny["dit"])]
     driver = (

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from storage import InputError, check_or_claim_output, read_run_record, write_run_record
-from storage.run_record import CLAIM_FILE, claim_output, holds_samples, release_output
+from storage.run_record import CLAIM_FILE, LOCK_FILE, claim_output, holds_samples, release_output
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -145,3 +145,18 @@ def test_an_output_folder_that_cannot_be_written_is_refused_before_anything_else
     (tmp_path / "a-file").write_text("x")
     with pytest.raises(InputError, match="cannot write here"):
         claim_output(tmp_path / "a-file" / "out", "h1", CONFIG)
+
+
+def test_a_run_starting_into_a_folder_another_run_is_still_claiming_is_told_so(tmp_path):
+    out = tmp_path / "out"
+    holder = _hold_lock_in_another_process(out)
+    try:
+        (out / CLAIM_FILE).unlink()  # the other run has its lock and probe folders, not yet its claim
+        assert sorted(p.name for p in out.iterdir()) == [LOCK_FILE, "manifest", "shards"]
+        with pytest.raises(InputError, match="another run is writing to this folder"):
+            claim_output(out, "h2", CONFIG)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert claim_output(out, "h2", CONFIG) is False  # what an interrupted claim leaves is not foreign
+    release_output(out)

@@ -49,7 +49,16 @@ def resolve_device(device: str = "auto") -> torch.device:
 
 
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    """float32 on CPU; float16 on CUDA unless bf16 is supported (then bfloat16); explicit names win."""
+    """float32 on CPU; float16 on CUDA unless bf16 is supported (then bfloat16); explicit names win.
+
+    Raises:
+        InputError: float16 on a CPU (its narrow range overflows to NaN part-way through guided runs).
+    """
+    if dtype == "float16" and device.type == "cpu":
+        raise InputError(
+            "--dtype float16 on cpu: float16 overflows to NaN part-way through guided runs on a CPU; "
+            "use --dtype float32 (the default there) or bfloat16"
+        )
     if dtype == "auto":
         if device.type == "cuda":
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
