@@ -1,26 +1,27 @@
-"""`posterior` and `lookahead` modes: the MMD² gradient w.r.t. x_t through the denoiser.
+"""`lookahead` method: the MMD² gradient w.r.t. x_t through a differentiable k-step sub-solve.
 
-`posterior` (greedy): g = ∇_{x_t} MMD²(x̂0(x_t), Y), one denoiser call with backprop.
-`lookahead` k: x̂0 comes from a differentiable k-step deterministic DDIM sub-solve from t to 0, and the
-gradient flows through all k calls ("Greed is Good", arXiv 2502.08006: posterior guidance is one explicit
-step of end-to-end guidance; k = all remaining steps is end-to-end guidance). k = 1 is `posterior`.
+x̂0 comes from a differentiable k-step deterministic DDIM sub-solve from t to 0, and the gradient flows
+through all k calls ("Greed is Good", arXiv 2502.08006: posterior guidance is one explicit step of
+end-to-end guidance; k = all remaining steps is end-to-end guidance). k = 1 is `posterior`.
 
 The sub-solve is a stateless copy of the DDIM update, never the sampler's own (stateful) scheduler.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 
-from .mmd import MMDTarget, SampleMemory
-from .schedules import StepNormalization, guidance_step
+from .method import AlphaSigmaFn, GuidanceMethod, GuidanceStep, PredictFn
+from .posterior import PosteriorGuidance, gradient_guidance_delta  # re-exported: its home was here
 
-#: (x_t in VP space, t) -> (x̂0, ε̂): the (CFG/IG-combined) model as a differentiable function.
-PredictFn = Callable[[torch.Tensor, float], tuple[torch.Tensor, torch.Tensor]]
-#: t -> (α_t, σ_t) of the VP forward process x_t = α_t x0 + σ_t ε.
-AlphaSigmaFn = Callable[[float], tuple[float, float]]
+__all__ = [
+    "AlphaSigmaFn",
+    "LookaheadGuidance",
+    "PredictFn",
+    "ddim_lookahead_x0",
+    "gradient_guidance_delta",
+    "lookahead_timesteps",
+]
 
 
 def lookahead_timesteps(t: float, k: int) -> list[float]:
@@ -54,23 +55,31 @@ def ddim_lookahead_x0(
     raise AssertionError("unreachable")
 
 
-def gradient_guidance_delta(
-    x_t: torch.Tensor,
-    x0_hat: torch.Tensor,
-    target: MMDTarget,
-    strength: float,
-    *,
-    x_cond: torch.Tensor | None = None,
-    normalization: StepNormalization = "per_sample",
-    memory: SampleMemory | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(Δ in x̂0 units, MMD² before the move), with g = ∇_{x_t} MMD²(x̂0(x_t)) by the chain rule.
+class LookaheadGuidance(PosteriorGuidance):
+    """x̂0 ← x̂0 − Δ(∇_{x_t} MMD²(DDIM_k(x_t → 0), Y))  (DESIGN.md §2, `lookahead`): backprop through k calls.
 
-    `x0_hat` must be a differentiable function of `x_t` (x_t.requires_grad). The closed-form
-    ∂MMD²/∂x̂0 is back-propagated through the denoiser: g = (∂x̂0/∂x_t)ᵀ ∇_{x̂0} MMD².
-    Like `latent` mode, the step is expressed on x̂0 (its length relative to ‖x̂0‖ for `per_sample`);
-    the sampler applies it as x_t ← x_t − α_t Δ, which for `raw` is ≈ s·∇_{x̂0} since ∂x̂0/∂x_t ≈ I/α_t.
+    `steps` is k; None means all remaining steps (end-to-end guidance). Near the end k is capped by
+    the steps left, so a step costs min(k, remaining) denoiser calls.
     """
-    grad_x0, value = target.grad(x0_hat.detach(), x_cond=x_cond, memory=memory)
-    (grad_xt,) = torch.autograd.grad(x0_hat, x_t, grad_outputs=grad_x0.to(x0_hat.dtype))
-    return guidance_step(grad_xt, x0_hat.detach(), strength, normalization), value
+
+    name = "lookahead"
+
+    def __init__(self, steps: int | None = 2) -> None:
+        if steps is not None and steps < 1:
+            raise ValueError(f"lookahead_steps must be >= 1 or None (end-to-end), got {steps}")
+        self.steps = steps
+
+    @classmethod
+    def create(cls, *, lookahead_steps: int | None = 2) -> GuidanceMethod:
+        return cls(lookahead_steps)
+
+    def calls_per_step(self, num_steps: int, remaining: int) -> int:
+        k = remaining if self.steps is None else self.steps
+        return max(1, min(k, remaining))
+
+    def final_x0(self, step: GuidanceStep) -> torch.Tensor:
+        k = self.calls_per_step(step.num_steps, step.remaining)
+        return ddim_lookahead_x0(step.x_t, step.t, step.predict, step.alpha_sigma, k, first=(step.x0, step.eps))
+
+    def __repr__(self) -> str:
+        return f"LookaheadGuidance(steps={self.steps})"

@@ -23,22 +23,27 @@ from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler,
 
 from storage._atomic import atomic_write_json
 from storage.errors import InputError
-from storage.manifest import forget_shards_without_part, manifest_counts, merge_manifest
+from storage.manifest import forget_shards_without_part, manifest_rows, merge_manifest
+from storage.pilot import PILOT_FILE, load_pilot, pilot_cache_path, save_pilot
 from storage.references import refuse_output_inside
 from storage.run_record import abandon_output, claim_output, holds_samples, release_output, write_run_record
 from storage.shards import clean_partial, done_shard_ids, is_done, read_marker
 
 from . import __version__
 from .config import AugmentConfig
+from .fidelity import make_judge
 from .models.loading import LoadedModel, load_model
+from .pilot import pilot_key, run_pilot
 from .plan import JobPlan, RemainingShards, class_proportions, plan_job
-from .reference import ReferenceBundle, build_target, prepare_reference
+from .reference import ReferenceBundle, build_target, default_cache_dir, prepare_reference
 from .worker import JobContext, ShardResult, model_label_map, run_shard
 
 log = logging.getLogger(__name__)
 
 #: Records which references and model a folder's samples were made from (guards resumption).
 INPUTS_FILE = ".inputs.json"
+#: What a run writes at its start besides the claim: removed again if it fails before its first sample.
+RUN_RECORDS = (INPUTS_FILE, PILOT_FILE)
 
 SCHEDULERS = {
     "ddim": DDIMScheduler,
@@ -59,6 +64,11 @@ class JobSummary:
     mmd2_pool: float | None
     mmd2_kept: float | None
     seconds: dict[str, float] = field(default_factory=dict)
+    strength: float | str | None = None  # the strength the samples were made with (the pilot's under auto)
+    rejected: dict[str, int] = field(default_factory=dict)  # generated samples not kept, by reason
+    reserved: int = 0  # extra samples drawn from reserved indices
+    shortfall: int = 0  # planned samples no shard could fill within its cap (0: exactly --n kept)
+    label_fidelity: dict | None = None  # kept samples the label judge assigns to their class (labelled runs)
 
 
 def with_sampler(model: LoadedModel, sampler: str) -> LoadedModel:
@@ -78,7 +88,27 @@ def build_context(cfg: AugmentConfig, model: LoadedModel | None = None) -> JobCo
     if bundle.class_names is not None:
         how = "model labels " + str(labels_map) if labels_map else "the product kernel only (model not told)"
         log.info("classes %s steered by %s", bundle.class_names, how)
-    return JobContext(cfg, model, bundle, target, props, labels_map)
+    judge = make_judge(cfg.model, bundle.latents, bundle.labels, bundle.class_names)
+    ctx = JobContext(cfg, model, bundle, target, props, labels_map, judge=judge)
+    if cfg.strength == "auto":
+        ctx.pilot = resolve_pilot(ctx)
+    return ctx
+
+
+def resolve_pilot(ctx: JobContext) -> dict:
+    """`--strength auto`: the pilot's record from this run folder (a resume), else from the cache (same
+    references, model and settings), else run the pilot now and cache it."""
+    cfg, bundle = ctx.cfg, ctx.bundle
+    key = pilot_key(cfg, bundle.content_hash, bundle.model_id, bundle.files)
+    cache = pilot_cache_path(Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir(), key)
+    for where in (Path(cfg.out) / PILOT_FILE, cache):
+        record = load_pilot(where, key)
+        if record is not None:
+            log.info("strength auto: %g (pilot record %s)", record["chosen"], where)
+            return record
+    record = dict(run_pilot(ctx), key=key)
+    save_pilot(cache, record)
+    return record
 
 
 def pending_shards(cfg: AugmentConfig, plan: JobPlan) -> RemainingShards:
@@ -171,6 +201,8 @@ def start_job(cfg: AugmentConfig, model: LoadedModel | None = None) -> tuple[Job
     claim_output(cfg.out, cfg.config_hash, cfg.hashed_fields())
     try:
         check_or_record_inputs(cfg.out, ctx.bundle)
+        if ctx.pilot is not None and load_pilot(Path(cfg.out) / PILOT_FILE, ctx.pilot["key"]) is None:
+            save_pilot(Path(cfg.out) / PILOT_FILE, ctx.pilot)  # pins the choice for resumes and workers
         clean_partial(cfg.out)
         lost = forget_shards_without_part(cfg.out, cfg.prefix)
         if lost:
@@ -178,11 +210,18 @@ def start_job(cfg: AugmentConfig, model: LoadedModel | None = None) -> tuple[Job
         plan = plan_job(cfg)
         pending = pending_shards(cfg, plan)
     except BaseException:
-        abandon_output(cfg.out, records=(INPUTS_FILE,))
+        abandon_output(cfg.out, records=RUN_RECORDS)
         raise
     if len(pending) < len(plan.shards):
         log.info("resuming: %d of %d shards already done", len(plan.shards) - len(pending), len(plan.shards))
     return ctx, plan, pending
+
+
+def pinned_pilot(cfg: AugmentConfig, bundle: ReferenceBundle) -> dict | None:
+    """The pilot record this run folder pinned (`--strength auto`), else None."""
+    if cfg.strength != "auto":
+        return None
+    return load_pilot(Path(cfg.out) / PILOT_FILE, pilot_key(cfg, bundle.content_hash, bundle.model_id, bundle.files))
 
 
 def check_or_record_inputs(out: str, bundle: ReferenceBundle) -> None:
@@ -205,11 +244,31 @@ def check_or_record_inputs(out: str, bundle: ReferenceBundle) -> None:
 def finish_job(
     cfg: AugmentConfig, model: LoadedModel, bundle: ReferenceBundle, plan: JobPlan, written: int, seconds: dict
 ) -> JobSummary:
-    """Merge the manifest parts (every shard must be done), write run.json, release the folder's lock."""
+    """Merge the manifest parts (every shard must be done), write run.json, release the folder's lock.
+
+    Raises:
+        InputError: the run kept no sample at all (every one rejected), after writing run.json.
+    """
     merge_manifest(cfg.out, expected_shards=range(len(plan.shards)))
     summary = summarize(cfg, plan, written, len(plan.shards) - written, seconds)
+    pilot = pinned_pilot(cfg, bundle)
+    summary.strength = cfg.strength if pilot is None else pilot["chosen"]
+    if summary.shortfall:
+        log.warning(
+            "kept %d samples, %d fewer than --n %d: some shards ran out of reserve (see the warnings above)",
+            summary.num_kept,
+            summary.shortfall,
+            cfg.n,
+        )
     write_run_record(cfg.out, run_record(cfg, model, bundle, plan, summary))
     release_output(cfg.out)
+    if summary.num_kept == 0:
+        reasons = ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in summary.rejected.items())
+        raise InputError(
+            f"{cfg.out}: every one of the {summary.num_generated} generated samples was rejected ({reasons}): the "
+            "model does not draw this domain at these settings; lower --strength (or use auto), check --model and "
+            "the references, or widen support_radius (run.json and manifest.parquet list every sample)"
+        )
     return summary
 
 
@@ -235,7 +294,7 @@ def run_job(
         seconds = {"prepare": round(t1 - t0, 3), "generate_filter_write": round(t2 - t1, 3)}
         summary = finish_job(cfg, ctx.model, ctx.bundle, plan, len(pending), seconds)
     except BaseException:
-        abandon_output(cfg.out, records=(INPUTS_FILE,))  # a run that wrote no sample leaves nothing behind
+        abandon_output(cfg.out, records=RUN_RECORDS)  # a run that wrote no sample leaves nothing behind
         raise
     finally:
         release_output(cfg.out)
@@ -263,22 +322,32 @@ def _kept_progress(plan: JobPlan, progress: Callable[[int], None] | None) -> Cal
 def summarize(cfg: AugmentConfig, plan: JobPlan, written: int, skipped: int, seconds: dict) -> JobSummary:
     """Counts from the manifest; MMD² (V-statistic, latent space) of pool and kept set, mean over shards.
     Streams the manifest and the markers: memory does not grow with `n`."""
-    num_rows, num_kept = manifest_counts(Path(cfg.out) / "manifest.parquet")
+    counts = _ManifestCounts()
+    for batch in manifest_rows(Path(cfg.out) / "manifest.parquet", counts.COLUMNS):
+        counts.add(batch)
     pool, kept = _Mean(), _Mean()
+    shortfall, judges = 0, set()
     for sid in range(len(plan.shards)):
         marker = read_marker(cfg.out, cfg.prefix, sid) or {}
         pool.add(marker.get("mmd2_pool"))
         kept.add(marker.get("mmd2_kept"))
+        shortfall += int(marker.get("shortfall", 0))
+        if marker.get("judge"):
+            judges.add(marker["judge"])
     return JobSummary(
         out=cfg.out,
         config_hash=cfg.config_hash,
-        num_kept=num_kept,
-        num_generated=num_rows,
+        num_kept=counts.kept,
+        num_generated=counts.rows,
         shards_written=written,
         shards_skipped=skipped,
         mmd2_pool=pool.value,
         mmd2_kept=kept.value,
         seconds=dict(seconds),
+        rejected=dict(sorted(counts.rejected.items())),
+        reserved=counts.reserved,
+        shortfall=shortfall,
+        label_fidelity=label_fidelity(counts.per_class, judges),
     )
 
 
@@ -298,6 +367,51 @@ class _Mean:
         return self.total / self.count if self.count else None
 
 
+class _ManifestCounts:
+    """What the summary counts in the manifest, accumulated batch by batch (memory flat in `n`)."""
+
+    COLUMNS = ("kept", "rejected_reason", "reserved", "label", "class_name", "judged_label")
+
+    def __init__(self) -> None:
+        self.rows = self.kept = self.reserved = 0
+        self.rejected: dict[str, int] = {}
+        self.per_class: dict[str, dict] = {}  # kept, labelled and judged: agreed / judged per class
+
+    def add(self, batch: dict[str, list]) -> None:
+        self.rows += len(batch["kept"])
+        self.kept += sum(bool(k) for k in batch["kept"])
+        self.reserved += sum(bool(r) for r in batch["reserved"])
+        for reason in batch["rejected_reason"]:
+            if reason is not None:
+                self.rejected[reason] = self.rejected.get(reason, 0) + 1
+        for k, lab, name, judged in zip(
+            batch["kept"], batch["label"], batch["class_name"], batch["judged_label"], strict=True
+        ):
+            if k and lab is not None and judged is not None:
+                entry = self.per_class.setdefault(name, {"agreed": 0, "judged": 0})
+                entry["agreed"] += int(lab == judged)
+                entry["judged"] += 1
+
+
+def label_fidelity(per_class: dict[str, dict], judges: set[str]) -> dict | None:
+    """Kept samples the label judge assigns to their target class, overall and per class (None: the run is
+    unlabelled or nothing was judged). `per_class`: class name -> {"agreed", "judged"}."""
+    if not per_class:
+        return None
+    for entry in per_class.values():
+        entry["rate"] = entry["agreed"] / entry["judged"]
+    agreed = sum(e["agreed"] for e in per_class.values())
+    judged = sum(e["judged"] for e in per_class.values())
+    ordered = sorted(judges)
+    return {
+        "judge": ordered[0] if len(ordered) == 1 else ordered,
+        "agreed": agreed,
+        "judged": judged,
+        "rate": agreed / judged,
+        "per_class": dict(sorted(per_class.items())),
+    }
+
+
 def run_record(cfg: AugmentConfig, model: LoadedModel, bundle: ReferenceBundle, plan: JobPlan, summary) -> dict:
     import diffusers
 
@@ -314,6 +428,8 @@ def run_record(cfg: AugmentConfig, model: LoadedModel, bundle: ReferenceBundle, 
             "bandwidth": bundle.bandwidth,
         },
         "plan": {"shards": len(plan.shards), "generated": plan.num_generated, "kept": plan.num_kept},
+        "pilot": pinned_pilot(cfg, bundle),
+        "label_fidelity": summary.label_fidelity,
         "summary": asdict(summary),
         "versions": {
             "mmd-augment": __version__,

@@ -52,7 +52,7 @@ def non_finite_error(cfg: AugmentConfig, device: torch.device, indices: Sequence
     if half:
         advice.append(f"use --dtype float32 ({cfg.dtype} has a narrow range or precision)")
     if isinstance(cfg.strength, float) and cfg.guidance != "none" and cfg.strength > 1.0:
-        advice.append(f"lower --strength (now {strength}; the default is 0.01)")
+        advice.append(f"lower --strength (now {strength}; or 'auto', the default)")
     if cfg.cfg_scale > 20.0:
         advice.append(f"lower --cfg-scale (now {cfg.cfg_scale:g})")
     if not advice:

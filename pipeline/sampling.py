@@ -16,13 +16,11 @@ from typing import Any
 import torch
 from diffusers import SchedulerMixin
 
-from guidance.cfg import cfg_combine
-from guidance.internal import ig_active, ig_combine
-from guidance.latent import latent_guidance_delta
-from guidance.lookahead import ddim_lookahead_x0, gradient_guidance_delta
+from guidance.cfg import ClassifierFreeGuidance
+from guidance.internal import InternalGuidance
+from guidance.method import AlphaSigmaFn, GuidanceStep, PredictFn
 from guidance.mmd_guidance import MMDGuidance
 from guidance.parameterization import from_x0_eps, to_x0_eps
-from guidance.schedules import guidance_step
 
 from .denoiser import Denoiser
 from .seeding import noise_generator, step_generator
@@ -60,7 +58,7 @@ def vp_coefficients(scheduler: SchedulerMixin, step_index: int, t: torch.Tensor)
     return math.sqrt(abar), math.sqrt(1.0 - abar)
 
 
-def _training_alpha_sigma(scheduler: SchedulerMixin) -> Callable[[float], tuple[float, float]]:
+def _training_alpha_sigma(scheduler: SchedulerMixin) -> AlphaSigmaFn:
     """τ -> (α_τ, σ_τ) on the training schedule (integer timesteps; τ = 0 is the clean end)."""
     abar = scheduler.alphas_cumprod.double()
 
@@ -84,9 +82,9 @@ def model_output(
     Internal Guidance inside each branch (out = out_l + w(out_L − out_l)), CFG on top
     (ε = ε_∅ + w(ε_c − ε_∅)); CFG batches the conditional and null halves into one call.
     """
-    use_cfg = cfg_scale != 1.0 and denoiser.supports_cfg and condition is not None
-    use_ig = ig_scale != 1.0
-    if use_ig and not denoiser.supports_internal_guidance:
+    cfg, ig = ClassifierFreeGuidance(cfg_scale), InternalGuidance(ig_scale)
+    use_cfg = cfg.enabled and denoiser.supports_cfg and condition is not None
+    if ig.enabled and not denoiser.supports_internal_guidance:
         raise ValueError("ig_scale != 1 needs a model with an Internal-Guidance head; this denoiser has none")
     batch = x.shape[0]
     t = torch.as_tensor(t, device=x.device)
@@ -94,15 +92,19 @@ def model_output(
         null = denoiser.null_condition(batch)
         out = denoiser(torch.cat([x, x]), t, _concat_conditions(condition, null))
         main_c, main_u = out.sample.float().chunk(2)
-        if use_ig:
+        if ig.enabled:
             inter_c, inter_u = out.intermediate.float().chunk(2)
-            main_c, main_u = ig_combine(inter_c, main_c, ig_scale), ig_combine(inter_u, main_u, ig_scale)
-        return cfg_combine(main_u, main_c, cfg_scale), 2
+            main_c, main_u = ig.combine(inter_c, main_c), ig.combine(inter_u, main_u)
+        return cfg.combine(main_u, main_c), cfg.calls
     out = denoiser(x, t, condition)
     main = out.sample.float()
-    if use_ig:
-        main = ig_combine(out.intermediate.float(), main, ig_scale)
-    return main, 1
+    if ig.enabled:
+        main = ig.combine(out.intermediate.float(), main)
+    return main, ig.calls
+
+
+def _is_prompt_list(condition: Any) -> bool:
+    return isinstance(condition, list | tuple) and len(condition) > 0 and all(isinstance(c, str) for c in condition)
 
 
 def _concat_conditions(a: Any, b: Any) -> Any:
@@ -115,6 +117,42 @@ def initial_noise(seeds: Sequence[int], shape: tuple[int, ...], device: torch.de
     """x_T for each sample from its own generator: sample i never depends on the batch it is in."""
     noise = [torch.randn(shape, generator=noise_generator(int(s))) for s in seeds]
     return torch.stack(noise).to(device)
+
+
+@dataclass
+class _CountingModel:
+    """The CFG/IG-combined model on one trajectory, counting its network evaluations."""
+
+    denoiser: Denoiser
+    condition: Any
+    cfg_scale: float
+    alpha_sigma: AlphaSigmaFn
+    calls: int = 0
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor | float, ig_scale: float) -> torch.Tensor:
+        out, n = model_output(self.denoiser, x, t, self.condition, self.cfg_scale, ig_scale)
+        self.calls += n
+        return out
+
+    def predictor(self, ig_scale: float) -> PredictFn:
+        """(x in VP space, τ) -> (x̂0, ε̂) on the training schedule: a guidance method's extra calls."""
+
+        def predict(x: torch.Tensor, tau: float) -> tuple[torch.Tensor, torch.Tensor]:
+            a, s = self.alpha_sigma(tau)
+            return to_x0_eps(self(x, round(tau), ig_scale), x, a, s, self.denoiser.prediction_type)
+
+        return predict
+
+
+def _step_kwargs(scheduler: SchedulerMixin, seeds: Sequence[int], eta: float) -> dict[str, Any]:
+    """Per-sample generators (stochastic schedulers) and η (DDIM), where the scheduler's `step` takes them."""
+    step_kwargs: dict[str, Any] = {}
+    step_params = inspect.signature(scheduler.step).parameters
+    if "generator" in step_params:
+        step_kwargs["generator"] = [step_generator(int(s)) for s in seeds]
+    if "eta" in step_params:
+        step_kwargs["eta"] = eta
+    return step_kwargs
 
 
 def sample_latents(
@@ -137,91 +175,80 @@ def sample_latents(
 
     `condition` is what the model sees (class labels, prompt embeddings, or None); `mmd_condition`
     is what the product kernel sees (class labels of the target class of each sample). Everything
-    runs under `torch.no_grad` except the differentiable sub-solve of `posterior`/`lookahead` modes.
+    runs under `torch.no_grad` except a guidance method's `correct_x0` when it declares
+    `needs_denoiser_gradient` (`posterior`, `lookahead`). The loop knows methods only by their contract
+    (`guidance.method`): Δ on x̂0 before the scheduler step, a moved x_{t−1} after it.
     """
     if len(seeds) == 0:
         raise ValueError("seeds must name at least one sample")
     if num_steps < 1:
         raise ValueError(f"num_steps must be >= 1, got {num_steps}")
+    if _is_prompt_list(condition) and hasattr(denoiser, "encode_prompts"):
+        condition = denoiser.encode_prompts(list(condition))  # once, not at every step (and CFG can concatenate)
     sched = fresh_scheduler(scheduler)
     sched.set_timesteps(num_steps, device=device)
     timesteps = sched.timesteps
     ptype = denoiser.prediction_type
     x = initial_noise(seeds, denoiser.latent_shape, device) * float(sched.init_noise_sigma)
-    step_kwargs: dict[str, Any] = {}
-    step_params = inspect.signature(sched.step).parameters
-    if "generator" in step_params:
-        step_kwargs["generator"] = [step_generator(int(s)) for s in seeds]
-    if "eta" in step_params:
-        step_kwargs["eta"] = eta
-    alpha_sigma = _training_alpha_sigma(sched)
-    result = SamplingResult(latents=x)
-    calls = 0
+    step_kwargs = _step_kwargs(sched, seeds, eta)
+    model = _CountingModel(denoiser, condition, cfg_scale, _training_alpha_sigma(sched))
+    internal = InternalGuidance(ig_scale, ig_interval)
+    method = guidance.method if guidance is not None else None
+    trace: list[float] = []
 
     for i, t in enumerate(timesteps):
         progress = i / len(timesteps)
-        w_ig = ig_scale if ig_active(progress, ig_interval) else 1.0
+        w_ig = internal.scale_at(progress)
         strength = guidance.schedule(progress) if guidance is not None else 0.0
+        guided = method is not None and strength > 0
         with torch.no_grad():
             x_in = sched.scale_model_input(x, t)
             c_in = float(sched.scale_model_input(torch.ones(1, device=x.device), t))
         alpha, sigma = vp_coefficients(sched, i, t)
-        needs_grad = strength > 0 and guidance is not None and guidance.needs_denoiser_gradient
+        needs_grad = guided and method.needs_denoiser_gradient
         with torch.set_grad_enabled(needs_grad):
             x_vp = x_in.detach().float().requires_grad_(needs_grad)
-            out, n = model_output(denoiser, x_vp, t, condition, cfg_scale, w_ig)
-            calls += n
+            out = model(x_vp, t, w_ig)
             x0, eps = to_x0_eps(out, x_vp, alpha, sigma, ptype)
-            delta = None
-            if strength > 0 and guidance is not None and guidance.mode != "noisy":
-                if guidance.mode == "latent":
-                    delta, value = latent_guidance_delta(
-                        x0,
-                        guidance.target,
-                        strength,
-                        x_cond=mmd_condition,
-                        normalization=guidance.normalization,
-                        memory=guidance.memory,
-                    )
-                else:
-                    k = guidance.substeps(len(timesteps) - i)
-
-                    def predict(xs: torch.Tensor, tau: float, w: float = w_ig) -> tuple[torch.Tensor, ...]:
-                        a, s = alpha_sigma(tau)
-                        o, _ = model_output(denoiser, xs, round(tau), condition, cfg_scale, w)
-                        return to_x0_eps(o, xs, a, s, ptype)
-
-                    x0_final = ddim_lookahead_x0(x_vp, float(t), predict, alpha_sigma, k, first=(x0, eps))
-                    calls += n * (k - 1)
-                    delta, value = gradient_guidance_delta(
-                        x_vp,
-                        x0_final,
-                        guidance.target,
-                        strength,
-                        x_cond=mmd_condition,
-                        normalization=guidance.normalization,
-                        memory=guidance.memory,
-                    )
-                result.mmd2_trace.append(float(value))
+            correction = None
+            if guided:
+                step = GuidanceStep(
+                    x_t=x_vp,
+                    t=float(t),
+                    alpha=alpha,
+                    sigma=sigma,
+                    x0=x0,
+                    eps=eps,
+                    step_index=i,
+                    num_steps=len(timesteps),
+                    strength=strength,
+                    target=guidance.target,
+                    normalization=guidance.normalization,
+                    memory=guidance.memory,
+                    x_cond=mmd_condition,
+                    predict=model.predictor(w_ig),
+                    alpha_sigma=model.alpha_sigma,
+                    attraction_floor=guidance.attraction_floor,
+                )
+                correction = method.correct_x0(step)
+                if correction is not None:
+                    trace.append(float(correction.mmd2))
         with torch.no_grad():
             out = out.detach()
-            if delta is not None:
+            if correction is not None:
                 # Move x̂0 and keep ε̂: x_t' = α(x̂0 − Δ) + σ ε̂, re-expressed in the model's parameterisation.
-                x0 = x0.detach() - delta
+                x0 = x0.detach() - correction.delta
                 eps = eps.detach()
                 x = ((alpha * x0 + sigma * eps) / c_in).to(x.dtype)
                 out = from_x0_eps(x0, eps, alpha, sigma, ptype)
             x = sched.step(out, t, x, **step_kwargs).prev_sample
-            if strength > 0 and guidance is not None and guidance.mode == "noisy":
-                # public MMD-Guidance code: closed-form ∇ of MMD²(x_{t−1}, Y) on the noisy latent itself
-                grad, value = guidance.target.grad(x.float(), x_cond=mmd_condition, memory=guidance.memory)
-                x = (x - guidance_step(grad, x, strength, guidance.normalization)).to(x.dtype)
-                result.mmd2_trace.append(float(value))
+            moved = method.correct_prev(x, step) if guided else None
+            if moved is not None:
+                x = moved.x_prev
+                trace.append(float(moved.mmd2))
         if callback is not None:
             callback(i, len(timesteps))
 
     if guidance is not None and guidance.memory is not None:
         guidance.memory.add(x.detach().float(), mmd_condition)
-    result.latents = x.float()
-    result.denoiser_calls = calls
-    return result
+    return SamplingResult(latents=x.float(), mmd2_trace=trace, denoiser_calls=model.calls)

@@ -33,6 +33,10 @@ _EXPORTS = {
     "merge_manifest": "storage.manifest",
     "read_manifest": "storage.manifest",
     "write_manifest_part": "storage.manifest",
+    "PILOT_FILE": "storage.pilot",
+    "load_pilot": "storage.pilot",
+    "pilot_cache_path": "storage.pilot",
+    "save_pilot": "storage.pilot",
     "check_or_claim_output": "storage.run_record",
     "read_run_record": "storage.run_record",
     "write_run_record": "storage.run_record",
@@ -41,6 +45,7 @@ _EXPORTS = {
 __all__ = [
     "InputError",
     "MANIFEST_SCHEMA",
+    "PILOT_FILE",
     "References",
     "bundle_dir",
     "check_or_claim_output",
@@ -48,15 +53,18 @@ __all__ = [
     "encode_sample",
     "is_done",
     "load_bundle",
+    "load_pilot",
     "manifest_part_path",
     "mark_done",
     "marker_path",
     "merge_manifest",
+    "pilot_cache_path",
     "read_manifest",
     "read_marker",
     "read_references",
     "read_run_record",
     "save_bundle",
+    "save_pilot",
     "shard_name",
     "shard_path",
     "write_manifest_part",
@@ -75,6 +83,7 @@ if TYPE_CHECKING:
         read_manifest,
         write_manifest_part,
     )
+    from storage.pilot import PILOT_FILE, load_pilot, pilot_cache_path, save_pilot
     from storage.references import References, read_references
     from storage.run_record import check_or_claim_output, read_run_record, write_run_record
     from storage.shards import (

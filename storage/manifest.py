@@ -14,12 +14,11 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from storage._atomic import atomic_open, atomic_write_bytes
@@ -29,7 +28,7 @@ __all__ = [
     "MANIFEST_FILE",
     "MANIFEST_SCHEMA",
     "forget_shards_without_part",
-    "manifest_counts",
+    "manifest_rows",
     "manifest_part_path",
     "merge_manifest",
     "part_is_readable",
@@ -56,6 +55,12 @@ MANIFEST_SCHEMA = pa.schema(
         pa.field("nearest_reference_distance", pa.float64(), nullable=True),
         pa.field("kept", pa.bool_(), nullable=False),
         pa.field("rank_in_shard", pa.int64(), nullable=False),
+        # why a sample was not kept: outside_support | label (the judge saw another class) | rank; null = kept
+        pa.field("rejected_reason", pa.string(), nullable=True),
+        # labelled runs: the class the label judge assigns (the run's class id; -1 = none of the run's classes)
+        pa.field("judged_label", pa.int64(), nullable=True),
+        # drawn from the shard's reserved indices to replace rejected samples
+        pa.field("reserved", pa.bool_(), nullable=True),
         pa.field("config_hash", pa.string(), nullable=False),
         pa.field("model_id", pa.string(), nullable=False),
     ],
@@ -191,13 +196,12 @@ def forget_shards_without_part(out_dir: str | os.PathLike[str], prefix: str) -> 
     return forgotten
 
 
-def manifest_counts(path: str | os.PathLike[str]) -> tuple[int, int]:
-    """(rows, kept rows) of a manifest file, read one row group at a time."""
+def manifest_rows(path: str | os.PathLike[str], columns: Sequence[str]) -> Iterator[dict[str, list[Any]]]:
+    """The manifest's `columns`, one row group (a shard's part) at a time, as {column: values}: for
+    statistics over a run of any size in memory bounded by a shard."""
     pf = pq.ParquetFile(path)
-    kept = 0
     for i in range(pf.num_row_groups):
-        kept += int(pc.sum(pf.read_row_group(i, columns=["kept"])["kept"]).as_py() or 0)
-    return pf.metadata.num_rows, kept
+        yield pf.read_row_group(i, columns=list(columns)).to_pydict()
 
 
 def _current_schema(table: pa.Table, path: Path) -> pa.Table:

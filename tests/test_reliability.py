@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny_models import save_tiny_dit, shard_bytes, tiny_job_config, write_reference_folder
+from tiny_models import TINY_SUPPORT_RADIUS, save_tiny_dit, shard_bytes, tiny_job_config, write_reference_folder
 from typer.testing import CliRunner
 
 from pipeline.cli import app
@@ -27,10 +27,13 @@ REPO = Path(__file__).resolve().parent.parent
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     root = tmp_path_factory.mktemp("tiny-reliability")
+    support = root / "tiny-support.json"  # the tiny random models' samples lie far from the references
+    support.write_text(json.dumps({"support_radius": TINY_SUPPORT_RADIUS}))
     return {
         "dit": str(save_tiny_dit(root / "dit")),
         "refs": str(write_reference_folder(root / "refs", classes=("a", "b"))),
         "cache": str(root / "cache"),
+        "support": str(support),
     }
 
 
@@ -117,7 +120,7 @@ def test_the_references_are_compared_by_content_not_by_the_ref_text(tiny, tmp_pa
 def _cli_args(tiny, out, *extra: str) -> list[str]:
     return [
         "--ref", tiny["refs"], "--n", "8", "--out", str(out), "--model", tiny["dit"], "--steps", "4",
-        "--shard-size", "8", "--progress", "quiet", "--cache-dir", tiny["cache"], *extra,
+        "--shard-size", "8", "--progress", "quiet", "--cache-dir", tiny["cache"], "--config", tiny["support"], *extra,
     ]  # fmt: skip
 
 
@@ -200,7 +203,7 @@ def test_images_in_sub_sub_folders_are_labelled_by_their_top_folder_with_a_warni
 @pytest.mark.parametrize(
     "flag, value, expect",
     [
-        ("--strength", "inf", "--strength: Input should be a finite number"),
+        ("--strength", "inf", "--strength: Value error, inf is not a finite number; give a number >= 0 or 'auto'"),
         ("--strength", "1e30", "--strength: Value error, 1e+30 is far beyond any useful step"),
         ("--cfg-scale", "inf", "--cfg-scale: Input should be a finite number"),
         ("--keep", "nan", "--keep: Input should be a finite number"),
