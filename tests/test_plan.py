@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import time
 import tracemalloc
+from pathlib import Path
 
 import pytest
 
@@ -76,3 +77,20 @@ def test_remaining_shards_is_the_range_minus_the_excluded_ids():
     assert RemainingShards(3, [0, 1, 2]) == [] and len(RemainingShards(3, [7])) == 3
     with pytest.raises(IndexError):
         remaining[len(expected)]
+
+
+def test_a_dry_run_of_ten_billion_samples_is_immediate(tmp_path):
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+
+    refs = Path(__file__).resolve().parent.parent / "examples" / "thick_digits"
+    args = ["--ref", str(refs), "--n", "10000000000", "--out", str(tmp_path / "out"), "--dry-run"]
+    CliRunner().invoke(app, args)  # warm-up: imports
+    t0 = time.perf_counter()
+    result = CliRunner().invoke(app, args)
+    elapsed = time.perf_counter() - t0
+    assert result.exit_code == 0, result.output
+    assert "10000000 shard(s); 11120000000 samples generated, 10000000000 kept" in result.output
+    assert elapsed < 2.0, elapsed
+    assert not (tmp_path / "out").exists()
