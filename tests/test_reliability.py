@@ -124,31 +124,17 @@ def _cli_args(tiny, out, *extra: str) -> list[str]:
     ]  # fmt: skip
 
 
-def test_a_second_run_into_the_same_folder_exits_2_naming_the_first(tiny, tmp_path):
+def test_a_second_run_into_the_same_folder_exits_2_naming_the_first(tiny, tmp_path, hold_output_lock):
     out = tmp_path / "out"
     cfg = tiny_job_config(tiny, out, n=8)
-    code = (
-        "import time; from storage.run_record import claim_output; "
-        f"claim_output({str(out)!r}, {cfg.config_hash!r}, {cfg.hashed_fields()!r}); print('held', flush=True); "
-        "time.sleep(60)"
-    )
-    first = subprocess.Popen(
-        [sys.executable, "-c", code],
-        stdout=subprocess.PIPE,
-        text=True,
-        cwd=REPO,
-        env={**os.environ, "PYTHONPATH": str(REPO)},
-    )
-    try:
-        assert first.stdout.readline().strip() == "held"
-        before = sorted(p.relative_to(out) for p in out.rglob("*"))
-        result = CliRunner().invoke(app, _cli_args(tiny, out))
-        assert result.exit_code == 2, result.output
-        assert "another run is writing to this folder" in result.output and f"pid {first.pid}" in result.output
-        assert sorted(p.relative_to(out) for p in out.rglob("*")) == before
-    finally:
-        first.kill()
-        first.wait()
+    first = hold_output_lock(out, cfg.config_hash, cfg.hashed_fields())
+    before = sorted(p.relative_to(out) for p in out.rglob("*"))
+    result = CliRunner().invoke(app, _cli_args(tiny, out))
+    assert result.exit_code == 2, result.output
+    assert "another run is writing to this folder" in result.output and f"pid {first.pid}" in result.output
+    assert sorted(p.relative_to(out) for p in out.rglob("*")) == before
+    first.kill()
+    first.wait()
     result = CliRunner().invoke(app, _cli_args(tiny, out))
     assert result.exit_code == 0, result.output
 

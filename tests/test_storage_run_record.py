@@ -3,17 +3,11 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
 from storage import InputError, check_or_claim_output, read_run_record, write_run_record
 from storage.run_record import CLAIM_FILE, LOCK_FILE, claim_output, holds_samples, release_output
-
-REPO = Path(__file__).resolve().parent.parent
 
 CONFIG = {"n": 100, "seed": 0, "guidance": {"strength": 0.5, "kernel": "rbf"}, "sizes": (8, 8)}
 
@@ -82,35 +76,16 @@ def test_foreign_folders_are_refused(tmp_path):
 # ------------------------------------------------------------------ claim_output: writable, locked, not hostage
 
 
-def _hold_lock_in_another_process(out):
-    """A child process that claims `out` and sleeps holding its lock; returns it once the lock is held."""
-    code = (
-        "import sys, time; from storage.run_record import claim_output; "
-        f"claim_output({str(out)!r}, 'h1', {{'n': 1}}); print('held', flush=True); time.sleep(60)"
-    )
-    proc = subprocess.Popen(
-        [sys.executable, "-c", code],
-        stdout=subprocess.PIPE,
-        text=True,
-        cwd=REPO,
-        env={**os.environ, "PYTHONPATH": str(REPO)},
-    )
-    assert proc.stdout.readline().strip() == "held"
-    return proc
-
-
-def test_a_second_run_into_a_locked_folder_is_refused_until_the_first_ends(tmp_path):
+def test_a_second_run_into_a_locked_folder_is_refused_until_the_first_ends(tmp_path, hold_output_lock):
     out = tmp_path / "out"
-    holder = _hold_lock_in_another_process(out)
-    try:
-        with pytest.raises(InputError) as info:
-            claim_output(out, "h1", {"n": 1})
-        message = str(info.value)
-        assert "another run is writing to this folder" in message and f"pid {holder.pid}" in message
-        assert "--out" in message and "\n" not in message
-    finally:
-        holder.kill()  # like kill -9: the OS releases the lock
-        holder.wait()
+    holder = hold_output_lock(out)
+    with pytest.raises(InputError) as info:
+        claim_output(out, "h1", {"n": 1})
+    message = str(info.value)
+    assert "another run is writing to this folder" in message and f"pid {holder.pid}" in message
+    assert "--out" in message and "\n" not in message
+    holder.kill()  # like kill -9: the OS releases the lock
+    holder.wait()
     assert claim_output(out, "h1", {"n": 1}) is True
     assert claim_output(out, "h1", {"n": 1}) is True  # this process already holds it
     release_output(out)
@@ -147,16 +122,14 @@ def test_an_output_folder_that_cannot_be_written_is_refused_before_anything_else
         claim_output(tmp_path / "a-file" / "out", "h1", CONFIG)
 
 
-def test_a_run_starting_into_a_folder_another_run_is_still_claiming_is_told_so(tmp_path):
+def test_a_run_starting_into_a_folder_another_run_is_still_claiming_is_told_so(tmp_path, hold_output_lock):
     out = tmp_path / "out"
-    holder = _hold_lock_in_another_process(out)
-    try:
-        (out / CLAIM_FILE).unlink()  # the other run has its lock and probe folders, not yet its claim
-        assert sorted(p.name for p in out.iterdir()) == [LOCK_FILE, "manifest", "shards"]
-        with pytest.raises(InputError, match="another run is writing to this folder"):
-            claim_output(out, "h2", CONFIG)
-    finally:
-        holder.kill()
-        holder.wait()
+    holder = hold_output_lock(out)
+    (out / CLAIM_FILE).unlink()  # the other run has its lock and probe folders, not yet its claim
+    assert sorted(p.name for p in out.iterdir()) == [LOCK_FILE, "manifest", "shards"]
+    with pytest.raises(InputError, match="another run is writing to this folder"):
+        claim_output(out, "h2", CONFIG)
+    holder.kill()
+    holder.wait()
     assert claim_output(out, "h2", CONFIG) is False  # what an interrupted claim leaves is not foreign
     release_output(out)
