@@ -239,6 +239,7 @@ def test_a_claim_without_samples_does_not_hold_the_folder_hostage(tiny, tmp_path
     assert summary.num_kept == 8 and summary.shards_written == 1
 
 
+@pytest.mark.slow
 def test_model_and_device_mistakes_get_one_line_and_exit_2(tiny, tmp_path):
     """In a fresh interpreter with HF_HUB_OFFLINE=1: a hub id is never looked up on the network."""
     device = "cuda:99" if torch.cuda.is_available() else "cuda"
