@@ -8,7 +8,7 @@ import math
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 SamplerName = Literal["ddim", "ddpm", "euler", "dpmpp"]
 GuidanceName = Literal["none", "latent", "posterior", "lookahead", "noisy"]
@@ -17,14 +17,20 @@ ScheduleName = Literal["constant", "interval", "linear_decay", "linear_ramp"]
 NormalizationName = Literal["per_sample", "batch", "raw"]
 DTypeName = Literal["auto", "float32", "float16", "bfloat16"]
 
-#: Fields that do not change which samples are produced (excluded from the config hash).
-RUNTIME_FIELDS = frozenset({"out", "device", "processes", "progress", "cache_dir"})
+#: The largest guidance strength accepted. With `per_sample` normalisation a strength of 1 already moves x̂0
+#: by its whole length at every step; far larger values (1e30) only overflow to NaN.
+MAX_STRENGTH = 100.0
+
+#: Fields that do not change which samples are produced (excluded from the config hash). `ref` is a path:
+#: the references' *content* is what matters, and a run folder records and compares it (`.inputs.json`),
+#: so `refs`, `refs/`, its absolute path or a moved copy all resume the same run.
+RUNTIME_FIELDS = frozenset({"out", "ref", "device", "processes", "progress", "cache_dir"})
 
 
 class AugmentConfig(BaseModel):
     """Everything that defines an `augment` run. Its hash goes into every sample's metadata."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)  # no inf/nan in any setting
 
     # what and where
     ref: str = Field(description="reference folder or fsspec URL")
@@ -139,6 +145,25 @@ class AugmentConfig(BaseModel):
             raise ValueError(f"bandwidth_factors must be positive, got {self.bandwidth_factors}")
         return self
 
+    @field_validator("strength", mode="before")
+    @classmethod
+    def _finite_bounded_strength(cls, value: object) -> object:
+        """One clear error for inf/nan and absurd strengths (instead of one per branch of the union)."""
+        if value == "auto" or isinstance(value, bool):
+            return value
+        try:
+            number = float(value)  # type: ignore[arg-type]
+        except (TypeError, ValueError):
+            return value  # not a number: pydantic says so
+        if not math.isfinite(number):
+            raise ValueError(f"{value} is not a finite number; give a number >= 0 or 'auto'")
+        if number > MAX_STRENGTH:
+            raise ValueError(
+                f"{number:g} is far beyond any useful step (at most {MAX_STRENGTH:g}; the default 'auto' lets a "
+                "pilot choose, docs/results.md §3.1 sweeps 0.001-0.1)"
+            )
+        return value
+
     # --- derived quantities -------------------------------------------------------------------
     @property
     def samples_per_shard(self) -> int:
@@ -168,5 +193,7 @@ class AugmentConfig(BaseModel):
             data = tomllib.loads(text)
         else:
             data = json.loads(text)
+        if not isinstance(data, dict):
+            raise ValueError(f"must hold an object of settings (names to values), not {json.dumps(data)[:40]}")
         data.update({k: v for k, v in overrides.items() if v is not None})
         return cls.model_validate(data)

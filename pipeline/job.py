@@ -14,7 +14,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -23,17 +23,18 @@ from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler,
 
 from storage._atomic import atomic_write_json
 from storage.errors import InputError
-from storage.manifest import merge_manifest, read_manifest
+from storage.manifest import forget_shards_without_part, manifest_rows, merge_manifest
 from storage.pilot import PILOT_FILE, load_pilot, pilot_cache_path, save_pilot
-from storage.run_record import check_or_claim_output, write_run_record
-from storage.shards import clean_partial, is_done, read_marker
+from storage.references import refuse_output_inside
+from storage.run_record import abandon_output, claim_output, holds_samples, release_output, write_run_record
+from storage.shards import clean_partial, done_shard_ids, is_done, read_marker
 
 from . import __version__
 from .config import AugmentConfig
 from .fidelity import make_judge
 from .models.loading import LoadedModel, load_model
 from .pilot import pilot_key, run_pilot
-from .plan import JobPlan, class_proportions, plan_job
+from .plan import JobPlan, RemainingShards, class_proportions, plan_job
 from .reference import ReferenceBundle, build_target, default_cache_dir, prepare_reference
 from .worker import JobContext, ShardResult, model_label_map, run_shard
 
@@ -41,6 +42,8 @@ log = logging.getLogger(__name__)
 
 #: Records which references and model a folder's samples were made from (guards resumption).
 INPUTS_FILE = ".inputs.json"
+#: What a run writes at its start besides the claim: removed again if it fails before its first sample.
+RUN_RECORDS = (INPUTS_FILE, PILOT_FILE)
 
 SCHEDULERS = {
     "ddim": DDIMScheduler,
@@ -76,6 +79,7 @@ def with_sampler(model: LoadedModel, sampler: str) -> LoadedModel:
 
 def build_context(cfg: AugmentConfig, model: LoadedModel | None = None) -> JobContext:
     """Load the model, prepare the reference bundle (validating the references) and the MMD target."""
+    refuse_output_inside(cfg.ref, cfg.out)
     model = with_sampler(model or load_model(cfg.model, cfg.device, cfg.dtype), cfg.sampler)
     bundle = prepare_reference(cfg, model)
     target = build_target(cfg, bundle, model.device)
@@ -107,32 +111,35 @@ def resolve_pilot(ctx: JobContext) -> dict:
     return record
 
 
-def pending_shards(cfg: AugmentConfig, plan: JobPlan) -> list[int]:
-    return [s.shard_id for s in plan.shards if not is_done(cfg.out, cfg.prefix, s.shard_id)]
+def pending_shards(cfg: AugmentConfig, plan: JobPlan) -> RemainingShards:
+    """Ids of the planned shards still to do, ascending: all but those whose done marker vouches for
+    their bytes. Lazy: it holds the done ids only (listed from the markers), never all shard ids."""
+    total = len(plan.shards)
+    done = [sid for sid in done_shard_ids(cfg.out, cfg.prefix) if sid < total and is_done(cfg.out, cfg.prefix, sid)]
+    return RemainingShards(total, done)
 
 
 def run_shards_in_process(
     ctx: JobContext,
     plan: JobPlan,
-    shard_ids: list[int],
+    shard_ids: Iterable[int],
     progress: Callable[[int], None] | None = None,
     on_shard: Callable[[ShardResult], None] | None = None,
 ) -> list[ShardResult]:
     results = []
-    by_id = {s.shard_id: s for s in plan.shards}
     for sid in shard_ids:
-        result = run_shard(ctx, by_id[sid], progress)
+        result = run_shard(ctx, plan.shards[sid], progress)
         results.append(result)
         if on_shard is not None:
             on_shard(result)
     return results
 
 
-def launch_workers(cfg: AugmentConfig, shard_ids: list[int], progress: Callable[[int], None] | None = None) -> None:
+def launch_workers(cfg: AugmentConfig, shard_ids: Sequence[int], progress: Callable[[int], None] | None = None) -> None:
     """`accelerate launch` K worker processes on this node (gloo on CPU, NCCL on GPUs)."""
     with tempfile.TemporaryDirectory(prefix="augment-") as tmp:
         spec = Path(tmp) / "job.json"
-        spec.write_text(json.dumps({"config": cfg.model_dump(mode="json"), "shards": shard_ids}))
+        spec.write_text(json.dumps({"config": cfg.model_dump(mode="json"), "shards": list(shard_ids)}))
         cmd = [
             sys.executable,
             "-m",
@@ -183,20 +190,28 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_job(cfg: AugmentConfig, model: LoadedModel | None = None) -> tuple[JobContext, JobPlan, list[int]]:
-    """Validate and encode the references, claim the output folder, clean crashed writes, plan.
+def start_job(cfg: AugmentConfig, model: LoadedModel | None = None) -> tuple[JobContext, JobPlan, RemainingShards]:
+    """Validate and encode the references, claim and lock the output folder, clean crashed writes, plan.
 
     Returns the context, the plan and the ids of the shards still to do. Bad references fail here,
-    before anything is written to `cfg.out`.
+    before anything is written to `cfg.out`; so does an output folder that cannot be written or that
+    another run is writing to. This process holds the folder's lock until `finish_job` (or its exit).
     """
     ctx = build_context(cfg, model)
-    check_or_claim_output(cfg.out, cfg.config_hash, cfg.hashed_fields())
-    check_or_record_inputs(cfg.out, ctx.bundle)
-    if ctx.pilot is not None and load_pilot(Path(cfg.out) / PILOT_FILE, ctx.pilot["key"]) is None:
-        save_pilot(Path(cfg.out) / PILOT_FILE, ctx.pilot)  # pins the choice for resumes and workers
-    clean_partial(cfg.out)
-    plan = plan_job(cfg)
-    pending = pending_shards(cfg, plan)
+    claim_output(cfg.out, cfg.config_hash, cfg.hashed_fields())
+    try:
+        check_or_record_inputs(cfg.out, ctx.bundle)
+        if ctx.pilot is not None and load_pilot(Path(cfg.out) / PILOT_FILE, ctx.pilot["key"]) is None:
+            save_pilot(Path(cfg.out) / PILOT_FILE, ctx.pilot)  # pins the choice for resumes and workers
+        clean_partial(cfg.out)
+        lost = forget_shards_without_part(cfg.out, cfg.prefix)
+        if lost:
+            log.warning("%d done shard(s) lost their manifest part (e.g. shard %d): regenerating", len(lost), lost[0])
+        plan = plan_job(cfg)
+        pending = pending_shards(cfg, plan)
+    except BaseException:
+        abandon_output(cfg.out, records=RUN_RECORDS)
+        raise
     if len(pending) < len(plan.shards):
         log.info("resuming: %d of %d shards already done", len(plan.shards) - len(pending), len(plan.shards))
     return ctx, plan, pending
@@ -210,10 +225,11 @@ def pinned_pilot(cfg: AugmentConfig, bundle: ReferenceBundle) -> dict | None:
 
 
 def check_or_record_inputs(out: str, bundle: ReferenceBundle) -> None:
-    """The same settings with other references or another model must not resume into this folder."""
+    """The same settings with other references or another model must not resume into this folder
+    (once it holds samples: before that, the new inputs are recorded instead)."""
     path = Path(out) / INPUTS_FILE
     current = {"reference_content_hash": bundle.content_hash, "model_id": bundle.model_id}
-    if path.is_file():
+    if path.is_file() and holds_samples(out):
         stored = json.loads(path.read_text())
         changed = [f"{k}: {stored.get(k)} -> {v}" for k, v in current.items() if stored.get(k) != v]
         if changed:
@@ -228,12 +244,12 @@ def check_or_record_inputs(out: str, bundle: ReferenceBundle) -> None:
 def finish_job(
     cfg: AugmentConfig, model: LoadedModel, bundle: ReferenceBundle, plan: JobPlan, written: int, seconds: dict
 ) -> JobSummary:
-    """Merge the manifest parts (every shard must be done) and write run.json.
+    """Merge the manifest parts (every shard must be done), write run.json, release the folder's lock.
 
     Raises:
         InputError: the run kept no sample at all (every one rejected), after writing run.json.
     """
-    merge_manifest(cfg.out, expected_shards=[s.shard_id for s in plan.shards])
+    merge_manifest(cfg.out, expected_shards=range(len(plan.shards)))
     summary = summarize(cfg, plan, written, len(plan.shards) - written, seconds)
     pilot = pinned_pilot(cfg, bundle)
     summary.strength = cfg.strength if pilot is None else pilot["chosen"]
@@ -245,6 +261,7 @@ def finish_job(
             cfg.n,
         )
     write_run_record(cfg.out, run_record(cfg, model, bundle, plan, summary))
+    release_output(cfg.out)
     if summary.num_kept == 0:
         reasons = ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in summary.rejected.items())
         raise InputError(
@@ -265,16 +282,22 @@ def run_job(
     """Run (or resume) the whole job: start, run pending shards (in-process or K workers), finish."""
     t0 = time.perf_counter()
     ctx, plan, pending = start_job(cfg, model)
-    t1 = time.perf_counter()
-    if progress is not None:
-        progress(sum(s.num_kept for s in plan.shards if s.shard_id not in pending))
-    if cfg.processes > 1 and pending:
-        launch_workers(cfg, pending, progress)
-    else:
-        run_shards_in_process(ctx, plan, pending, _kept_progress(plan, progress), on_shard)
-    t2 = time.perf_counter()
-    seconds = {"prepare": round(t1 - t0, 3), "generate_filter_write": round(t2 - t1, 3)}
-    summary = finish_job(cfg, ctx.model, ctx.bundle, plan, len(pending), seconds)
+    try:
+        t1 = time.perf_counter()
+        if progress is not None:
+            progress(sum(plan.shards[sid].num_kept for sid in pending.excluded))
+        if cfg.processes > 1 and pending:
+            launch_workers(cfg, pending, progress)
+        else:
+            run_shards_in_process(ctx, plan, pending, _kept_progress(plan, progress), on_shard)
+        t2 = time.perf_counter()
+        seconds = {"prepare": round(t1 - t0, 3), "generate_filter_write": round(t2 - t1, 3)}
+        summary = finish_job(cfg, ctx.model, ctx.bundle, plan, len(pending), seconds)
+    except BaseException:
+        abandon_output(cfg.out, records=RUN_RECORDS)  # a run that wrote no sample leaves nothing behind
+        raise
+    finally:
+        release_output(cfg.out)
     summary.seconds["total"] = round(time.perf_counter() - t0, 3)
     return summary
 
@@ -297,55 +320,94 @@ def _kept_progress(plan: JobPlan, progress: Callable[[int], None] | None) -> Cal
 
 
 def summarize(cfg: AugmentConfig, plan: JobPlan, written: int, skipped: int, seconds: dict) -> JobSummary:
-    """Counts from the manifest; MMD² (V-statistic, latent space) of pool and kept set, mean over shards."""
-    table = read_manifest(Path(cfg.out) / "manifest.parquet")
-    markers = [read_marker(cfg.out, cfg.prefix, s.shard_id) or {} for s in plan.shards]
-    pool = [m["mmd2_pool"] for m in markers if m.get("mmd2_pool") is not None]
-    kept = [m["mmd2_kept"] for m in markers if m.get("mmd2_kept") is not None]
-    rows = table.select(["kept", "rejected_reason", "reserved"]).to_pydict()
-    rejected: dict[str, int] = {}
-    for reason in rows["rejected_reason"]:
-        if reason is not None:
-            rejected[reason] = rejected.get(reason, 0) + 1
-    fidelity = label_fidelity(table, markers)
+    """Counts from the manifest; MMD² (V-statistic, latent space) of pool and kept set, mean over shards.
+    Streams the manifest and the markers: memory does not grow with `n`."""
+    counts = _ManifestCounts()
+    for batch in manifest_rows(Path(cfg.out) / "manifest.parquet", counts.COLUMNS):
+        counts.add(batch)
+    pool, kept = _Mean(), _Mean()
+    shortfall, judges = 0, set()
+    for sid in range(len(plan.shards)):
+        marker = read_marker(cfg.out, cfg.prefix, sid) or {}
+        pool.add(marker.get("mmd2_pool"))
+        kept.add(marker.get("mmd2_kept"))
+        shortfall += int(marker.get("shortfall", 0))
+        if marker.get("judge"):
+            judges.add(marker["judge"])
     return JobSummary(
         out=cfg.out,
         config_hash=cfg.config_hash,
-        num_kept=table.filter(table["kept"]).num_rows,
-        num_generated=table.num_rows,
+        num_kept=counts.kept,
+        num_generated=counts.rows,
         shards_written=written,
         shards_skipped=skipped,
-        mmd2_pool=sum(pool) / len(pool) if pool else None,
-        mmd2_kept=sum(kept) / len(kept) if kept else None,
+        mmd2_pool=pool.value,
+        mmd2_kept=kept.value,
         seconds=dict(seconds),
-        rejected=dict(sorted(rejected.items())),
-        reserved=sum(bool(r) for r in rows["reserved"]),
-        shortfall=sum(int(m.get("shortfall", 0)) for m in markers),
-        label_fidelity=fidelity,
+        rejected=dict(sorted(counts.rejected.items())),
+        reserved=counts.reserved,
+        shortfall=shortfall,
+        label_fidelity=label_fidelity(counts.per_class, judges),
     )
 
 
-def label_fidelity(table, markers: list[dict]) -> dict | None:
+class _Mean:
+    """Running mean of the values given (None values skipped); `value` is None when there were none."""
+
+    def __init__(self) -> None:
+        self.total, self.count = 0.0, 0
+
+    def add(self, value: float | None) -> None:
+        if value is not None:
+            self.total += value
+            self.count += 1
+
+    @property
+    def value(self) -> float | None:
+        return self.total / self.count if self.count else None
+
+
+class _ManifestCounts:
+    """What the summary counts in the manifest, accumulated batch by batch (memory flat in `n`)."""
+
+    COLUMNS = ("kept", "rejected_reason", "reserved", "label", "class_name", "judged_label")
+
+    def __init__(self) -> None:
+        self.rows = self.kept = self.reserved = 0
+        self.rejected: dict[str, int] = {}
+        self.per_class: dict[str, dict] = {}  # kept, labelled and judged: agreed / judged per class
+
+    def add(self, batch: dict[str, list]) -> None:
+        self.rows += len(batch["kept"])
+        self.kept += sum(bool(k) for k in batch["kept"])
+        self.reserved += sum(bool(r) for r in batch["reserved"])
+        for reason in batch["rejected_reason"]:
+            if reason is not None:
+                self.rejected[reason] = self.rejected.get(reason, 0) + 1
+        for k, lab, name, judged in zip(
+            batch["kept"], batch["label"], batch["class_name"], batch["judged_label"], strict=True
+        ):
+            if k and lab is not None and judged is not None:
+                entry = self.per_class.setdefault(name, {"agreed": 0, "judged": 0})
+                entry["agreed"] += int(lab == judged)
+                entry["judged"] += 1
+
+
+def label_fidelity(per_class: dict[str, dict], judges: set[str]) -> dict | None:
     """Kept samples the label judge assigns to their target class, overall and per class (None: the run is
-    unlabelled or nothing was judged)."""
-    rows = table.filter(table["kept"]).select(["label", "class_name", "judged_label"]).to_pydict()
-    pairs = [(c, lab == j) for lab, c, j in zip(*rows.values(), strict=True) if lab is not None and j is not None]
-    if not pairs:
+    unlabelled or nothing was judged). `per_class`: class name -> {"agreed", "judged"}."""
+    if not per_class:
         return None
-    per_class: dict[str, dict] = {}
-    for name, agreed in pairs:
-        entry = per_class.setdefault(name, {"agreed": 0, "judged": 0})
-        entry["agreed"] += int(agreed)
-        entry["judged"] += 1
     for entry in per_class.values():
         entry["rate"] = entry["agreed"] / entry["judged"]
-    agreed = sum(a for _, a in pairs)
-    judges = sorted({m["judge"] for m in markers if m.get("judge")})
+    agreed = sum(e["agreed"] for e in per_class.values())
+    judged = sum(e["judged"] for e in per_class.values())
+    ordered = sorted(judges)
     return {
-        "judge": judges[0] if len(judges) == 1 else judges,
+        "judge": ordered[0] if len(ordered) == 1 else ordered,
         "agreed": agreed,
-        "judged": len(pairs),
-        "rate": agreed / len(pairs),
+        "judged": judged,
+        "rate": agreed / judged,
         "per_class": dict(sorted(per_class.items())),
     }
 

@@ -3,13 +3,20 @@
 Shard k keeps `min(shard_size, n − k·shard_size)` samples and generates ⌈kept / keep⌉ of them, so that
 exactly `n` are kept overall. Sample indices are global and consecutive across shards; a batch is a
 fixed slice of a shard's indices; every sample's target class (labelled references) is fixed by the plan.
+
+The plan is lazy: `shard_plan` computes a shard's indices from its id alone, and `JobPlan.shards` is a
+sequence that builds a `ShardPlan` only when asked for one. Planning costs O(1) time and memory for any
+`n`, so `--n 10_000_000_000` plans (and dry-runs) instantly and a run holds one shard at a time.
 """
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import overload
 
 import torch
 
@@ -33,9 +40,141 @@ class ShardPlan:
         return [idx[i : i + batch_size] for i in range(0, len(idx), batch_size)]
 
 
+def generated_for(kept: int, keep: float) -> int:
+    """Samples to generate so that the filter keeps `kept` at keep fraction `keep`: ⌈kept / keep⌉."""
+    return math.ceil(kept / keep - 1e-9)
+
+
+def num_shards(n: int, shard_size: int) -> int:
+    """⌈n / shard_size⌉ shards (the last one may keep fewer)."""
+    return -(-n // shard_size)
+
+
+def shard_plan(n: int, shard_size: int, keep: float, shard_id: int) -> ShardPlan:
+    """Shard `shard_id` of a job keeping `n` samples in shards of `shard_size`, from its id alone.
+
+    Every shard before the last keeps `shard_size` and generates ⌈shard_size / keep⌉, so shard k's
+    first global index is k·⌈shard_size / keep⌉; the last shard keeps the remainder.
+    """
+    count = num_shards(n, shard_size)
+    if not 0 <= shard_id < count:
+        raise IndexError(f"shard {shard_id} out of range: the plan has {count} shard(s)")
+    kept = min(shard_size, n - shard_id * shard_size)
+    return ShardPlan(shard_id, shard_id * generated_for(shard_size, keep), generated_for(kept, keep), kept)
+
+
+class Shards(Sequence[ShardPlan]):
+    """The plan's shards as a lazy, immutable sequence: item k is computed by `shard_plan` on access."""
+
+    __slots__ = ("_keep", "_len", "_n", "_shard_size")
+
+    def __init__(self, n: int, shard_size: int, keep: float) -> None:
+        self._n, self._shard_size, self._keep = n, shard_size, keep
+        self._len = num_shards(n, shard_size)
+
+    def __len__(self) -> int:
+        return self._len
+
+    @overload
+    def __getitem__(self, key: int) -> ShardPlan: ...
+    @overload
+    def __getitem__(self, key: slice) -> tuple[ShardPlan, ...]: ...
+    def __getitem__(self, key: int | slice) -> ShardPlan | tuple[ShardPlan, ...]:
+        if isinstance(key, slice):
+            return tuple(self[i] for i in range(self._len)[key])
+        index = int(key)
+        if index < 0:
+            index += self._len
+        return shard_plan(self._n, self._shard_size, self._keep, index)
+
+    def __iter__(self) -> Iterator[ShardPlan]:
+        return (shard_plan(self._n, self._shard_size, self._keep, i) for i in range(self._len))
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, Shards):
+            return (self._n, self._shard_size, self._keep) == (other._n, other._shard_size, other._keep)
+        return NotImplemented
+
+    def __hash__(self) -> int:
+        return hash((self._n, self._shard_size, self._keep))
+
+    def __repr__(self) -> str:
+        return f"Shards(n={self._n}, shard_size={self._shard_size}, keep={self._keep}: {self._len} shard(s))"
+
+
+class RemainingShards(Sequence[int]):
+    """Shard ids `0..total−1` except `excluded` (e.g. the done ones), ascending, as a lazy sequence.
+
+    Holds only the excluded ids, so the shards left of a job of any size cost memory in proportion to
+    the work done, not to `n`. Indexing and slicing find positions by bisection; `tolist()` (and so
+    JSON, through `storage._atomic.json_default`) materialises the ids.
+    """
+
+    __slots__ = ("_excluded", "_excluded_set", "_total")
+
+    def __init__(self, total: int, excluded: Iterable[int] = ()) -> None:
+        self._total = int(total)
+        self._excluded = tuple(sorted({int(i) for i in excluded if 0 <= int(i) < total}))
+        self._excluded_set = frozenset(self._excluded)
+
+    @property
+    def excluded(self) -> tuple[int, ...]:
+        return self._excluded
+
+    def __len__(self) -> int:
+        return self._total - len(self._excluded)
+
+    def _id_at(self, position: int) -> int:
+        # the id x at `position` satisfies x = position + #(excluded ids < x); excluded[k] − k is
+        # non-decreasing, so the count is the first k with excluded[k] − k > position
+        skipped = bisect.bisect_right(range(len(self._excluded)), position, key=lambda k: self._excluded[k] - k)
+        return position + skipped
+
+    @overload
+    def __getitem__(self, key: int) -> int: ...
+    @overload
+    def __getitem__(self, key: slice) -> list[int]: ...
+    def __getitem__(self, key: int | slice) -> int | list[int]:
+        if isinstance(key, slice):
+            positions = range(len(self))[key]
+            if positions.step != 1 or not positions:
+                return [self._id_at(p) for p in positions]
+            return list(itertools.islice(self._from(self._id_at(positions.start)), len(positions)))
+        position = int(key)
+        if position < 0:
+            position += len(self)
+        if not 0 <= position < len(self):
+            raise IndexError(f"position {key} out of range ({len(self)} shard(s) remaining)")
+        return self._id_at(position)
+
+    def _from(self, first: int) -> Iterator[int]:
+        return (i for i in range(first, self._total) if i not in self._excluded_set)
+
+    def __iter__(self) -> Iterator[int]:
+        return self._from(0)
+
+    def __contains__(self, value: object) -> bool:
+        return isinstance(value, int) and 0 <= value < self._total and value not in self._excluded_set
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, RemainingShards):
+            return (self._total, self._excluded) == (other._total, other._excluded)
+        if isinstance(other, Sequence) and not isinstance(other, str):
+            return len(other) == len(self) and all(a == b for a, b in zip(self, other, strict=False))
+        return NotImplemented
+
+    __hash__ = None  # type: ignore[assignment]  # equal to lists, which are unhashable
+
+    def tolist(self) -> list[int]:
+        return list(self)
+
+    def __repr__(self) -> str:
+        return f"RemainingShards({len(self)} of {self._total}, excluding {len(self._excluded)})"
+
+
 @dataclass(frozen=True)
 class JobPlan:
-    shards: tuple[ShardPlan, ...]
+    shards: Shards
     num_kept: int
     num_generated: int
 
@@ -49,8 +188,14 @@ class JobPlan:
                 f"  shard {s.shard_id:06d}: indices {s.first_index}..{s.first_index + s.num_generated - 1}"
                 f" generate {s.num_generated}, keep {s.num_kept}"
             )
+        if len(self.shards) > 4:
+            lines.append(f"  ... {len(self.shards) - 4} more")
         if len(self.shards) > 3:
-            lines.append(f"  ... {len(self.shards) - 3} more")
+            s = self.shards[-1]
+            lines.append(
+                f"  shard {s.shard_id:06d}: indices {s.first_index}..{s.first_index + s.num_generated - 1}"
+                f" generate {s.num_generated}, keep {s.num_kept}"
+            )
         if seconds_per_sample is not None:
             total = seconds_per_sample * self.num_generated
             lines.append(f"estimated time: {_fmt_seconds(total)} at {seconds_per_sample:.3f} s/sample (one process)")
@@ -64,15 +209,13 @@ def _fmt_seconds(s: float) -> str:
 
 
 def plan_job(cfg: AugmentConfig) -> JobPlan:
-    """Shards of `shard_size` kept samples each (the last one smaller), over-generated by 1/keep."""
-    shards = []
-    first = 0
-    for shard_id in range(math.ceil(cfg.n / cfg.shard_size)):
-        kept = min(cfg.shard_size, cfg.n - shard_id * cfg.shard_size)
-        generated = math.ceil(kept / cfg.keep - 1e-9)
-        shards.append(ShardPlan(shard_id, first, generated, kept))
-        first += generated
-    return JobPlan(tuple(shards), num_kept=cfg.n, num_generated=first)
+    """Shards of `shard_size` kept samples each (the last one smaller), over-generated by 1/keep.
+
+    O(1) time and memory for any `n`: shards are computed on access (see `shard_plan`).
+    """
+    shards = Shards(cfg.n, cfg.shard_size, cfg.keep)
+    last = shards[-1]
+    return JobPlan(shards, num_kept=cfg.n, num_generated=last.first_index + last.num_generated)
 
 
 def seeds_for(cfg: AugmentConfig, indices: Sequence[int]) -> list[int]:

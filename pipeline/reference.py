@@ -97,7 +97,7 @@ def _encoded_references(cfg: AugmentConfig, model: LoadedModel) -> ReferenceBund
         min_count=MIN_REFERENCES,
     )
     for line in refs.report:
-        log.info("references: %s", line)
+        (log.warning if line in refs.warnings else log.info)("references: %s", line)
     cache = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
     folder = bundle_dir(cache, refs.content_hash, model.model_id)
     key = {"latent_shape": list(model.denoiser.latent_shape), "files": refs.files}

@@ -45,11 +45,12 @@ from guidance import (
     nearest_reference_distance,
 )
 from storage.manifest import write_manifest_part
-from storage.shards import write_shard
+from storage.shards import REJECTED_DIR, write_shard
 
 from .config import AugmentConfig
 from .fidelity import LabelJudge
 from .models.loading import LoadedModel
+from .numerics import sample_finite
 from .plan import ShardPlan, assign_classes, class_quotas, reserve_per_shard, reserved_index, seeds_for
 from .reference import ReferenceBundle
 from .sampling import sample_latents
@@ -167,7 +168,7 @@ def generate(
         condition = None
         if lab is not None and ctx.model_labels is not None:
             condition = torch.tensor([ctx.model_labels[int(c)] for c in lab], device=model.device)
-        result = sample_latents(
+        result = sample_finite(cfg, model.device, batch, sample_latents)(
             model.denoiser,
             model.scheduler,
             seeds_for(cfg, batch),
@@ -480,7 +481,7 @@ def run_shard(ctx: JobContext, shard: ShardPlan, progress: Progress | None = Non
             sample["latent.npy"] = np.ascontiguousarray(latents[j].numpy())
         (kept_samples if kept[j] else rejected_samples).append(sample)
     if cfg.keep_rejected:
-        write_shard(cfg.out, f"{cfg.prefix}_rejected", shard.shard_id, rejected_samples)
+        write_shard(cfg.out, f"{cfg.prefix}_rejected", shard.shard_id, rejected_samples, folder=REJECTED_DIR)
     write_manifest_part(cfg.out, shard.shard_id, rows)
     result = ShardResult(
         shard_id=shard.shard_id,

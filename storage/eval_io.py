@@ -21,7 +21,7 @@ from PIL import Image
 
 from storage._atomic import atomic_write_bytes, atomic_write_json
 from storage.errors import InputError
-from storage.shards import shard_path
+from storage.shards import SHARDS_DIR, shard_path
 
 __all__ = [
     "EVAL_FILE",
@@ -85,9 +85,10 @@ def _decode_png(data: bytes, where: str) -> np.ndarray:
 
 
 def read_samples(
-    out_dir: str | os.PathLike[str], prefix: str, wanted: Iterable[tuple[int, str]]
+    out_dir: str | os.PathLike[str], prefix: str, wanted: Iterable[tuple[int, str]], *, folder: str = SHARDS_DIR
 ) -> tuple[list[str], np.ndarray, list[dict[str, Any]]]:
-    """Images of the wanted samples of a run, read from `shards/{prefix}-{shard:06d}.tar`.
+    """Images of the wanted samples of a run, read from `{folder}/{prefix}-{shard:06d}.tar` (`shards/`, or
+    `rejected/` for the audit shards).
 
     Args:
         wanted: (shard id, key) pairs; each shard is opened once.
@@ -105,7 +106,7 @@ def read_samples(
     images: list[np.ndarray] = []
     metas: list[dict[str, Any]] = []
     for shard in sorted(by_shard):
-        path = shard_path(out_dir, prefix, shard)
+        path = shard_path(out_dir, prefix, shard, folder=folder)
         if not path.is_file():
             raise InputError(f"{path}: shard listed in the manifest is missing")
         found = set()

@@ -1,28 +1,37 @@
 """The Parquet manifest: one row per generated sample, kept or rejected.
 
 Each shard writes `manifest/part-{shard:06d}.parquet`; `merge_manifest` concatenates the parts in shard
-order into `manifest.parquet`. The schema is fixed and explicit so that parts from different processes
-always concatenate, and a training job can filter on it (`kept == True`, `label == 3`, ...).
+order into `manifest.parquet` (streamed: one part in memory at a time). The schema is fixed and explicit
+so that parts from different processes always concatenate, and a training job can filter on it
+(`kept == True`, `label == 3`, ...).
+
+A shard's part is written before its done marker, so the marker vouches for it. A part lost later
+(`manifest/` deleted) is not rebuilt: `forget_shards_without_part` removes those shards' markers and the
+next run regenerates them, byte-identical.
 """
 
 from __future__ import annotations
 
 import os
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from storage._atomic import atomic_write_bytes
+from storage._atomic import atomic_open, atomic_write_bytes
+from storage.shards import SHARDS_DIR, done_shard_ids, marker_path
 
 __all__ = [
     "MANIFEST_FILE",
     "MANIFEST_SCHEMA",
+    "forget_shards_without_part",
+    "manifest_rows",
     "manifest_part_path",
     "merge_manifest",
+    "part_is_readable",
     "read_manifest",
     "write_manifest_part",
 ]
@@ -116,34 +125,83 @@ def _parts(out_dir: Path) -> list[tuple[int, Path]]:
 def merge_manifest(out_dir: str | os.PathLike[str], *, expected_shards: Iterable[int] | None = None) -> Path:
     """Concatenate `out_dir/manifest/part-*.parquet` in shard order into `out_dir/manifest.parquet`.
 
+    Streams: one part is in memory at a time (each becomes a row group), so merging costs memory in
+    proportion to a shard, not to the run.
+
     Args:
         out_dir: output folder.
         expected_shards: if given, every one of these shards must have a part (and no other part is
-            merged), so a half-finished run cannot pass as complete.
+            merged), so a half-finished run cannot pass as complete. A `range` is never listed out in
+            memory.
 
     Raises:
-        FileNotFoundError: no parts, or an expected part is missing.
+        FileNotFoundError: no parts, or an expected part is missing (nothing is written then).
         ValueError: a part has a different schema.
     """
     out_dir = Path(out_dir)
-    parts = _parts(out_dir)
-    if expected_shards is not None:
-        wanted = sorted(set(expected_shards))
-        have = dict(parts)
-        missing = [s for s in wanted if s not in have]
-        if missing:
-            shown = ", ".join(str(s) for s in missing[:5]) + (", ..." if len(missing) > 5 else "")
-            raise FileNotFoundError(
-                f"{out_dir / MANIFEST_DIR}: manifest parts missing for {len(missing)} shard(s): {shown}"
-            )
-        parts = [(s, have[s]) for s in wanted]
-    if not parts:
-        raise FileNotFoundError(f"{out_dir / MANIFEST_DIR}: no manifest parts to merge")
-    tables = []
-    for _, path in parts:
-        tables.append(_current_schema(pq.read_table(path), path))
-    merged = pa.concat_tables(tables).combine_chunks()
-    return atomic_write_bytes(out_dir / MANIFEST_FILE, _table_bytes(merged))
+    if expected_shards is None:
+        parts: Iterable[tuple[int, Path]] = _parts(out_dir)
+    else:
+        wanted = expected_shards if isinstance(expected_shards, range) else sorted(set(expected_shards))
+        _require_parts(out_dir, wanted)
+        parts = ((s, manifest_part_path(out_dir, s)) for s in wanted)
+    merged = out_dir / MANIFEST_FILE
+    written = 0
+    with atomic_open(merged) as f, pq.ParquetWriter(f, MANIFEST_SCHEMA, compression="zstd") as writer:
+        for _, path in parts:
+            writer.write_table(_current_schema(pq.read_table(path), path))
+            written += 1
+        if not written:
+            raise FileNotFoundError(f"{out_dir / MANIFEST_DIR}: no manifest parts to merge")
+    return merged
+
+
+def _require_parts(out_dir: Path, shard_ids: Iterable[int]) -> None:
+    """FileNotFoundError naming the first missing parts (and how many) among `shard_ids`."""
+    missing: list[int] = []
+    count = 0
+    for s in shard_ids:
+        if not manifest_part_path(out_dir, s).is_file():
+            count += 1
+            if len(missing) < 5:
+                missing.append(s)
+    if count:
+        shown = ", ".join(str(s) for s in missing) + (", ..." if count > len(missing) else "")
+        raise FileNotFoundError(f"{out_dir / MANIFEST_DIR}: manifest parts missing for {count} shard(s): {shown}")
+
+
+def part_is_readable(out_dir: str | os.PathLike[str], shard_id: int) -> bool:
+    """Whether the shard's manifest part exists and its Parquet footer reads."""
+    try:
+        pq.read_metadata(manifest_part_path(out_dir, shard_id))
+    except (OSError, pa.ArrowException):
+        return False
+    return True
+
+
+def forget_shards_without_part(out_dir: str | os.PathLike[str], prefix: str) -> list[int]:
+    """Remove the done marker of every shard whose manifest part is missing or unreadable.
+
+    A marker vouches for its shard's part (the part is written first); without the part the run could
+    never finish, so such a shard is made pending again and the next run regenerates it (identically).
+
+    Returns:
+        The ids of the shards whose markers were removed.
+    """
+    forgotten = []
+    for sid in done_shard_ids(out_dir, prefix, folder=SHARDS_DIR):
+        if not part_is_readable(out_dir, sid):
+            marker_path(out_dir, prefix, sid).unlink(missing_ok=True)
+            forgotten.append(sid)
+    return forgotten
+
+
+def manifest_rows(path: str | os.PathLike[str], columns: Sequence[str]) -> Iterator[dict[str, list[Any]]]:
+    """The manifest's `columns`, one row group (a shard's part) at a time, as {column: values}: for
+    statistics over a run of any size in memory bounded by a shard."""
+    pf = pq.ParquetFile(path)
+    for i in range(pf.num_row_groups):
+        yield pf.read_row_group(i, columns=list(columns)).to_pydict()
 
 
 def _current_schema(table: pa.Table, path: Path) -> pa.Table:

@@ -17,25 +17,30 @@ raises `InputError` naming the file, before anything is written.
 from __future__ import annotations
 
 import csv
+import errno
 import hashlib
 import io
 import json
 import math
+import os
 import posixpath
 import struct
 import warnings
 from collections import Counter, defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import fsspec
 import numpy as np
 import torch
+from fsspec.implementations.local import LocalFileSystem
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from storage.errors import InputError
 
-__all__ = ["IMAGE_EXTENSIONS", "References", "read_references"]
+__all__ = ["IMAGE_EXTENSIONS", "References", "read_references", "refuse_output_inside"]
 
 #: File extensions read as images (lower case).
 IMAGE_EXTENSIONS: frozenset[str] = frozenset({".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp"})
@@ -74,6 +79,8 @@ class References:
             of file times and of where the folder lives. It does not cover `channels`/`size`: key
             caches on those separately.
         report: human-readable lines about what was found and converted.
+        warnings: the lines of `report` a user should see even in a quiet run (valid input that may
+            not be what was meant, e.g. images in sub-sub-folders labelled with their top-level class).
     """
 
     images: torch.Tensor
@@ -83,6 +90,7 @@ class References:
     files: list[str]
     content_hash: str
     report: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.files)
@@ -156,18 +164,18 @@ def read_references(
     shown_root = path.rstrip("/") or path
 
     def shown(rel: str) -> str:
-        return f"{shown_root}/{rel}"
+        return f"{shown_root}/{rel}" if rel else shown_root
 
     if not fs.exists(root):
         raise InputError(f"{shown_root}: reference folder does not exist")
     if not fs.isdir(root):
         raise InputError(f"{shown_root}: not a folder (give the folder that holds the reference images)")
 
-    listing = _list_tree(fs, root)
+    problems = _Problems()
+    listing = _list_tree(fs, root, shown, problems)
     files = {rel: info for rel, info in listing.items() if info.get("type") != "directory"}
     dirs = sorted(rel for rel, info in listing.items() if info.get("type") == "directory")
 
-    problems = _Problems()
     ignored = sorted(rel for rel in files if _is_hidden(rel))
     visible = sorted(rel for rel in files if not _is_hidden(rel))
     images = [rel for rel in visible if posixpath.splitext(rel)[1].lower() in IMAGE_EXTENSIONS]
@@ -205,6 +213,7 @@ def read_references(
     top_dirs = sorted({d.split("/")[0] for d in dirs if not _is_hidden(d)})
     class_names: list[str] | None = None
     report_notes: list[str] = []
+    warnings_: list[str] = []
     if root_images and nested_images:
         problems.add(
             shown_root,
@@ -215,15 +224,21 @@ def read_references(
         class_names = sorted(set(top_dirs) | {rel.split("/")[0] for rel in nested_images})
         counts = Counter(rel.split("/")[0] for rel in nested_images)
         for name in class_names:
-            if counts[name] == 0:
+            if counts[name] == 0 and not listing.get(name, {}).get("unlisted"):
                 problems.add(shown(name + "/"), "class folder has no images")
-        deep = sum(1 for rel in nested_images if rel.count("/") > 1)
+        deep = [rel for rel in nested_images if rel.count("/") > 1]
         if deep:
-            report_notes.append(f"{_plural(deep, 'image')} in nested folders given the class of their top-level folder")
+            top = deep[0].split("/")[0]
+            warnings_.append(
+                f"{_plural(len(deep), 'image')} in sub-sub-folders (e.g. {deep[0]}) labelled with the class of "
+                f"their top-level folder ({top}): the classes are the top-level folders only"
+            )
+            report_notes.append(warnings_[-1])
     elif top_dirs:
         report_notes.append(f"{_plural(len(top_dirs), 'sub-folder')} without images ignored: {_listing(top_dirs)}")
 
     if not images:
+        problems.raise_if_any()  # an unreadable folder or a broken link explains "no images" better
         found = f"; found only {_plural(len(others), 'other file')}, e.g. {others[0]}" if others else ""
         raise InputError(f"{shown_root}: no images found (supported: {_supported_list()}){found}")
 
@@ -236,8 +251,11 @@ def read_references(
         try:
             with fs.open(f"{root}/{rel}" if root != "/" else f"/{rel}", "rb") as f:
                 blobs[rel] = f.read()
+        except PermissionError:
+            problems.add(shown(rel), "permission denied: cannot read this file")
+            continue
         except OSError as e:
-            problems.add(shown(rel), f"cannot be read ({e})")
+            problems.add(shown(rel), f"cannot be read ({e.strerror or e})")
             continue
         if not blobs[rel]:
             problems.add(shown(rel), "empty file (0 bytes)")
@@ -290,14 +308,39 @@ def read_references(
         files=images,
         content_hash=content_hash,
         report=report,
+        warnings=warnings_,
     )
+
+
+def refuse_output_inside(ref: str, out: str) -> None:
+    """InputError if the output folder `out` is the reference folder `ref` or inside it (local paths):
+    the run's own samples would be read as references by the next run."""
+    protocol = fsspec.core.split_protocol(str(ref))[0]
+    if protocol not in (None, "file", "local"):
+        return
+    ref_path = Path(fsspec.core.strip_protocol(str(ref))).resolve()
+    out_path = Path(out).resolve()
+    if out_path == ref_path or ref_path in out_path.parents:
+        raise InputError(
+            f"{out}: the output folder is inside the reference folder {ref} (the next run would read its "
+            "samples as references); choose an --out outside it"
+        )
 
 
 # ----------------------------------------------------------------------------------------------- listing
 
 
-def _list_tree(fs: fsspec.AbstractFileSystem, root: str) -> dict[str, dict[str, Any]]:
-    """Relative POSIX path -> fsspec info for everything below `root` (root itself excluded)."""
+def _list_tree(
+    fs: fsspec.AbstractFileSystem, root: str, shown: Callable[[str], str], problems: _Problems
+) -> dict[str, dict[str, Any]]:
+    """Relative POSIX path -> {"type", "size"} for everything below `root` (root itself excluded).
+
+    A local folder is walked with symbolic links followed (class folders that are links to folders
+    elsewhere are read), with loop protection; a folder that cannot be listed and a link that is broken,
+    loops or leads to a folder already read are problems, never silently skipped.
+    """
+    if isinstance(fs, LocalFileSystem):
+        return _list_local(root, shown, problems)
     found = fs.find(root, withdirs=True, detail=True)
     prefix = root.rstrip("/") + "/"
     out: dict[str, dict[str, Any]] = {}
@@ -309,6 +352,61 @@ def _list_tree(fs: fsspec.AbstractFileSystem, root: str) -> dict[str, dict[str, 
         if rel:
             out[rel] = info
     return out
+
+
+def _list_local(root: str, shown: Callable[[str], str], problems: _Problems) -> dict[str, dict[str, Any]]:
+    out: dict[str, dict[str, Any]] = {}
+    read_as: dict[str, str] = {os.path.realpath(root): ""}  # real folder -> where it was read (relative)
+
+    def walk(folder: str, prefix: str, ancestors: frozenset[str]) -> None:
+        try:
+            with os.scandir(folder) as it:
+                entries = sorted(it, key=lambda e: e.name)
+        except OSError as e:
+            reason = "permission denied" if isinstance(e, PermissionError) else e.strerror
+            problems.add(shown(prefix), f"{reason}: cannot list this folder")
+            if prefix:
+                out[prefix.rstrip("/")]["unlisted"] = True  # its problem is said; not also "no images"
+            return
+        for entry in entries:
+            rel = prefix + entry.name
+            link = entry.is_symlink()
+            if link and _is_hidden(rel):
+                out[rel] = {"type": "file", "size": None}  # ignored like every hidden file, never followed
+                continue
+            try:
+                is_dir = entry.is_dir()
+                size = None if is_dir else entry.stat().st_size
+            except OSError as e:
+                problems.add(shown(rel), _link_problem(entry.path, e) if link else f"cannot be read ({e.strerror})")
+                continue
+            if not is_dir:
+                out[rel] = {"type": "file", "size": size}
+                continue
+            real = os.path.realpath(entry.path)
+            if real in ancestors:
+                problems.add(shown(rel), f"symbolic link loop: leads back to {shown(read_as[real])} (remove the link)")
+                continue
+            if real in read_as:
+                problems.add(shown(rel), f"links to a folder already read as {shown(read_as[real])} (remove one link)")
+                continue
+            read_as[real] = rel
+            out[rel] = {"type": "directory"}
+            walk(entry.path, rel + "/", ancestors | {real})
+
+    walk(root, "", frozenset({os.path.realpath(root)}))
+    return out
+
+
+def _link_problem(path: str, error: OSError) -> str:
+    if error.errno == errno.ELOOP:
+        return "symbolic link loop (the link leads back to itself)"
+    target = os.readlink(path) if os.path.islink(path) else "?"
+    if error.errno == errno.ENOENT:
+        return f"broken symbolic link (its target {target} does not exist)"
+    if isinstance(error, PermissionError):
+        return f"permission denied: cannot follow the symbolic link to {target}"
+    return f"symbolic link to {target} cannot be followed ({error.strerror})"
 
 
 def _is_hidden(rel: str) -> bool:

@@ -1,8 +1,18 @@
-"""`run.json` and the guard that stops two different configurations sharing one output folder.
+"""`run.json` and the guards of an output folder: one configuration per folder, one run at a time.
 
-`check_or_claim_output` runs before anything else is written to `--out`: a fresh folder is claimed
-(`.config-claim.json` holds the config hash and config); the same configuration resumes; a different
-one is refused with a message that names the first differing keys.
+`claim_output` runs before anything else is written to `--out` and before any generation:
+
+- the folder must be writable (checked by writing, in the folder and in `shards/` and `manifest/`);
+- one run at a time: the run holds `OUT/.augment.lock` (an OS file lock, released when the process exits,
+  even by `kill -9`) from its start to its end; a second run into the same folder is refused with a
+  message that names the holder's pid and host;
+- one configuration per folder: a fresh folder is claimed (`.config-claim.json` holds the config hash
+  and config); the same configuration resumes; a different one is refused with a message that names the
+  first differing keys, unless the folder holds no samples yet (a run that failed before writing a
+  shard does not hold its folder hostage): then the new configuration claims it.
+
+`check_or_claim_output` is the configuration guard alone (no lock, never re-claims): for processes that
+join a run another process started and holds.
 """
 
 from __future__ import annotations
@@ -10,17 +20,39 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import socket
+import time
 from pathlib import Path
 from typing import Any
 
-from storage._atomic import atomic_write_json, dumps_json, tmp_name
+from filelock import FileLock, Timeout
+
+from storage._atomic import TMP_MARK, atomic_write_json, dumps_json, tmp_name
 from storage.errors import InputError
 
-__all__ = ["CLAIM_FILE", "RUN_FILE", "check_or_claim_output", "read_run_record", "write_run_record"]
+__all__ = [
+    "CLAIM_FILE",
+    "LOCK_FILE",
+    "RUN_FILE",
+    "abandon_output",
+    "check_or_claim_output",
+    "claim_output",
+    "holds_samples",
+    "read_run_record",
+    "release_output",
+    "write_run_record",
+]
 
 RUN_FILE = "run.json"
 CLAIM_FILE = ".config-claim.json"
+LOCK_FILE = ".augment.lock"
+#: Folders whose files are samples (or their records) of a run; `holds_samples` looks in them.
+_WORK_DIRS = ("shards", "manifest", "rejected")
 _SHOWN_DIFFS = 3
+#: The output locks this process holds, by resolved folder (a process takes each folder's lock once).
+_HELD: dict[str, FileLock] = {}
+#: Folders that this process's `claim_output` created (so `abandon_output` may remove them again).
+_CREATED: set[str] = set()
 
 
 def write_run_record(out_dir: str | os.PathLike[str], record: dict[str, Any]) -> Path:
@@ -52,10 +84,96 @@ def _read_json(path: Path) -> dict[str, Any]:
     return data
 
 
+def claim_output(out_dir: str | os.PathLike[str], config_hash: str, config: dict[str, Any]) -> bool:
+    """Check that `out_dir` can be written, take its lock for this process, and claim it for this
+    configuration (or confirm that it holds the same one). Call `release_output` when the run ends.
+
+    Nothing is written to a folder that is refused for what it holds.
+
+    Returns:
+        True if the folder holds a run with the same `config_hash` (resume), False if it was fresh (or
+        held no samples) and is now claimed.
+
+    Raises:
+        InputError: the folder cannot be created or written; another process is running into it; it
+            holds samples of another configuration; it is not empty and holds no run of this tool; it
+            is a file.
+    """
+    out = Path(out_dir)
+    if not (out / LOCK_FILE).exists():  # a folder with a lock is this tool's: the lock will tell who holds it
+        _refuse_foreign(out)
+    created = not out.exists()
+    _make_writable_folders(out, ())
+    if created:
+        _CREATED.add(_lock_key(out))
+    _lock(out)
+    try:
+        _refuse_foreign(out)  # again, under the lock: nothing can appear in between now
+        _make_writable_folders(out, ("shards", "manifest"))
+        return _check_or_claim(out, config_hash, config, may_reclaim=True)
+    except BaseException:
+        release_output(out)
+        raise
+
+
+def release_output(out_dir: str | os.PathLike[str]) -> None:
+    """Release this process's lock on `out_dir` (a no-op if it holds none)."""
+    lock = _HELD.pop(_lock_key(Path(out_dir)), None)
+    if lock is not None:
+        lock.release(force=True)
+
+
+def abandon_output(out_dir: str | os.PathLike[str], *, records: tuple[str, ...] = ()) -> bool:
+    """After a run failed: if `out_dir` holds no samples, undo this process's claim so the failed run
+    leaves nothing behind (the claim, the run's `records` such as `.inputs.json`, empty `shards/`,
+    `manifest/` and `rejected/`, the lock, and the folder itself if the claim created it and it is now
+    empty). Releases the lock either way.
+
+    Returns:
+        True if the claim was undone; False if the folder holds samples (kept as they are) or this
+        process holds no claim on it.
+    """
+    out = Path(out_dir)
+    key = _lock_key(out)
+    try:
+        if key not in _HELD or holds_samples(out):
+            return False
+        for name in (CLAIM_FILE, *records):
+            (out / name).unlink(missing_ok=True)
+        for name in _WORK_DIRS:
+            with contextlib.suppress(OSError):
+                (out / name).rmdir()  # only if empty
+        (out / LOCK_FILE).unlink(missing_ok=True)
+        if key in _CREATED:
+            with contextlib.suppress(OSError):
+                out.rmdir()  # only if empty
+        return True
+    finally:
+        release_output(out)
+        _CREATED.discard(key)
+
+
+def holds_samples(out_dir: str | os.PathLike[str]) -> bool:
+    """Whether `out_dir` holds any output of a run: `run.json`, `manifest.parquet`, or a file in
+    `shards/`, `manifest/` or `rejected/` (temporary files of crashed writers do not count)."""
+    out = Path(out_dir)
+    if (out / RUN_FILE).exists() or (out / "manifest.parquet").exists():
+        return True
+    for name in _WORK_DIRS:
+        try:
+            with os.scandir(out / name) as entries:
+                if any(TMP_MARK not in e.name and not e.name.startswith(".") for e in entries):
+                    return True
+        except (FileNotFoundError, NotADirectoryError):
+            continue
+    return False
+
+
 def check_or_claim_output(out_dir: str | os.PathLike[str], config_hash: str, config: dict[str, Any]) -> bool:
     """Claim `out_dir` for this configuration, or confirm it already holds the same one.
 
-    Creates the folder if needed.
+    The configuration guard alone: no lock, and a folder claimed by another configuration is refused
+    even when it holds no samples (see `claim_output`). Creates the folder if needed.
 
     Returns:
         True if the folder holds a run with the same `config_hash` (resume), False if it was fresh
@@ -66,20 +184,98 @@ def check_or_claim_output(out_dir: str | os.PathLike[str], config_hash: str, con
             run at all (files other than hidden ones), or is a file.
     """
     out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise InputError(f"{out}: exists and is not a folder; choose another --out")
+    _refuse_foreign(out)
     out.mkdir(parents=True, exist_ok=True)
-    # The claim first: it stores the config in the same shape as `config` (run.json may hold more).
-    recorded = [p for p in (out / CLAIM_FILE, out / RUN_FILE) if p.exists()]
-    if recorded:
-        for path in recorded:
-            _require_same(out, path, _read_json(path), config_hash, config)
-        return True
-    foreign = sorted(p.name for p in out.iterdir() if not p.name.startswith("."))
+    return _check_or_claim(out, config_hash, config, may_reclaim=False)
+
+
+def _refuse_foreign(out: Path) -> None:
+    """InputError for a file, an unreadable folder, or a folder with visible files and no run of this tool
+    (hidden files, and the empty `shards/` and `manifest/` a claim that never finished left, do not count)."""
+    try:
+        if out.exists() and not out.is_dir():
+            raise InputError(f"{out}: exists and is not a folder; choose another --out")
+        if not out.is_dir() or any(p.exists() for p in (out / CLAIM_FILE, out / RUN_FILE)):
+            return
+        foreign = sorted(
+            p.name
+            for p in out.iterdir()
+            if not p.name.startswith(".") and not (p.name in _WORK_DIRS and p.is_dir() and not any(p.iterdir()))
+        )
+    except OSError as e:
+        raise InputError(f"{out}: cannot be read ({e.strerror or e}); choose a readable, writable --out") from e
     if foreign:
         shown = ", ".join(foreign[:3]) + (", ..." if len(foreign) > 3 else "")
         raise InputError(f"{out}: not empty ({shown}) and holds no run of this tool; choose another --out or empty it")
-    return _claim(out, config_hash, config)
+
+
+def _make_writable_folders(out: Path, subfolders: tuple[str, ...]) -> None:
+    """Create `out` and its `subfolders` and write (then remove) a probe file in each, so a read-only or
+    permission-denied folder is found before any generation."""
+    for folder in (out, *(out / name for name in subfolders)):
+        probe = tmp_name(folder / "write-probe")
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            with open(probe, "xb"):
+                pass
+            os.unlink(probe)
+        except OSError as e:
+            reason = e.strerror or type(e).__name__
+            raise InputError(f"{folder}: cannot write here ({reason}); choose a writable --out") from e
+
+
+def _lock_key(out: Path) -> str:
+    return str(out.resolve())
+
+
+def _lock(out: Path) -> None:
+    """Take `out/.augment.lock` for this process (once), or raise InputError naming the process that holds it."""
+    key = _lock_key(out)
+    if key in _HELD:
+        return
+    path = out / LOCK_FILE
+
+    def record_holder(fd: int) -> None:
+        os.ftruncate(fd, 0)
+        holder = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        os.pwrite(fd, json.dumps(holder).encode(), 0)
+
+    lock = FileLock(path, timeout=0, thread_local=False, fallback_to_soft=False, on_acquired=record_holder)
+    try:
+        lock.acquire()
+    except Timeout:
+        raise InputError(
+            f"{out}: another run is writing to this folder ({_describe_holder(path)}); wait for it to "
+            "finish (rerun then to check it) or choose another --out"
+        ) from None
+    except OSError as e:
+        raise InputError(f"{out}: cannot write here ({e.strerror or e}); choose a writable --out") from e
+    _HELD[key] = lock
+
+
+def _describe_holder(path: Path) -> str:
+    try:
+        holder = json.loads(path.read_text(encoding="utf-8"))
+        return f"pid {holder['pid']} on {holder['host']}, since {holder['since']}"
+    except (OSError, ValueError, KeyError, TypeError):
+        return f"it holds {path}"
+
+
+def _check_or_claim(out: Path, config_hash: str, config: dict[str, Any], *, may_reclaim: bool) -> bool:
+    # The claim first: it stores the config in the same shape as `config` (run.json may hold more).
+    recorded = [p for p in (out / CLAIM_FILE, out / RUN_FILE) if p.exists()]
+    if not recorded:
+        return _claim(out, config_hash, config)
+    try:
+        for path in recorded:
+            _require_same(out, path, _read_json(path), config_hash, config)
+    except InputError:
+        if not may_reclaim or holds_samples(out):
+            raise
+        # claimed by a run that failed before writing any sample: the folder is free for this one
+        atomic_write_json(out / CLAIM_FILE, {"config_hash": config_hash, "config": config})
+        return False
+    return True
 
 
 def _claim(out: Path, config_hash: str, config: dict[str, Any]) -> bool:

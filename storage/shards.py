@@ -4,6 +4,8 @@ Layout under the output folder:
 
     shards/{prefix}-{shard:06d}.tar         the shard (WebDataset: members `<key>.<ext>`)
     shards/{prefix}-{shard:06d}.tar.done    JSON marker: sample count, size and sha256 of the tar
+    rejected/{prefix}_rejected-{shard:06d}.tar   audit shards of the samples the filter rejected
+                                                 (`--keep-rejected`), apart so `shards/*.tar` never has them
 
 A shard is streamed to `<name>.tmp-<pid>-<rand>`, fsynced and renamed; the marker is written after the
 rename. So a `.tar` is always complete, and a marker vouches for the exact bytes of its `.tar`. Identical
@@ -32,8 +34,10 @@ from webdataset.writer import TarWriter, default_handlers
 from storage._atomic import TMP_MARK, atomic_write_json, json_default, tmp_name
 
 __all__ = [
+    "REJECTED_DIR",
     "SHARDS_DIR",
     "clean_partial",
+    "done_shard_ids",
     "encode_sample",
     "is_done",
     "mark_done",
@@ -45,6 +49,8 @@ __all__ = [
 ]
 
 SHARDS_DIR = "shards"
+#: Rejected samples' audit shards: a folder of their own, so a `shards/*.tar` pattern never trains on them.
+REJECTED_DIR = "rejected"
 MARKER_SUFFIX = ".done"
 MARKER_VERSION = 1
 # Fixed tar header fields: the only sources of non-determinism TarWriter would otherwise have.
@@ -63,14 +69,26 @@ def shard_name(prefix: str, shard_id: int) -> str:
     return f"{prefix}-{shard_id:06d}.tar"
 
 
-def shard_path(out_dir: str | os.PathLike[str], prefix: str, shard_id: int) -> Path:
-    """`out_dir/shards/{prefix}-{shard_id:06d}.tar`."""
-    return Path(out_dir) / SHARDS_DIR / shard_name(prefix, shard_id)
+def shard_path(out_dir: str | os.PathLike[str], prefix: str, shard_id: int, *, folder: str = SHARDS_DIR) -> Path:
+    """`out_dir/{folder}/{prefix}-{shard_id:06d}.tar` (`folder`: `shards`, or `rejected` for audit shards)."""
+    return Path(out_dir) / folder / shard_name(prefix, shard_id)
 
 
-def marker_path(out_dir: str | os.PathLike[str], prefix: str, shard_id: int) -> Path:
-    """`out_dir/shards/{prefix}-{shard_id:06d}.tar.done`."""
-    return Path(out_dir) / SHARDS_DIR / (shard_name(prefix, shard_id) + MARKER_SUFFIX)
+def marker_path(out_dir: str | os.PathLike[str], prefix: str, shard_id: int, *, folder: str = SHARDS_DIR) -> Path:
+    """`out_dir/{folder}/{prefix}-{shard_id:06d}.tar.done`."""
+    return Path(out_dir) / folder / (shard_name(prefix, shard_id) + MARKER_SUFFIX)
+
+
+def done_shard_ids(out_dir: str | os.PathLike[str], prefix: str, *, folder: str = SHARDS_DIR) -> list[int]:
+    """Ids of the shards that have a done marker in `out_dir/{folder}`, ascending (listed, not verified:
+    `is_done` checks that a marker vouches for its `.tar`). Costs what the folder holds, not the plan."""
+    directory = Path(out_dir) / folder
+    pattern = re.compile(rf"^{re.escape(prefix)}-(\d{{6,}})\.tar{re.escape(MARKER_SUFFIX)}$")
+    try:
+        names = [entry.name for entry in os.scandir(directory)]
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    return sorted(int(m.group(1)) for name in names if (m := pattern.match(name)))
 
 
 # ---------------------------------------------------------------------------------------------- encoding
@@ -174,8 +192,9 @@ def write_shard(
     *,
     write_marker: bool = True,
     marker_info: dict[str, Any] | None = None,
+    folder: str = SHARDS_DIR,
 ) -> Path:
-    """Stream `samples` into `out_dir/shards/{prefix}-{shard_id:06d}.tar` atomically.
+    """Stream `samples` into `out_dir/{folder}/{prefix}-{shard_id:06d}.tar` atomically.
 
     Each sample is a webdataset dict: `__key__` (unique, no dots or slashes) and members such as
     `png` (bytes), `json` (dict or bytes), `cls` (int), `latent.npy` (array). Members are written in
@@ -189,7 +208,7 @@ def write_shard(
     Returns:
         The path of the `.tar`.
     """
-    final = shard_path(out_dir, prefix, shard_id)
+    final = shard_path(out_dir, prefix, shard_id, folder=folder)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = tmp_name(final)
     keys: set[str] = set()
@@ -280,7 +299,7 @@ def is_done(out_dir: str | os.PathLike[str], prefix: str, shard_id: int, *, veri
 
 
 def clean_partial(out_dir: str | os.PathLike[str]) -> list[Path]:
-    """Remove `*.tmp-*` files left by crashed writers in `out_dir`, `shards/` and `manifest/`.
+    """Remove `*.tmp-*` files left by crashed writers in `out_dir`, `shards/`, `rejected/` and `manifest/`.
 
     Files of a writer that is still running on this machine (its pid is alive) are kept, but call
     this once before starting workers: a pid from another machine sharing the folder cannot be checked.
@@ -290,7 +309,7 @@ def clean_partial(out_dir: str | os.PathLike[str]) -> list[Path]:
     """
     out_dir = Path(out_dir)
     removed = []
-    for folder in (out_dir, out_dir / SHARDS_DIR, out_dir / "manifest"):
+    for folder in (out_dir, out_dir / SHARDS_DIR, out_dir / REJECTED_DIR, out_dir / "manifest"):
         if not folder.is_dir():
             continue
         for path in sorted(folder.glob(f"*{TMP_MARK}*")):

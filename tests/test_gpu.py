@@ -9,13 +9,16 @@ from tiny_models import save_tiny_dit
 from guidance import MMDGuidance, MMDTarget, RBFKernel, StrengthSchedule
 from pipeline.models.loading import load_model, resolve_device, resolve_dtype
 from pipeline.sampling import sample_latents
+from storage.errors import InputError
 
 
 def test_device_and_dtype_decisions_on_this_machine():
     dev = resolve_device("auto")
     assert dev.type == ("cuda" if torch.cuda.is_available() else "cpu")
     assert resolve_dtype("auto", torch.device("cpu")) == torch.float32
-    assert resolve_dtype("float16", torch.device("cpu")) == torch.float16
+    assert resolve_dtype("bfloat16", torch.device("cpu")) == torch.bfloat16
+    with pytest.raises(InputError, match="--dtype float16 on cpu"):  # overflows to NaN in guided CPU runs
+        resolve_dtype("float16", torch.device("cpu"))
 
 
 @pytest.mark.gpu

@@ -16,6 +16,7 @@ import torch
 from PIL import Image
 
 from storage import InputError, read_references
+from storage.references import refuse_output_inside
 
 SIZE = (16, 16)
 
@@ -157,7 +158,11 @@ def test_nested_class_folders_and_empty_subfolders_are_reported(tmp_path):
     save(tmp_path / "b" / "deeper" / "y.png", gray(0))
     refs = read_references(str(tmp_path / ""), channels=1, size=SIZE)
     assert refs.class_names == ["a", "b"] and refs.labels.tolist() == [0, 1]
-    assert "1 image in nested folders given the class of their top-level folder" in refs.report
+    nested = (
+        "1 image in sub-sub-folders (e.g. b/deeper/y.png) labelled with the class of their top-level folder (b): "
+        "the classes are the top-level folders only"
+    )
+    assert nested in refs.report and refs.warnings == [nested]
 
     flat = tmp_path / "flat"
     make_simple(flat, 2)
@@ -393,3 +398,66 @@ def test_memory_filesystem_matches_local(tmp_path):
     assert len(read_references(f"file://{local}", channels=1, size=SIZE)) == 3
     with pytest.raises(InputError, match="does not exist"):
         read_references(f"memory:///nothing-{uuid.uuid4().hex}", channels=1, size=SIZE)
+
+
+# ------------------------------------------------------------------ permissions, links, output inside (issue 16)
+
+
+def test_unreadable_folders_and_files_are_reported_as_permission_denied(unprivileged):
+    top, drop = unprivileged
+    refs = top / "refs"
+    for cls in ("a", "b"):
+        make_simple(refs / cls)
+    read_references(str(refs), channels=1, size=SIZE)  # as the owner: fine (and every decoder is imported)
+    (refs / "b").chmod(0o000)
+    with drop(), pytest.raises(InputError, match=r"refs/b/: permission denied: cannot list this folder$"):
+        read_references(str(refs), channels=1, size=SIZE)
+    (refs / "b").chmod(0o755)
+    (refs / "a" / "img0.png").chmod(0o000)
+    with drop(), pytest.raises(InputError, match=r"refs/a/img0.png: permission denied: cannot read this file$"):
+        read_references(str(refs), channels=1, size=SIZE)
+    refs.chmod(0o000)
+    with drop(), pytest.raises(InputError, match=r"refs: permission denied: cannot list this folder$"):
+        read_references(str(refs), channels=1, size=SIZE)
+
+
+@pytest.mark.parametrize(
+    "link, target, expect",
+    [
+        ("a/loop.png", "loop.png", r"a/loop.png: symbolic link loop \(the link leads back to itself\)"),
+        ("a/up", "..", r"a/up: symbolic link loop: leads back to .*refs \(remove the link\)"),
+        ("a/gone.png", "nowhere.png", r"a/gone.png: broken symbolic link \(its target nowhere.png does not exist\)"),
+        ("c", "a", r"refs/(a|c): links to a folder already read as .*refs/(a|c) \(remove one link\)"),
+    ],
+)
+def test_bad_symbolic_links_are_named(tmp_path, link, target, expect):
+    refs = tmp_path / "refs"
+    for cls in ("a", "b"):
+        make_simple(refs / cls)
+    (refs / link).symlink_to(target)
+    with pytest.raises(InputError, match=expect):
+        read_references(str(refs), channels=1, size=SIZE)
+
+
+def test_class_folders_that_are_symbolic_links_are_followed(tmp_path):
+    refs = tmp_path / "refs"
+    make_simple(refs / "a")
+    make_simple(tmp_path / "elsewhere" / "b")
+    (refs / "b").symlink_to(tmp_path / "elsewhere" / "b")
+    (refs / ".hidden-link").symlink_to(refs)  # hidden: ignored, never followed
+    got = read_references(str(refs), channels=1, size=SIZE)
+    assert got.class_names == ["a", "b"] and got.labels.tolist() == [0, 0, 0, 1, 1, 1]
+    assert got.files == ["a/img0.png", "a/img1.png", "a/img2.png", "b/img0.png", "b/img1.png", "b/img2.png"]
+    copy = tmp_path / "copy"
+    shutil.copytree(refs, copy, symlinks=False, ignore=shutil.ignore_patterns(".*"))
+    assert read_references(str(copy), channels=1, size=SIZE).content_hash == got.content_hash
+
+
+def test_an_output_folder_inside_the_references_is_refused(tmp_path):
+    refs = make_simple(tmp_path / "refs")
+    for out in (refs / "out", refs, refs / "a" / ".." / "b"):
+        with pytest.raises(InputError, match=r"inside the reference folder .* choose an --out outside it"):
+            refuse_output_inside(str(refs), str(out))
+    refuse_output_inside(str(refs), str(tmp_path / "out"))
+    refuse_output_inside(str(refs), str(tmp_path / "refs-out"))  # a sibling whose name starts alike
+    refuse_output_inside("memory://refs", str(refs / "out"))  # not a local folder: nothing to compare

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from storage import InputError, check_or_claim_output, read_run_record, write_run_record
-from storage.run_record import CLAIM_FILE
+from storage.run_record import CLAIM_FILE, LOCK_FILE, claim_output, holds_samples, release_output
 
 CONFIG = {"n": 100, "seed": 0, "guidance": {"strength": 0.5, "kernel": "rbf"}, "sizes": (8, 8)}
 
@@ -71,3 +71,65 @@ def test_foreign_folders_are_refused(tmp_path):
     hidden_only.mkdir()
     (hidden_only / ".DS_Store").write_bytes(b"x")
     assert check_or_claim_output(hidden_only, "h1", CONFIG) is False
+
+
+# ------------------------------------------------------------------ claim_output: writable, locked, not hostage
+
+
+def test_a_second_run_into_a_locked_folder_is_refused_until_the_first_ends(tmp_path, hold_output_lock):
+    out = tmp_path / "out"
+    holder = hold_output_lock(out)
+    with pytest.raises(InputError) as info:
+        claim_output(out, "h1", {"n": 1})
+    message = str(info.value)
+    assert "another run is writing to this folder" in message and f"pid {holder.pid}" in message
+    assert "--out" in message and "\n" not in message
+    holder.kill()  # like kill -9: the OS releases the lock
+    holder.wait()
+    assert claim_output(out, "h1", {"n": 1}) is True
+    assert claim_output(out, "h1", {"n": 1}) is True  # this process already holds it
+    release_output(out)
+
+
+def test_a_folder_claimed_by_a_run_that_wrote_no_sample_is_free_for_another_config(tmp_path):
+    out = tmp_path / "out"
+    assert claim_output(out, "h1", CONFIG) is False  # e.g. a run that then failed on NaN at its first batch
+    release_output(out)
+    (out / "shards" / "synthetic-000000.tar.tmp-999999-abcd").write_bytes(b"partial")  # crashed writer: not a sample
+    assert claim_output(out, "h2", {**CONFIG, "n": 5}) is False
+    release_output(out)
+    assert json.loads((out / CLAIM_FILE).read_text())["config_hash"] == "h2"
+    (out / "shards" / "synthetic-000000.tar").write_bytes(b"a sample")
+    assert holds_samples(out)
+    with pytest.raises(InputError, match="different configuration"):
+        claim_output(out, "h3", {**CONFIG, "n": 6})
+    assert check_or_claim_output(tmp_path / "plain", "h1", CONFIG) is False
+    with pytest.raises(InputError, match="different configuration"):  # the guard alone never re-claims
+        check_or_claim_output(tmp_path / "plain", "h2", {})
+
+
+def test_an_output_folder_that_cannot_be_written_is_refused_before_anything_else(tmp_path, unprivileged):
+    top, drop = unprivileged
+    locked = top / "read-only"
+    locked.mkdir(mode=0o555)
+    for out in (locked / "out", locked):
+        with drop(), pytest.raises(InputError, match=r"cannot write here \(Permission denied\)") as info:
+            claim_output(out, "h1", CONFIG)
+        assert "--out" in str(info.value)
+    assert list(locked.iterdir()) == []
+    (tmp_path / "a-file").write_text("x")
+    with pytest.raises(InputError, match="cannot write here"):
+        claim_output(tmp_path / "a-file" / "out", "h1", CONFIG)
+
+
+def test_a_run_starting_into_a_folder_another_run_is_still_claiming_is_told_so(tmp_path, hold_output_lock):
+    out = tmp_path / "out"
+    holder = hold_output_lock(out)
+    (out / CLAIM_FILE).unlink()  # the other run has its lock and probe folders, not yet its claim
+    assert sorted(p.name for p in out.iterdir()) == [LOCK_FILE, "manifest", "shards"]
+    with pytest.raises(InputError, match="another run is writing to this folder"):
+        claim_output(out, "h2", CONFIG)
+    holder.kill()
+    holder.wait()
+    assert claim_output(out, "h2", CONFIG) is False  # what an interrupted claim leaves is not foreign
+    release_output(out)

@@ -41,7 +41,7 @@ from storage.eval_io import (
 from storage.manifest import read_manifest
 from storage.references import References, read_references
 from storage.run_record import read_run_record
-from storage.shards import shard_path
+from storage.shards import REJECTED_DIR, SHARDS_DIR, shard_path
 
 from . import metrics as M
 from .features import (
@@ -245,19 +245,21 @@ def evaluate_run(
         warns.add(f"evaluating a random {len(sel_kept)} of the {len(kept_rows)} kept samples (--max-samples)")
     rej_rows = np.flatnonzero(~kept)
     rejected_on_disk = len(rej_rows) > 0 and all(
-        shard_path(run, f"{prefix}_rejected", int(s)).is_file() for s in np.unique(shards[rej_rows])
+        shard_path(run, f"{prefix}_rejected", int(s), folder=REJECTED_DIR).is_file()
+        for s in np.unique(shards[rej_rows])
     )
     sel_rej = rej_rows[:0]
     if rejected_on_disk:
         sel_rej = _choose(rng, rej_rows, round(len(sel_kept) / len(kept_rows) * len(rej_rows)))
     key_row = {str(kk): i for i, kk in enumerate(keys)}
 
-    def load(rows: np.ndarray, pfx: str) -> tuple[Tensor, np.ndarray]:
-        found, arr, _ = read_samples(run, pfx, zip(shards[rows].tolist(), keys[rows].tolist(), strict=True))
+    def load(rows: np.ndarray, pfx: str, folder: str = SHARDS_DIR) -> tuple[Tensor, np.ndarray]:
+        pairs = zip(shards[rows].tolist(), keys[rows].tolist(), strict=True)
+        found, arr, _ = read_samples(run, pfx, pairs, folder=folder)
         return _to_images(arr), np.asarray([key_row[kk] for kk in found], dtype=np.int64)
 
     kept_images, kept_order = load(sel_kept, prefix)
-    rej_images, rej_order = load(sel_rej, f"{prefix}_rejected") if len(sel_rej) else (None, sel_rej)
+    rej_images, rej_order = load(sel_rej, f"{prefix}_rejected", REJECTED_DIR) if len(sel_rej) else (None, sel_rej)
     channels, height, width = kept_images.shape[1:]
     seconds["read_samples"] = time.perf_counter() - t0
 

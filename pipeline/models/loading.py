@@ -6,6 +6,8 @@ sliced encode/decode. The device and dtype are decided once, here.
 
 from __future__ import annotations
 
+import inspect
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,21 +15,50 @@ from typing import Any
 
 import torch
 
+from storage.errors import InputError
+
 from ..adapters import InternalGuidanceUNetAdapter, adapter_for, load_object
 from ..denoiser import Denoiser
 
 
 def resolve_device(device: str = "auto") -> torch.device:
-    """CUDA when present (or MPS), else CPU; an explicit name wins."""
-    if device != "auto":
-        return torch.device(device)
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    return torch.device("cpu")
+    """CUDA when present, else CPU; an explicit name wins if this machine has that device.
+
+    Raises:
+        InputError: the name is not a device, or names one this machine does not have.
+    """
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError, TypeError):
+        raise InputError(f"--device {device}: not a device; use auto, cpu, cuda or cuda:N (a GPU index)") from None
+    if dev.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise InputError(
+                f"--device {device}: no CUDA device on this machine (or torch was built without CUDA); use --device cpu"
+            )
+        if dev.index is not None and dev.index >= count:
+            raise InputError(f"--device {device}: this machine has {count} CUDA device(s) (cuda:0..cuda:{count - 1})")
+    elif dev.type == "mps" and not (torch.backends.mps.is_available()):
+        raise InputError(f"--device {device}: Apple MPS is not available here; use --device cpu")
+    elif dev.type not in ("cpu", "cuda", "mps"):
+        raise InputError(f"--device {device}: unsupported device type {dev.type!r}; use auto, cpu, cuda or cuda:N")
+    return dev
 
 
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    """float32 on CPU; float16 on CUDA unless bf16 is supported (then bfloat16); explicit names win."""
+    """float32 on CPU; float16 on CUDA unless bf16 is supported (then bfloat16); explicit names win.
+
+    Raises:
+        InputError: float16 on a CPU (its narrow range overflows to NaN part-way through guided runs).
+    """
+    if dtype == "float16" and device.type == "cpu":
+        raise InputError(
+            "--dtype float16 on cpu: float16 overflows to NaN part-way through guided runs on a CPU; "
+            "use --dtype float32 (the default there) or bfloat16"
+        )
     if dtype == "auto":
         if device.type == "cuda":
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
@@ -103,7 +134,14 @@ def load_model(spec: str | None = None, device: str = "auto", dtype: str = "auto
         return _load_shipped(dev, dt, spec)
     if ":" in spec and not Path(spec).exists() and "://" not in spec:
         return _load_import_path(spec, dev, dt)
+    if _looks_like_a_path(spec) and not Path(spec).expanduser().exists():
+        raise InputError(f"--model {spec}: no such folder (give a diffusers model folder, a hub id or pkg.mod:factory)")
     return _load_diffusers(spec, dev, dt)
+
+
+def _looks_like_a_path(spec: str) -> bool:
+    """A local path rather than a hub id (`org/name`): absolute, `~`, `.`-relative, or more than one `/`."""
+    return spec.startswith(("/", "~", "./", "../", ".\\", "..\\")) or spec in (".", "..") or spec.count("/") > 1
 
 
 def _load_shipped(device: torch.device, dtype: torch.dtype, path: str | Path | None = None) -> LoadedModel:
@@ -129,23 +167,49 @@ def _load_shipped(device: torch.device, dtype: torch.dtype, path: str | Path | N
 
 
 def _load_import_path(spec: str, device: torch.device, dtype: torch.dtype) -> LoadedModel:
-    factory: Callable[..., Any] = load_object(spec)
-    obj = factory(device=device, dtype=dtype) if callable(factory) and not isinstance(factory, Denoiser) else factory
+    try:
+        factory: Callable[..., Any] = load_object(spec)
+    except ValueError as exc:
+        raise InputError(f"--model {spec}: {exc}") from exc
+    if callable(factory) and not isinstance(factory, Denoiser):
+        _require_factory_signature(spec, factory)
+        obj = factory(device=device, dtype=dtype)
+    else:
+        obj = factory
     if isinstance(obj, LoadedModel):
         return obj
-    raise ValueError(
-        f"{spec!r} returned a {type(obj).__name__}; a custom model factory must return a "
+    raise InputError(
+        f"--model {spec}: returned a {type(obj).__name__}; a custom model factory must return a "
         "pipeline.models.loading.LoadedModel (a Denoiser plus its scheduler and optional VAE)"
     )
+
+
+def _require_factory_signature(spec: str, factory: Callable[..., Any]) -> None:
+    """InputError unless `factory(device=..., dtype=...)` binds (checked without calling it)."""
+    try:
+        signature = inspect.signature(factory)
+    except (TypeError, ValueError):
+        return  # not introspectable (some builtins): the call itself will tell
+    try:
+        signature.bind(device=None, dtype=None)
+    except TypeError as exc:
+        raise InputError(
+            f"--model {spec}: cannot be called as factory(device=..., dtype=...) ({exc}); a custom model "
+            "factory takes (device, dtype) and returns a pipeline.models.loading.LoadedModel"
+        ) from None
 
 
 def _load_diffusers(spec: str, device: torch.device, dtype: torch.dtype) -> LoadedModel:
     from diffusers import DiffusionPipeline
 
+    hub_logger = logging.getLogger("diffusers.pipelines.pipeline_utils")
+    hub_logger.addFilter(_no_hub_traceback)
     try:
-        pipe = DiffusionPipeline.from_pretrained(spec, torch_dtype=dtype)
+        pipe = DiffusionPipeline.from_pretrained(spec, dtype=dtype)
     except (OSError, ValueError) as exc:
-        raise ValueError(f"cannot load a diffusers model from {spec!r}: {exc}") from exc
+        raise _diffusers_load_error(spec, exc) from exc
+    finally:
+        hub_logger.removeFilter(_no_hub_traceback)
     pipe.to(device)
     scheduler = pipe.scheduler
     prediction_type = getattr(scheduler.config, "prediction_type", "epsilon")
@@ -182,6 +246,35 @@ def _load_diffusers(spec: str, device: torch.device, dtype: torch.dtype) -> Load
         device=device,
         dtype=dtype,
     )
+
+
+def _no_hub_traceback(record: logging.LogRecord) -> bool:
+    """Drop diffusers' "Couldn't connect to the Hub: <traceback>" warning: a failed load says it in one line."""
+    return not record.getMessage().startswith("Couldn't connect to the Hub")
+
+
+def _diffusers_load_error(spec: str, exc: BaseException) -> InputError:
+    """One line saying why `from_pretrained(spec)` failed and what to do."""
+    chain = []
+    cause: BaseException | None = exc
+    while cause is not None and len(chain) < 10:
+        chain.append(type(cause).__name__)
+        cause = cause.__cause__ or cause.__context__
+    if Path(spec).expanduser().exists():
+        first = str(exc).strip().split("\n")[0]
+        return InputError(f"--model {spec}: not a loadable diffusers model folder ({first[:200]})")
+    if "RepositoryNotFoundError" in chain:
+        return InputError(f"--model {spec}: no such model on the Hugging Face hub (or it is private: log in first)")
+    if "GatedRepoError" in chain:
+        return InputError(f"--model {spec}: a gated model; accept its terms on the hub and log in first")
+    unreachable = ("OfflineModeIsEnabled", "ConnectError", "ConnectionError", "gaierror", "Timeout", "TimeoutError")
+    if any(name in chain for name in unreachable) or "not fully cached locally" in str(exc):
+        return InputError(
+            f"--model {spec}: not in the local Hugging Face cache and the hub cannot be reached; download it "
+            "where there is network (huggingface-cli download), or give a local model folder"
+        )
+    first = str(exc).strip().split("\n")[0]
+    return InputError(f"--model {spec}: cannot load a diffusers model ({first[:200]})")
 
 
 def _model_id(spec: str) -> str:
