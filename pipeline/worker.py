@@ -20,6 +20,7 @@ import torch
 from PIL import Image
 
 from guidance import (
+    Kernel,
     MMDGuidance,
     MMDTarget,
     ProductKernel,
@@ -285,4 +286,24 @@ def _kernel_args(ctx: JobContext, labels: torch.Tensor | None) -> dict:
 
 
 def _mmd2(ctx: JobContext, latents: torch.Tensor, labels: torch.Tensor | None) -> float:
-    return float(mmd2(latents, ctx.bundle.latents, unbiased=False, **_kernel_args(ctx, labels)))
+    return mmd2_to_references(latents, labels, ctx.bundle, ctx.target.kernel)
+
+
+def mmd2_to_references(
+    latents: torch.Tensor, labels: torch.Tensor | None, bundle: ReferenceBundle, kernel: Kernel | ProductKernel
+) -> float:
+    """MMD²_V of a set of samples to the references (the shard summary: pool and kept set), in float64.
+
+    A V-statistic of a positive-definite kernel is ≥ 0; float64 keeps it so for pools holding blown-up
+    samples (latent norms of 1e8 occur), where float32 cancellation in ‖x‖² + ‖y‖² − 2xᵀy does not.
+    """
+    product = isinstance(kernel, ProductKernel)
+    value = mmd2(
+        latents.double(),
+        bundle.latents.double(),
+        kernel,
+        unbiased=False,
+        x_cond=labels if product else None,
+        y_cond=bundle.labels if product else None,
+    )
+    return float(value)
