@@ -1,8 +1,12 @@
-"""`run.json` and the guard that stops two different configurations sharing one output folder.
+"""`run.json`, the guards of an output folder, and the job spec that worker processes read.
 
 `check_or_claim_output` runs before anything else is written to `--out`: a fresh folder is claimed
 (`.config-claim.json` holds the config hash and config); the same configuration resumes; a different
-one is refused with a message that names the first differing keys.
+one is refused with a message that names the first differing keys. `check_or_record_inputs` does the
+same for what the settings do not name: the references' content and the model (`.inputs.json`).
+
+The job spec (`write_job_spec`/`read_job_spec`) is what `accelerate launch -m pipeline.distributed SPEC`
+reads on every machine: the config and the ids of the shards to do.
 """
 
 from __future__ import annotations
@@ -16,10 +20,22 @@ from typing import Any
 from storage._atomic import atomic_write_json, dumps_json, tmp_name
 from storage.errors import InputError
 
-__all__ = ["CLAIM_FILE", "RUN_FILE", "check_or_claim_output", "read_run_record", "write_run_record"]
+__all__ = [
+    "CLAIM_FILE",
+    "INPUTS_FILE",
+    "RUN_FILE",
+    "check_or_claim_output",
+    "check_or_record_inputs",
+    "read_job_spec",
+    "read_run_record",
+    "write_job_spec",
+    "write_run_record",
+]
 
 RUN_FILE = "run.json"
 CLAIM_FILE = ".config-claim.json"
+#: Records which references and model a folder's samples were made from (guards resumption).
+INPUTS_FILE = ".inputs.json"
 _SHOWN_DIFFS = 3
 
 
@@ -145,3 +161,44 @@ def _differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
         for key in keys
         if old.get(key, _MISSING) != new.get(key, _MISSING)
     ]
+
+
+def check_or_record_inputs(out_dir: str | os.PathLike[str], inputs: dict[str, Any]) -> None:
+    """Record `inputs` (e.g. the references' content hash and the model id) in `out_dir/.inputs.json`,
+    or check that they equal the recorded ones: the same settings with other references or another
+    model must not resume into this folder.
+
+    Raises:
+        InputError: the folder holds a run made from other inputs (the message names what changed).
+    """
+    path = Path(out_dir) / INPUTS_FILE
+    if not path.is_file():
+        atomic_write_json(path, inputs)
+        return
+    stored = _read_json(path)
+    changed = [f"{k}: {stored.get(k)} -> {v}" for k, v in inputs.items() if stored.get(k) != v]
+    if changed:
+        raise InputError(
+            f"{out_dir}: holds a run made from other inputs ({'; '.join(changed)}); "
+            "choose another --out or delete that folder"
+        )
+
+
+def write_job_spec(path: str | os.PathLike[str], config: dict[str, Any], shards: list[int], **extra: Any) -> Path:
+    """Write the job spec worker processes read (`config`: the config as JSON; `shards`: ids to do)."""
+    return atomic_write_json(path, {"config": config, "shards": [int(s) for s in shards], **extra})
+
+
+def read_job_spec(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The job spec written by `write_job_spec`: a dict with `config` (dict) and `shards` (list of ids).
+
+    Raises:
+        InputError: the file is missing, unreadable, or not a job spec.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: no such job spec (write it with `prepare` first)")
+    spec = _read_json(path)
+    if not isinstance(spec.get("config"), dict) or not isinstance(spec.get("shards"), list):
+        raise InputError(f"{path}: not a job spec (needs 'config' and 'shards')")
+    return spec
