@@ -8,7 +8,6 @@ kept, and the shard is written atomically with its manifest part; the done marke
 
 from __future__ import annotations
 
-import io
 import logging
 import time
 from collections.abc import Callable
@@ -17,7 +16,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
 
 from guidance import (
     Kernel,
@@ -31,7 +29,7 @@ from guidance import (
     nearest_reference_distance,
 )
 from storage.manifest import write_manifest_part
-from storage.shards import write_shard
+from storage.shards import encode_png, write_shard
 
 from .config import AugmentConfig
 from .models.loading import LoadedModel
@@ -179,11 +177,7 @@ def rank_pool(scores: torch.Tensor, nearest: torch.Tensor, bandwidth: float) -> 
 
 def to_png(image: torch.Tensor) -> bytes:
     """[C, H, W] in [−1, 1] -> lossless PNG bytes (8-bit grayscale or RGB), deterministic."""
-    arr = ((image.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).numpy()
-    pil = Image.fromarray(arr[:, :, 0] if arr.shape[2] == 1 else arr, mode="L" if arr.shape[2] == 1 else "RGB")
-    buf = io.BytesIO()
-    pil.save(buf, format="PNG", compress_level=6)
-    return buf.getvalue()
+    return encode_png(((image.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).numpy())
 
 
 def sample_key(prefix: str, index: int) -> str:

@@ -205,3 +205,7 @@ def _model_id(spec: str) -> str:
             f.seek(max(0, size - (1 << 20)))
             h.update(f.read(1 << 20))
     return f"{path.name}@{h.hexdigest()[:12]}"
+
+
+#: Public name of `_model_id` (used by flows/ for the reference cache key).
+model_id_for = _model_id
