@@ -24,6 +24,7 @@ from guidance import MMDGuidance, MMDTarget, RBFKernel, StrengthSchedule, mmd2
 from pipeline.config import AugmentConfig
 from pipeline.job import run_job, with_sampler
 from pipeline.models.loading import load_model
+from pipeline.pilot import FALLBACK_STRENGTH
 from pipeline.sampling import sample_latents
 from storage.references import read_references
 
@@ -50,7 +51,7 @@ def main() -> None:
     ap.add_argument("--ref", default=str(REPO / "examples" / "thick_digits"))
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--steps", type=int, default=50)
-    ap.add_argument("--strength", type=float, default=None, help="default: the config default")
+    ap.add_argument("--strength", type=float, default=None, help="default: the pilot's fallback strength (0.01)")
     ap.add_argument("--eta", type=float, default=None, help="DDIM eta; default: the config default")
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--job-n", type=int, default=256)
@@ -59,6 +60,8 @@ def main() -> None:
     torch.manual_seed(0)
     defaults = AugmentConfig(ref="x", out="x", n=1)
     strength = args.strength if args.strength is not None else defaults.strength
+    if strength == "auto":  # the pilot chooses per job; the throughput table uses the fixed fallback
+        strength = FALLBACK_STRENGTH
     eta = args.eta if args.eta is not None else defaults.eta
 
     model = with_sampler(load_model(None, device="cpu"), "ddim")
@@ -120,6 +123,7 @@ def main() -> None:
             progress="quiet",
             shard_size=args.job_n,
             eta=eta,
+            strength=strength,  # the job's own cost, without the pilot
         )
         t = time.perf_counter()
         summary = run_job(cfg, model=job_model)

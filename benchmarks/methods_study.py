@@ -37,6 +37,7 @@ from guidance import (
     nearest_reference_distance,
 )
 from guidance.kernels import median_pairwise_distance
+from pipeline.config import AugmentConfig
 from pipeline.evaluation import metrics as M
 from pipeline.job import with_sampler
 from pipeline.models.loading import LoadedModel, load_model
@@ -44,7 +45,7 @@ from pipeline.plan import class_proportions
 from pipeline.reference import ReferenceBundle, split_holdout
 from pipeline.sampling import sample_latents
 from pipeline.seeding import sample_seed
-from pipeline.worker import rank_pool
+from pipeline.worker import outside_support, select_kept
 from storage.references import read_references
 
 REPO = Path(__file__).resolve().parent.parent
@@ -203,8 +204,10 @@ class Study:
                 x_cond=labels if s.class_aware else None,
                 y_cond=d.guide_labels if s.class_aware else None,
             )
-            rank, _ = rank_pool(scores, nearest_reference_distance(latents, d.guide_latents), d.bandwidth)
-            keep = (rank < n).nonzero().flatten()  # the job's filter rule
+            nearest = nearest_reference_distance(latents, d.guide_latents)
+            acceptable = ~outside_support(nearest, d.bandwidth, AugmentConfig.model_fields["support_radius"].default)
+            kept, _ = select_kept(scores, acceptable, None, torch.tensor([n]))  # the job's rule, unstratified
+            keep = kept.nonzero().flatten()
             latents, labels = latents[keep], labels[keep]
         return {"latents": latents, "labels": labels, "calls": calls / n, "seconds": seconds / n}
 

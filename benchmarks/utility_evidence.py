@@ -1,9 +1,10 @@
 """The utility evidence of docs/results.md (section 4): what guided synthetic data is worth to a classifier.
 
-For each target domain made by `examples/make_utility_domains.py` (120 labelled references, 1,000 shifted
-real test images): one guided `augment` run and one unguided run (`--guidance none --keep 1`, plain prior
-samples in the references' class proportions) of `--n` samples, then the utility evaluation (arms (a)-(d),
-3 seeds) on the first 1,000 and on all `--n` kept samples. Runs are resumable (rerun to continue).
+For each target domain made by `examples/make_utility_domains.py` (120 labelled references, 280 shifted
+real test images, all from the prior's held-out rows): one guided `augment` run and one unguided run
+(`--guidance none --keep 1`, plain prior samples in the references' class proportions) of `--n` samples,
+then the utility evaluation (arms (a)-(d), 3 seeds) on the first 1,000 and on all `--n` kept samples.
+Runs are resumable (rerun to continue).
 
     python examples/make_utility_domains.py --out runs/utility-data
     python benchmarks/utility_evidence.py --data runs/utility-data --out runs/utility [--n 5000]

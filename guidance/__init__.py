@@ -34,7 +34,7 @@ from .noisy import NoisyGuidance, noisy_guidance_update
 from .parameterization import from_x0_eps, to_x0_eps
 from .posterior import PosteriorGuidance, gradient_guidance_delta
 from .registry import GUIDANCE_METHODS, make_guidance_method
-from .schedules import StepNormalization, StrengthSchedule, guidance_step
+from .schedules import StepNormalization, StrengthSchedule, attraction_bounded_step, guidance_step
 
 __all__ = [
     "GUIDANCE_METHODS",
@@ -65,6 +65,7 @@ __all__ = [
     "StepNormalization",
     "StrengthSchedule",
     "X0Correction",
+    "attraction_bounded_step",
     "cfg_combine",
     "ddim_lookahead_x0",
     "denoiser_cost",

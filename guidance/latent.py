@@ -11,7 +11,7 @@ import torch
 
 from .method import GuidanceMethod, GuidanceStep, X0Correction
 from .mmd import MMDTarget, SampleMemory
-from .schedules import StepNormalization, guidance_step
+from .schedules import StepNormalization, closed_form_step
 
 
 def latent_guidance_delta(
@@ -22,10 +22,18 @@ def latent_guidance_delta(
     x_cond: torch.Tensor | None = None,
     normalization: StepNormalization = "per_sample",
     memory: SampleMemory | None = None,
+    attraction_floor: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(Δ to subtract from x̂0, MMD² of the batch before the move)."""
-    grad, value = target.grad(x0_hat.detach(), x_cond=x_cond, memory=memory)
-    return guidance_step(grad, x0_hat, strength, normalization), value
+    """(Δ to subtract from x̂0, MMD² of the batch before the move); `closed_form_step` on x̂0."""
+    return closed_form_step(
+        x0_hat,
+        target,
+        strength,
+        x_cond=x_cond,
+        normalization=normalization,
+        memory=memory,
+        attraction_floor=attraction_floor,
+    )
 
 
 class LatentGuidance(GuidanceMethod):
@@ -34,4 +42,8 @@ class LatentGuidance(GuidanceMethod):
     name = "latent"
 
     def correct_x0(self, step: GuidanceStep) -> X0Correction:
-        return X0Correction(*latent_guidance_delta(step.x0, step.target, step.strength, **step.mmd_options))
+        return X0Correction(
+            *latent_guidance_delta(
+                step.x0, step.target, step.strength, **step.mmd_options, attraction_floor=step.attraction_floor
+            )
+        )

@@ -70,6 +70,8 @@ class GuidanceStep:
     x_cond: torch.Tensor | None
     predict: PredictFn
     alpha_sigma: AlphaSigmaFn
+    #: closed-form methods: bound the step of samples the references no longer attract (None = off).
+    attraction_floor: float | None = None
 
     @property
     def progress(self) -> float:

@@ -609,6 +609,21 @@ class MMDTarget:
         using only the blocks K(X, Z) and K(X, Y) (for RFF: feature sums, O(n·D·d)). Both outputs are
         detached; memory samples are constants.
         """
+        grad, _, value = self._grad(x, x_cond, memory, split=False)
+        return grad, value
+
+    def grad_terms(
+        self, x: Tensor, x_cond: Tensor | None = None, memory: SampleMemory | None = None
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """(∇ MMD², its attraction term, MMD²): the attraction term is the cross term's part of the gradient,
+        −(2/(N m)) Σ_r ∇k(x_i,y_r) (minus it points toward the references); ∇ − attraction is the batch
+        repulsion. Far from every reference the attraction vanishes (RBF) while the repulsion does not:
+        see `guidance.schedules.attraction_bounded_step`."""
+        return self._grad(x, x_cond, memory, split=True)
+
+    def _grad(
+        self, x: Tensor, x_cond: Tensor | None, memory: SampleMemory | None, split: bool
+    ) -> tuple[Tensor, Tensor | None, Tensor]:
         with torch.no_grad():
             xf, xc = self._prepare(x.detach(), x_cond)
             mem = self._memory_parts(memory, xf)
@@ -624,6 +639,7 @@ class MMDTarget:
                 if mem is not None:
                     sz, qz = sz + mem[2]["feature_sum"], qz + mem[2]["feature_sq"]
                 mu_y = self._y_feature_mean.to(xf.dtype)
+                s_att = -2.0 * mu_y / big_n
                 if self.unbiased:
                     value = (sz @ sz - qz) / (big_n * (big_n - 1)) + yy - 2.0 * (sz @ mu_y) / big_n
                     # s_i = 2(Σ_{j≠i} φ(z_j))/(N(N−1)) − 2 mean φ(Y)/N
@@ -632,7 +648,8 @@ class MMDTarget:
                     value = (sz / big_n - mu_y).pow(2).sum()
                     s = 2.0 * sz / big_n**2 - 2.0 * mu_y / big_n  # s = 2 Σφ(Z)/N² − 2 mean φ(Y)/N
                 g = kernel.feature_grad(xf, s, projection=projection)
-                return g.reshape(x.shape), value
+                att = kernel.feature_grad(xf, s_att, projection=projection).reshape(x.shape) if split else None
+                return g.reshape(x.shape), att, value
             if mem is None:
                 z, zc = xf, xc
             else:
@@ -651,8 +668,9 @@ class MMDTarget:
                 s_zz, t_z, s_zy = s_zz + stats["sum_mm"], t_z + stats["trace_mm"], s_zy + stats["sum_my"]
             value = self._combine(s_zz, t_z, s_zy, yy, big_n, m)
             c_xz = 2.0 / (big_n * (big_n - 1)) if self.unbiased else 2.0 / big_n**2
-            g = c_xz * g_xz - (2.0 / (big_n * m)) * g_xy
-            return g.reshape(x.shape), value
+            attraction = (2.0 / (big_n * m)) * g_xy
+            g = c_xz * g_xz - attraction
+            return g.reshape(x.shape), (-attraction).reshape(x.shape) if split else None, value
 
     def contributions(self, x: Tensor, x_cond: Tensor | None = None) -> Tensor:
         """Exact leave-one-out Δ_i = MMD²(X) − MMD²(X∖{x_i}), shape [n]; see :func:`mmd_contributions`."""

@@ -24,7 +24,8 @@ class MMDGuidance:
     `lookahead_steps=None` means all remaining steps, i.e. end-to-end guidance), or `noisy`: the public
     MMD-Guidance code's scheme, ∇_{x_t} MMD²(x_t, Y) of the *noisy* latent against clean references,
     applied to x_{t−1} after each sampler step (the place a diffusers `callback_on_step_end` offers).
-    `memory` extends the generated set with finished samples (detached).
+    `memory` extends the generated set with finished samples (detached). `attraction_floor` bounds the
+    closed-form methods' step by the attraction term (`guidance.schedules.attraction_bounded_step`).
     """
 
     target: MMDTarget
@@ -33,6 +34,8 @@ class MMDGuidance:
     normalization: StepNormalization = "per_sample"
     lookahead_steps: int | None = 2
     memory: SampleMemory | None = None
+    #: `latent`/`noisy`: min attraction/repulsion ratio below which a sample's step shrinks (None = off)
+    attraction_floor: float | None = None
 
     def __post_init__(self) -> None:
         if self.mode not in GUIDANCE_METHODS:

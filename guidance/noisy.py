@@ -11,7 +11,7 @@ import torch
 
 from .method import GuidanceMethod, GuidanceStep, PrevCorrection
 from .mmd import MMDTarget, SampleMemory
-from .schedules import StepNormalization, guidance_step
+from .schedules import StepNormalization, closed_form_step
 
 
 def noisy_guidance_update(
@@ -21,18 +21,28 @@ def noisy_guidance_update(
     normalization: StepNormalization = "per_sample",
     x_cond: torch.Tensor | None = None,
     memory: SampleMemory | None = None,
+    attraction_floor: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(x − Δ(∇_x MMD²(x, Y)), MMD²(x, Y) before the move): one `noisy` guidance step on latents x.
 
     `x` is the batch of latents just produced by a scheduler step (x_{t−1}, in the scheduler's own
     space: what a diffusers `callback_on_step_end` receives as `latents`); `strength` is s_t at this
     step and `normalization` turns the gradient into a step (`guidance_step`). `x_cond` are the product
-    kernel's conditions of the batch, `memory` finished samples that extend the generated set.
+    kernel's conditions of the batch, `memory` finished samples that extend the generated set;
+    `attraction_floor` bounds the step of samples the references no longer attract (`closed_form_step`).
     The result keeps x's dtype; gradients are closed-form, nothing is back-propagated.
     """
     with torch.no_grad():
-        grad, value = target.grad(x.float(), x_cond=x_cond, memory=memory)
-        return (x - guidance_step(grad, x, strength, normalization)).to(x.dtype), value
+        delta, value = closed_form_step(
+            x.float(),
+            target,
+            strength,
+            x_cond=x_cond,
+            normalization=normalization,
+            memory=memory,
+            attraction_floor=attraction_floor,
+        )
+        return (x - delta).to(x.dtype), value
 
 
 class NoisyGuidance(GuidanceMethod):
@@ -41,4 +51,8 @@ class NoisyGuidance(GuidanceMethod):
     name = "noisy"
 
     def correct_prev(self, x_prev: torch.Tensor, step: GuidanceStep) -> PrevCorrection:
-        return PrevCorrection(*noisy_guidance_update(x_prev, step.target, step.strength, **step.mmd_options))
+        return PrevCorrection(
+            *noisy_guidance_update(
+                x_prev, step.target, step.strength, **step.mmd_options, attraction_floor=step.attraction_floor
+            )
+        )

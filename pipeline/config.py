@@ -74,9 +74,11 @@ class AugmentConfig(BaseModel):
         default=(0.5, 1.0, 2.0), description="rbf-multi: bandwidths as multiples of the median distance"
     )
     rff_features: int = Field(default=2048, ge=16, description="rff: number of random Fourier features")
-    strength: float = Field(
-        default=0.01, ge=0.0, description="guidance strength s (see --normalization)"
-    )  # best over the sweep in docs/results.md §3.1
+    strength: float | Literal["auto"] = Field(
+        default="auto",
+        description="guidance strength s, or 'auto': a pilot on a held-out split of the references chooses it "
+        "per job (see the pilot_* settings)",
+    )
     schedule: ScheduleName = Field(default="constant", description="strength schedule over the trajectory")
     schedule_start: float = Field(
         default=0.0, ge=0.0, le=1.0, description="guide from this fraction of the trajectory ..."
@@ -84,6 +86,12 @@ class AugmentConfig(BaseModel):
     schedule_end: float = Field(default=1.0, ge=0.0, le=1.0, description="... up to this fraction")
     normalization: NormalizationName = Field(
         default="per_sample", description="step rule: per_sample = s x |x| along -grad; batch; raw = s x grad"
+    )
+    attraction_floor: float | None = Field(
+        default=None,
+        gt=0.0,
+        description="latent/noisy: shrink the step of a sample whose attraction to the references is below this "
+        "fraction of its batch repulsion (runaway samples stop being pushed out); None = off",
     )
     memory: int = Field(default=0, ge=0, description="finished samples remembered per shard (0 = off)")
     class_aware: bool = Field(
@@ -98,8 +106,39 @@ class AugmentConfig(BaseModel):
         default="reference", description="class proportions of the samples: as in the references, or uniform"
     )
 
+    # strength pilot (--strength auto)
+    pilot_samples: int = Field(
+        default=64, ge=8, description="samples the strength pilot generates per candidate strength"
+    )
+    pilot_holdout: float = Field(
+        default=0.3,
+        gt=0.0,
+        lt=1.0,
+        description="fraction of the references the pilot holds out of guidance to score candidates against",
+    )
+    pilot_start: float = Field(
+        default=0.0025, gt=0.0, description="first candidate strength of the pilot (then doubled, then refined)"
+    )
+    pilot_max_strength: float = Field(default=0.16, gt=0.0, description="the pilot never tries a larger strength")
+
     # filter and output
     keep: float = Field(default=0.9, gt=0.0, le=1.0, description="fraction of generated samples the filter keeps")
+    support_radius: float = Field(
+        default=3.0,
+        gt=0.0,
+        description="a sample farther than this many median reference distances from every reference (latent "
+        "space) is outside the references' support: rejected, never kept",
+    )
+    reserve: float = Field(
+        default=1.0,
+        ge=0.0,
+        description="extra samples a shard may generate from its reserved indices to replace rejected ones, as a "
+        "fraction of its planned pool (the cap; a shard that still falls short keeps fewer and warns)",
+    )
+    label_filter: bool = Field(
+        default=False,
+        description="labelled runs: also reject samples the label judge assigns to another class than their target",
+    )
     shard_size: int = Field(default=1000, ge=1, description="kept samples per shard")
     save_latents: bool = Field(default=False, description="store latent.npy in each sample")
     keep_rejected: bool = Field(default=False, description="also write the rejected samples (audit shards)")
@@ -118,6 +157,12 @@ class AugmentConfig(BaseModel):
             raise ValueError(f"schedule_start ({self.schedule_start}) must be <= schedule_end ({self.schedule_end})")
         if self.ig_interval is not None and not 0.0 <= self.ig_interval[0] <= self.ig_interval[1] <= 1.0:
             raise ValueError(f"ig_interval must satisfy 0 <= start <= end <= 1, got {self.ig_interval}")
+        if isinstance(self.strength, float) and not (math.isfinite(self.strength) and self.strength >= 0):
+            raise ValueError(f"strength must be a finite number >= 0 or 'auto', got {self.strength}")
+        if self.pilot_start > self.pilot_max_strength:
+            raise ValueError(
+                f"pilot_start ({self.pilot_start}) must be <= pilot_max_strength ({self.pilot_max_strength})"
+            )
         if any(f <= 0 for f in self.bandwidth_factors):
             raise ValueError(f"bandwidth_factors must be positive, got {self.bandwidth_factors}")
         return self

@@ -17,16 +17,20 @@ from pathlib import Path
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler
 
+from storage.errors import InputError
 from storage.manifest import merge_manifest, read_manifest
+from storage.pilot import PILOT_FILE, load_pilot, pilot_cache_path, save_pilot
 from storage.run_record import check_or_claim_output, check_or_record_inputs, write_run_record
 from storage.shards import clean_partial, is_done, read_marker
 
 from . import __version__
 from .config import AugmentConfig
 from .executors import launch_workers, run_shards_in_process
+from .fidelity import make_judge
 from .models.loading import LoadedModel, load_model
+from .pilot import pilot_key, run_pilot
 from .plan import JobPlan, class_proportions, plan_job
-from .reference import ReferenceBundle, build_target, check_references, prepare_reference
+from .reference import ReferenceBundle, build_target, check_references, default_cache_dir, prepare_reference
 from .worker import JobContext, ShardResult, model_label_map
 
 log = logging.getLogger(__name__)
@@ -50,6 +54,11 @@ class JobSummary:
     mmd2_pool: float | None
     mmd2_kept: float | None
     seconds: dict[str, float] = field(default_factory=dict)
+    strength: float | str | None = None  # the strength the samples were made with (the pilot's under auto)
+    rejected: dict[str, int] = field(default_factory=dict)  # generated samples not kept, by reason
+    reserved: int = 0  # extra samples drawn from reserved indices
+    shortfall: int = 0  # planned samples no shard could fill within its cap (0: exactly --n kept)
+    label_fidelity: dict | None = None  # kept samples the label judge assigns to their class (labelled runs)
 
 
 def with_sampler(model: LoadedModel, sampler: str) -> LoadedModel:
@@ -74,7 +83,27 @@ def build_context(cfg: AugmentConfig, model: LoadedModel | None = None) -> JobCo
     if bundle.class_names is not None:
         how = "model labels " + str(labels_map) if labels_map else "the product kernel only (model not told)"
         log.info("classes %s steered by %s", bundle.class_names, how)
-    return JobContext(cfg, model, bundle, target, props, labels_map)
+    judge = make_judge(cfg.model, bundle.latents, bundle.labels, bundle.class_names)
+    ctx = JobContext(cfg, model, bundle, target, props, labels_map, judge=judge)
+    if cfg.strength == "auto":
+        ctx.pilot = resolve_pilot(ctx)
+    return ctx
+
+
+def resolve_pilot(ctx: JobContext) -> dict:
+    """`--strength auto`: the pilot's record from this run folder (a resume), else from the cache (same
+    references, model and settings), else run the pilot now and cache it."""
+    cfg, bundle = ctx.cfg, ctx.bundle
+    key = pilot_key(cfg, bundle.content_hash, bundle.model_id, bundle.files)
+    cache = pilot_cache_path(Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir(), key)
+    for where in (Path(cfg.out) / PILOT_FILE, cache):
+        record = load_pilot(where, key)
+        if record is not None:
+            log.info("strength auto: %g (pilot record %s)", record["chosen"], where)
+            return record
+    record = dict(run_pilot(ctx), key=key)
+    save_pilot(cache, record)
+    return record
 
 
 def pending_shards(cfg: AugmentConfig, plan: JobPlan) -> list[int]:
@@ -90,12 +119,21 @@ def start_job(cfg: AugmentConfig, model: LoadedModel | None = None) -> tuple[Job
     ctx = build_context(cfg, model)
     check_or_claim_output(cfg.out, cfg.config_hash, cfg.hashed_fields())
     record_inputs(cfg.out, ctx.bundle)
+    if ctx.pilot is not None and load_pilot(Path(cfg.out) / PILOT_FILE, ctx.pilot["key"]) is None:
+        save_pilot(Path(cfg.out) / PILOT_FILE, ctx.pilot)  # pins the choice for resumes and workers
     clean_partial(cfg.out)
     plan = plan_job(cfg)
     pending = pending_shards(cfg, plan)
     if len(pending) < len(plan.shards):
         log.info("resuming: %d of %d shards already done", len(plan.shards) - len(pending), len(plan.shards))
     return ctx, plan, pending
+
+
+def pinned_pilot(cfg: AugmentConfig, bundle: ReferenceBundle) -> dict | None:
+    """The pilot record this run folder pinned (`--strength auto`), else None."""
+    if cfg.strength != "auto":
+        return None
+    return load_pilot(Path(cfg.out) / PILOT_FILE, pilot_key(cfg, bundle.content_hash, bundle.model_id, bundle.files))
 
 
 def record_inputs(out: str, bundle: ReferenceBundle) -> None:
@@ -106,10 +144,30 @@ def record_inputs(out: str, bundle: ReferenceBundle) -> None:
 def finish_job(
     cfg: AugmentConfig, model: LoadedModel, bundle: ReferenceBundle, plan: JobPlan, written: int, seconds: dict
 ) -> JobSummary:
-    """Merge the manifest parts (every shard must be done) and write run.json."""
+    """Merge the manifest parts (every shard must be done) and write run.json.
+
+    Raises:
+        InputError: the run kept no sample at all (every one rejected), after writing run.json.
+    """
     merge_manifest(cfg.out, expected_shards=[s.shard_id for s in plan.shards])
     summary = summarize(cfg, plan, written, len(plan.shards) - written, seconds)
+    pilot = pinned_pilot(cfg, bundle)
+    summary.strength = cfg.strength if pilot is None else pilot["chosen"]
+    if summary.shortfall:
+        log.warning(
+            "kept %d samples, %d fewer than --n %d: some shards ran out of reserve (see the warnings above)",
+            summary.num_kept,
+            summary.shortfall,
+            cfg.n,
+        )
     write_run_record(cfg.out, run_record(cfg, model, bundle, plan, summary))
+    if summary.num_kept == 0:
+        reasons = ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in summary.rejected.items())
+        raise InputError(
+            f"{cfg.out}: every one of the {summary.num_generated} generated samples was rejected ({reasons}): the "
+            "model does not draw this domain at these settings; lower --strength (or use auto), check --model and "
+            "the references, or widen support_radius (run.json and manifest.parquet list every sample)"
+        )
     return summary
 
 
@@ -158,8 +216,14 @@ def summarize(cfg: AugmentConfig, plan: JobPlan, written: int, skipped: int, sec
     """Counts from the manifest; MMD² (V-statistic, latent space) of pool and kept set, mean over shards."""
     table = read_manifest(Path(cfg.out) / "manifest.parquet")
     markers = [read_marker(cfg.out, cfg.prefix, s.shard_id) or {} for s in plan.shards]
-    pool = [m["mmd2_pool"] for m in markers if "mmd2_pool" in m]
-    kept = [m["mmd2_kept"] for m in markers if "mmd2_kept" in m]
+    pool = [m["mmd2_pool"] for m in markers if m.get("mmd2_pool") is not None]
+    kept = [m["mmd2_kept"] for m in markers if m.get("mmd2_kept") is not None]
+    rows = table.select(["kept", "rejected_reason", "reserved"]).to_pydict()
+    rejected: dict[str, int] = {}
+    for reason in rows["rejected_reason"]:
+        if reason is not None:
+            rejected[reason] = rejected.get(reason, 0) + 1
+    fidelity = label_fidelity(table, markers)
     return JobSummary(
         out=cfg.out,
         config_hash=cfg.config_hash,
@@ -170,7 +234,36 @@ def summarize(cfg: AugmentConfig, plan: JobPlan, written: int, skipped: int, sec
         mmd2_pool=sum(pool) / len(pool) if pool else None,
         mmd2_kept=sum(kept) / len(kept) if kept else None,
         seconds=dict(seconds),
+        rejected=dict(sorted(rejected.items())),
+        reserved=sum(bool(r) for r in rows["reserved"]),
+        shortfall=sum(int(m.get("shortfall", 0)) for m in markers),
+        label_fidelity=fidelity,
     )
+
+
+def label_fidelity(table, markers: list[dict]) -> dict | None:
+    """Kept samples the label judge assigns to their target class, overall and per class (None: the run is
+    unlabelled or nothing was judged)."""
+    rows = table.filter(table["kept"]).select(["label", "class_name", "judged_label"]).to_pydict()
+    pairs = [(c, lab == j) for lab, c, j in zip(*rows.values(), strict=True) if lab is not None and j is not None]
+    if not pairs:
+        return None
+    per_class: dict[str, dict] = {}
+    for name, agreed in pairs:
+        entry = per_class.setdefault(name, {"agreed": 0, "judged": 0})
+        entry["agreed"] += int(agreed)
+        entry["judged"] += 1
+    for entry in per_class.values():
+        entry["rate"] = entry["agreed"] / entry["judged"]
+    agreed = sum(a for _, a in pairs)
+    judges = sorted({m["judge"] for m in markers if m.get("judge")})
+    return {
+        "judge": judges[0] if len(judges) == 1 else judges,
+        "agreed": agreed,
+        "judged": len(pairs),
+        "rate": agreed / len(pairs),
+        "per_class": dict(sorted(per_class.items())),
+    }
 
 
 def run_record(cfg: AugmentConfig, model: LoadedModel, bundle: ReferenceBundle, plan: JobPlan, summary) -> dict:
@@ -189,6 +282,8 @@ def run_record(cfg: AugmentConfig, model: LoadedModel, bundle: ReferenceBundle, 
             "bandwidth": bundle.bandwidth,
         },
         "plan": {"shards": len(plan.shards), "generated": plan.num_generated, "kept": plan.num_kept},
+        "pilot": pinned_pilot(cfg, bundle),
+        "label_fidelity": summary.label_fidelity,
         "summary": asdict(summary),
         "versions": {
             "mmd-augment": __version__,

@@ -95,11 +95,44 @@ def assign_classes(cfg: AugmentConfig, shard: ShardPlan, proportions: torch.Tens
     if proportions is None:
         return None
     n = shard.num_generated
-    quota = proportions * n
-    counts = quota.floor().long()
-    remainder = n - int(counts.sum())
-    order = torch.argsort(quota - counts, descending=True, stable=True)
-    counts[order[:remainder]] += 1
-    labels = torch.repeat_interleave(torch.arange(len(proportions)), counts)
+    labels = torch.repeat_interleave(torch.arange(len(proportions)), class_quotas(proportions, n))
     gen = torch.Generator().manual_seed(derive_seed("classes", cfg.seed, shard.shard_id))
     return labels[torch.randperm(n, generator=gen)]
+
+
+def class_quotas(proportions: torch.Tensor, count: int) -> torch.Tensor:
+    """How many of `count` samples each class gets: ⌊p_c·count⌋, the remainder to the largest fractional
+    parts (ties: lower class id). Sums to `count` exactly; the filter keeps each class's quota of a shard."""
+    quota = proportions.double() * count
+    counts = quota.floor().long()
+    remainder = count - int(counts.sum())
+    order = torch.argsort(quota - counts, descending=True, stable=True)
+    counts[order[:remainder]] += 1
+    return counts
+
+
+def primary_count(cfg: AugmentConfig) -> int:
+    """Number of primary sample indices of the whole job (every shard's planned pool), in O(1)."""
+    full, rest = divmod(cfg.n, cfg.shard_size)
+    return full * cfg.samples_per_shard + (math.ceil(rest / cfg.keep - 1e-9) if rest else 0)
+
+
+def reserve_per_shard(cfg: AugmentConfig) -> int:
+    """The cap on extra samples one shard may generate to replace rejected ones: ⌈reserve × full pool⌉."""
+    return math.ceil(cfg.reserve * cfg.samples_per_shard - 1e-9)
+
+
+def reserved_index(cfg: AugmentConfig, shard_id: int, i: int) -> int:
+    """Global index of shard `shard_id`'s i-th reserved sample (0 <= i < reserve_per_shard).
+
+    Reserved indices follow every primary index, one fixed block per shard:
+    primary_count + shard_id·R + i with R = reserve_per_shard(cfg). So they are disjoint from every
+    primary index and from every other shard's reserve, and a pure function of (config, shard, i): the
+    extra samples a shard draws are the same whatever process or resume draws them.
+    """
+    size = reserve_per_shard(cfg)
+    if not 0 <= i < size:
+        raise ValueError(f"reserved sample {i} of shard {shard_id} is outside its reserve of {size}")
+    if shard_id < 0:
+        raise ValueError(f"shard id must be >= 0, got {shard_id}")
+    return primary_count(cfg) + shard_id * size + i

@@ -103,6 +103,10 @@ def model_output(
     return main, ig.calls
 
 
+def _is_prompt_list(condition: Any) -> bool:
+    return isinstance(condition, list | tuple) and len(condition) > 0 and all(isinstance(c, str) for c in condition)
+
+
 def _concat_conditions(a: Any, b: Any) -> Any:
     if isinstance(a, torch.Tensor):
         return torch.cat([a, b.to(a.device)])
@@ -179,6 +183,8 @@ def sample_latents(
         raise ValueError("seeds must name at least one sample")
     if num_steps < 1:
         raise ValueError(f"num_steps must be >= 1, got {num_steps}")
+    if _is_prompt_list(condition) and hasattr(denoiser, "encode_prompts"):
+        condition = denoiser.encode_prompts(list(condition))  # once, not at every step (and CFG can concatenate)
     sched = fresh_scheduler(scheduler)
     sched.set_timesteps(num_steps, device=device)
     timesteps = sched.timesteps
@@ -222,6 +228,7 @@ def sample_latents(
                     x_cond=mmd_condition,
                     predict=model.predictor(w_ig),
                     alpha_sigma=model.alpha_sigma,
+                    attraction_floor=guidance.attraction_floor,
                 )
                 correction = method.correct_x0(step)
                 if correction is not None:

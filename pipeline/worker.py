@@ -1,16 +1,31 @@
 """What one process does: generate a shard's pool with guidance, filter it, write it.
 
-A shard is the unit of work, of filtering and of resumption: its pool of ⌈kept/keep⌉ samples is
-generated batch by batch (batches are fixed slices of the shard's global indices), every sample is
-scored by its exact leave-one-out contribution to MMD² against the references, the best `kept` are
-kept, and the shard is written atomically with its manifest part; the done marker comes last.
+A shard is the unit of work, of filtering and of resumption. Its planned pool of ⌈kept/keep⌉ samples is
+generated batch by batch (batches are fixed slices of the shard's global indices). Then the filter:
+
+1. a sample outside the references' support (latent distance to the nearest reference above
+   `support_radius` × the median reference distance: MMD gives every such sample the same neutral score,
+   and it decodes to no image of the target domain) is **rejected, never kept to fill a quota**; so is,
+   with `label_filter`, a sample the label judge assigns to another class than its target;
+2. each class keeps its planned share of the shard (`plan.class_quotas` of the kept count): if a class
+   has fewer acceptable samples than its quota, the shard generates more of that class from its
+   **reserved indices** (`plan.reserved_index`: a fixed block per shard, disjoint from every primary
+   index), round by round, up to the cap `reserve` × the pool; a shard that still falls short keeps
+   fewer samples and warns;
+3. within each class the acceptable samples with the lowest exact leave-one-out contributions to MMD²
+   against the references are kept.
+
+Everything is a pure function of the config and the shard id, so the output is byte-identical whatever
+the number of processes and across resumes. The shard is written atomically with its manifest part; the
+done marker comes last.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,8 +47,9 @@ from storage.manifest import write_manifest_part
 from storage.shards import encode_png, write_shard
 
 from .config import AugmentConfig
+from .fidelity import LabelJudge
 from .models.loading import LoadedModel
-from .plan import ShardPlan, assign_classes, seeds_for
+from .plan import ShardPlan, assign_classes, class_quotas, reserve_per_shard, reserved_index, seeds_for
 from .reference import ReferenceBundle
 from .sampling import sample_latents
 
@@ -41,6 +57,12 @@ log = logging.getLogger(__name__)
 
 #: Called with the number of samples just finished (generated, for the progress bar).
 Progress = Callable[[int], None]
+
+#: Above this fraction of rejected samples in a shard the worker warns and says what to change.
+HIGH_REJECTION = 0.10
+
+#: The smallest cap on extra samples of a shard (tiny final shards still get room to replace rejects).
+MIN_RESERVE = 16
 
 
 @dataclass
@@ -54,6 +76,17 @@ class JobContext:
     proportions: torch.Tensor | None
     model_labels: dict[int, int] | None  # reference class id -> model class id (None: model not told)
     worker: str = "main"  # which process wrote a shard (recorded in its done marker)
+    judge: LabelJudge | None = None  # labelled runs: who says which class a sample shows
+    pilot: dict[str, Any] | None = None  # `--strength auto`: the pilot's record (its "chosen" strength)
+
+    @property
+    def strength(self) -> float:
+        """The guidance strength the samples are made with (the pilot's choice under `--strength auto`)."""
+        if self.cfg.strength != "auto":
+            return float(self.cfg.strength)
+        if self.pilot is None:
+            raise RuntimeError("strength 'auto' has no pilot result: build the context with pipeline.job")
+        return float(self.pilot["chosen"])
 
 
 @dataclass
@@ -62,8 +95,12 @@ class ShardResult:
     num_generated: int
     num_kept: int
     mmd2_pool: float
-    mmd2_kept: float
+    mmd2_kept: float | None  # None when nothing was kept
     seconds: dict[str, float] = field(default_factory=dict)
+    num_outside: int = 0
+    num_label_rejected: int = 0
+    num_reserved: int = 0  # extra samples drawn from the shard's reserved indices
+    shortfall: int = 0  # planned kept samples the shard could not fill within its cap
 
 
 def model_label_map(class_names: list[str] | None, num_model_classes: int | None) -> dict[int, int] | None:
@@ -80,13 +117,18 @@ def model_label_map(class_names: list[str] | None, num_model_classes: int | None
     return dict(enumerate(ids))
 
 
-def make_guidance(cfg: AugmentConfig, target: MMDTarget) -> MMDGuidance | None:
-    if cfg.guidance == "none" or cfg.strength == 0:
+def make_guidance(cfg: AugmentConfig, target: MMDTarget, strength: float | None = None) -> MMDGuidance | None:
+    """The guidance of `cfg` toward `target` (None when off); `strength` overrides the config's (which
+    must then be a number, not 'auto')."""
+    s = cfg.strength if strength is None else strength
+    if s == "auto":
+        raise ValueError("strength 'auto' must be resolved by the pilot before sampling")
+    if cfg.guidance == "none" or s == 0:
         return None
     kind = (
         "interval" if cfg.schedule == "constant" and (cfg.schedule_start, cfg.schedule_end) != (0, 1) else cfg.schedule
     )
-    schedule = StrengthSchedule(cfg.strength, kind=kind, start=cfg.schedule_start, end=cfg.schedule_end)
+    schedule = StrengthSchedule(float(s), kind=kind, start=cfg.schedule_start, end=cfg.schedule_end)
     return MMDGuidance(
         target,
         schedule,
@@ -94,21 +136,30 @@ def make_guidance(cfg: AugmentConfig, target: MMDTarget) -> MMDGuidance | None:
         normalization=cfg.normalization,
         lookahead_steps=cfg.lookahead_steps,
         memory=SampleMemory(cfg.memory) if cfg.memory else None,
+        attraction_floor=cfg.attraction_floor,
     )
 
 
-def generate_pool(ctx: JobContext, shard: ShardPlan, progress: Progress | None = None):
-    """(latents [n, C, H, W] float32 on CPU, target labels [n] or None) for a shard's whole pool."""
+def generate(
+    ctx: JobContext,
+    indices: Sequence[int],
+    labels: torch.Tensor | None,
+    progress: Progress | None = None,
+) -> torch.Tensor:
+    """Latents [n, C, H, W] (float32, CPU) of the samples with these global indices and target classes.
+
+    Batches are consecutive slices of `indices`; each sample's noise comes from its own seed.
+    """
     cfg, model = ctx.cfg, ctx.model
-    labels = assign_classes(cfg, shard, ctx.proportions)
-    guidance = make_guidance(cfg, ctx.target)  # fresh memory per shard: output independent of process count
+    guidance = make_guidance(cfg, ctx.target, ctx.strength)  # fresh memory per call: independent of process count
     product = isinstance(ctx.target.kernel, ProductKernel)
     sequential = cfg.coupling == "sequential"
     if sequential and guidance is not None and guidance.memory is None:
         guidance.memory = SampleMemory(100)
+    step = 1 if sequential else cfg.batch_size
     out = []
-    offset = 0
-    for batch in shard.batches(1 if sequential else cfg.batch_size):
+    for offset in range(0, len(indices), step):
+        batch = indices[offset : offset + step]
         if sequential and guidance is not None and len(guidance.memory) >= guidance.memory.capacity:
             guidance.memory.clear()  # the public code resets its memory bank every `capacity` samples
         lab = labels[offset : offset + len(batch)] if labels is not None else None
@@ -130,49 +181,205 @@ def generate_pool(ctx: JobContext, shard: ShardPlan, progress: Progress | None =
             device=model.device,
         )
         out.append(result.latents.cpu())
-        offset += len(batch)
         if progress is not None:
             progress(len(batch))
-    return torch.cat(out), labels
+    return torch.cat(out)
 
 
-#: A sample farther than this many median reference distances (the RBF bandwidth) from its nearest
-#: reference is outside the references' support: the filter ranks it last (see nearest_reference_distance).
-SUPPORT_RADIUS = 3.0
+def generate_pool(ctx: JobContext, shard: ShardPlan, progress: Progress | None = None):
+    """(latents [n, C, H, W] float32 on CPU, target labels [n] or None) for a shard's planned pool."""
+    labels = assign_classes(ctx.cfg, shard, ctx.proportions)
+    return generate(ctx, shard.indices, labels, progress), labels
 
 
-def filter_pool(ctx: JobContext, latents: torch.Tensor, labels: torch.Tensor | None, num_kept: int):
-    """(scores [n], kept mask [n], rank [n], nearest-reference distance [n]): keep the `num_kept` samples
-    with the lowest leave-one-out contributions, samples outside the references' support last."""
-    scores = mmd_contributions(latents, ctx.bundle.latents, unbiased=True, **_kernel_args(ctx, labels)).double()
-    nearest = nearest_reference_distance(latents, ctx.bundle.latents)
-    rank, outside = rank_pool(scores, nearest, ctx.bundle.bandwidth)
-    if bool(outside.any()):
+# ------------------------------------------------------------------------------------------------ filter
+
+
+def pool_scores(ctx: JobContext, latents: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+    """Each sample's exact leave-one-out contribution to MMD² of the pool against the references [n].
+
+    Unbiased (U-statistic) for pools of 3 or more; a pool of 2 uses the V-statistic (the U-statistic's
+    leave-one-out needs 3); a single sample has nothing to be compared with and scores 0.
+    """
+    n = len(latents)
+    if n < 2:
+        return torch.zeros(n, dtype=torch.float64)
+    return mmd_contributions(latents, ctx.bundle.latents, unbiased=n >= 3, **_kernel_args(ctx, labels)).double()
+
+
+def outside_support(nearest: torch.Tensor, bandwidth: float, radius: float) -> torch.Tensor:
+    """Samples whose nearest reference is farther than `radius` × the median reference distance [n] bool."""
+    return nearest > radius * bandwidth
+
+
+def select_kept(
+    scores: torch.Tensor, acceptable: torch.Tensor, labels: torch.Tensor | None, quotas: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(kept [n] bool, rank [n]): per class c, the `quotas[c]` acceptable samples with the lowest scores.
+
+    Unacceptable samples are never kept, whatever the quota. rank 0 = most helpful: acceptable samples
+    by ascending score, then the unacceptable ones; ties by position. Unlabelled pools are one class.
+    """
+    n = len(scores)
+    classes = labels if labels is not None else torch.zeros(n, dtype=torch.long)
+    order = torch.argsort(torch.where(acceptable, scores.double(), torch.inf), stable=True)
+    rank = torch.empty(n, dtype=torch.long)
+    rank[order] = torch.arange(n)
+    kept = torch.zeros(n, dtype=torch.bool)
+    for c, quota in enumerate(quotas.tolist()):
+        members = order[(classes[order] == c) & acceptable[order]]
+        kept[members[: int(quota)]] = True
+    return kept, rank
+
+
+def shard_quotas(ctx: JobContext, num_kept: int) -> torch.Tensor:
+    """Kept samples per class of a shard (the plan's proportions), or [num_kept] for an unlabelled run."""
+    if ctx.proportions is None:
+        return torch.tensor([num_kept])
+    return class_quotas(ctx.proportions, num_kept)
+
+
+def extra_request(deficit: torch.Tensor, acceptable: torch.Tensor, total: torch.Tensor, room: int) -> torch.Tensor:
+    """How many extra samples of each class to generate next: deficit / (that class's acceptance rate so
+    far, at least 1/4), rounded up, at most `room` in all (classes in id order)."""
+    rate = torch.where(total > 0, acceptable.double() / total.clamp_min(1), torch.ones_like(total, dtype=torch.float64))
+    want = torch.ceil(deficit.clamp_min(0) / rate.clamp_min(0.25)).long()
+    out = torch.zeros_like(want)
+    left = room
+    for c in range(len(want)):
+        out[c] = min(int(want[c]), left)
+        left -= int(out[c])
+    return out
+
+
+@dataclass
+class FilteredPool:
+    latents: torch.Tensor  # [n, C, H, W] every generated sample: the planned pool, then the extra ones
+    indices: list[int]  # global index of each
+    labels: torch.Tensor | None  # target class of each
+    scores: torch.Tensor  # leave-one-out contribution
+    nearest: torch.Tensor  # latent distance to the nearest reference
+    outside: torch.Tensor  # bool: outside the references' support
+    label_rejected: torch.Tensor  # bool: the judge assigns another class (label_filter only)
+    judged: torch.Tensor | None  # judged class (−2: not judged) for labelled runs
+    kept: torch.Tensor
+    rank: torch.Tensor
+    quotas: torch.Tensor
+    images: dict[int, torch.Tensor]  # decoded images by position (those decoded so far)
+
+    @property
+    def shortfall(self) -> int:
+        return int(self.quotas.sum()) - int(self.kept.sum())
+
+
+def filter_shard(ctx: JobContext, shard: ShardPlan, progress: Progress | None = None) -> FilteredPool:
+    """Generate the shard's pool, then extra samples from its reserved indices until every class has its
+    quota of acceptable samples (or the cap is reached), and choose the kept ones (see the module doc)."""
+    cfg, bundle = ctx.cfg, ctx.bundle
+    latents, labels = generate_pool(ctx, shard, progress)
+    indices = list(shard.indices)
+    quotas = shard_quotas(ctx, shard.num_kept)
+    num_classes = len(quotas)
+    use_judge = cfg.label_filter and ctx.judge is not None and labels is not None
+    images: dict[int, torch.Tensor] = {}
+
+    def assess(lat: torch.Tensor, lab: torch.Tensor | None, first: int):
+        nearest = nearest_reference_distance(lat, bundle.latents)
+        outside = outside_support(nearest, bundle.bandwidth, cfg.support_radius)
+        judged = None
+        mismatch = torch.zeros(len(lat), dtype=torch.bool)
+        if use_judge:
+            imgs = None
+            if ctx.judge.needs_images:
+                imgs = ctx.model.decode(lat.to(ctx.model.device), batch_size=cfg.batch_size)
+                images.update({first + k: imgs[k] for k in range(len(lat))})
+            judged = ctx.judge(lat, imgs)
+            mismatch = judged != lab
+        return nearest, outside, judged, mismatch
+
+    nearest, outside, judged, mismatch = assess(latents, labels, 0)
+    cap = _shard_cap(cfg, shard)
+    used = 0
+    while True:
+        classes = labels if labels is not None else torch.zeros(len(latents), dtype=torch.long)
+        ok = ~outside & ~mismatch
+        have = torch.bincount(classes[ok], minlength=num_classes)
+        total = torch.bincount(classes, minlength=num_classes)
+        deficit = quotas - have
+        if int(deficit.clamp_min(0).sum()) == 0 or used >= cap:
+            break
+        request = extra_request(deficit, have, total, cap - used)
+        extra_labels = torch.repeat_interleave(torch.arange(num_classes), request)
+        extra_indices = [reserved_index(cfg, shard.shard_id, used + k) for k in range(len(extra_labels))]
+        log.info(
+            "shard %d: %d of %d samples rejected; generating %d more from its reserved indices",
+            shard.shard_id,
+            int((~ok).sum()),
+            len(ok),
+            len(extra_indices),
+        )
+        extra = generate(ctx, extra_indices, extra_labels if labels is not None else None)
+        e_nearest, e_outside, e_judged, e_mismatch = assess(
+            extra, extra_labels if labels is not None else None, len(latents)
+        )
+        latents = torch.cat([latents, extra])
+        indices += extra_indices
+        labels = torch.cat([labels, extra_labels]) if labels is not None else None
+        nearest, outside = torch.cat([nearest, e_nearest]), torch.cat([outside, e_outside])
+        mismatch = torch.cat([mismatch, e_mismatch])
+        judged = torch.cat([judged, e_judged]) if judged is not None else None
+        used += len(extra_indices)
+
+    scores = pool_scores(ctx, latents, labels)
+    kept, rank = select_kept(scores, ~outside & ~mismatch, labels, quotas)
+    return FilteredPool(
+        latents, indices, labels, scores, nearest, outside, mismatch, judged, kept, rank, quotas, images
+    )
+
+
+def _shard_cap(cfg: AugmentConfig, shard: ShardPlan) -> int:
+    """The most extra samples this shard may draw: `reserve` × its pool, at least MIN_RESERVE (tiny final
+    shards), never more than its reserved block."""
+    if cfg.reserve == 0:
+        return 0
+    return min(reserve_per_shard(cfg), max(math.ceil(cfg.reserve * shard.num_generated - 1e-9), MIN_RESERVE))
+
+
+def _warn_rejections(ctx: JobContext, shard: ShardPlan, pool: FilteredPool) -> None:
+    cfg, n = ctx.cfg, len(pool.latents)
+    rejected = int((pool.outside | pool.label_rejected).sum())
+    advice = (
+        "lower --strength (or use --strength auto), try --guidance noisy, or check that the references suit the model"
+    )
+    if pool.shortfall > 0:
         log.warning(
-            "%d of %d samples lie outside the references' support (nearest reference > %g x the median "
-            "reference distance %.4g): ranked last by the filter",
-            int(outside.sum()),
-            len(outside),
-            SUPPORT_RADIUS,
+            "shard %d keeps only %d of its planned %d samples: %d of %d generated were rejected (%d outside the "
+            "references' support, %d judged another class) and its reserve of %d extra samples is spent; %s, "
+            "or raise --reserve",
+            shard.shard_id,
+            int(pool.kept.sum()),
+            int(pool.quotas.sum()),
+            rejected,
+            n,
+            int(pool.outside.sum()),
+            int(pool.label_rejected.sum()),
+            _shard_cap(cfg, shard),
+            advice,
+        )
+    elif rejected > HIGH_REJECTION * n:
+        log.warning(
+            "shard %d: %d of %d generated samples rejected (%d outside the references' support: nearest "
+            "reference > %g x the median reference distance %.4g; %d judged another class); replaced from its "
+            "reserved indices at extra cost; %s",
+            shard.shard_id,
+            rejected,
+            n,
+            int(pool.outside.sum()),
+            cfg.support_radius,
             ctx.bundle.bandwidth,
+            int(pool.label_rejected.sum()),
+            advice,
         )
-    if len(scores) > 1 and float(scores.max() - scores.min()) == 0.0:
-        log.warning(
-            "all %d MMD contributions are equal (samples far outside the kernel's reach of the references?): "
-            "the filter keeps the first samples by index",
-            len(scores),
-        )
-    return scores, rank < num_kept, rank, nearest
-
-
-def rank_pool(scores: torch.Tensor, nearest: torch.Tensor, bandwidth: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(rank, outside): rank 0 = most helpful, ascending leave-one-out contribution with samples outside
-    the references' support (nearest reference > SUPPORT_RADIUS × bandwidth) last; ties by index."""
-    outside = nearest > SUPPORT_RADIUS * bandwidth
-    order = torch.argsort(torch.where(outside, torch.inf, scores), stable=True)
-    rank = torch.empty_like(order)
-    rank[order] = torch.arange(len(order))
-    return rank, outside
 
 
 def to_png(image: torch.Tensor) -> bytes:
@@ -185,22 +392,42 @@ def sample_key(prefix: str, index: int) -> str:
     return f"{prefix}_{index:09d}"
 
 
+def _reject_reason(pool: FilteredPool, j: int) -> str | None:
+    if pool.kept[j]:
+        return None
+    if pool.outside[j]:
+        return "outside_support"
+    if pool.label_rejected[j]:
+        return "label"
+    return "rank"
+
+
 def run_shard(ctx: JobContext, shard: ShardPlan, progress: Progress | None = None) -> ShardResult:
     """Generate, filter and write one shard (manifest part first, shard + done marker last)."""
     cfg, model, bundle = ctx.cfg, ctx.model, ctx.bundle
     t0 = time.perf_counter()
-    latents, labels = generate_pool(ctx, shard, progress)
+    pool = filter_shard(ctx, shard, progress)
+    _warn_rejections(ctx, shard, pool)
+    latents, labels, kept = pool.latents, pool.labels, pool.kept
     t1 = time.perf_counter()
-    scores, kept, rank, nearest = filter_pool(ctx, latents, labels, shard.num_kept)
-    t2 = time.perf_counter()
     write_idx = torch.arange(len(latents)) if cfg.keep_rejected else kept.nonzero().flatten()
-    images = model.decode(latents[write_idx].to(model.device), batch_size=cfg.batch_size)
-    t3 = time.perf_counter()
-    seeds = seeds_for(cfg, shard.indices)
+    missing = [int(j) for j in write_idx if int(j) not in pool.images]
+    if missing:
+        decoded = model.decode(latents[missing].to(model.device), batch_size=cfg.batch_size)
+        pool.images.update({j: decoded[k] for k, j in enumerate(missing)})
+    judged = pool.judged
+    if labels is not None and ctx.judge is not None and judged is None and len(write_idx):
+        # report-only judge: the written samples (the kept ones at least)
+        judged = torch.full((len(latents),), -2, dtype=torch.long)
+        imgs = torch.stack([pool.images[int(j)] for j in write_idx]) if ctx.judge.needs_images else None
+        judged[write_idx] = ctx.judge(latents[write_idx], imgs)
+    t2 = time.perf_counter()
+    seeds = seeds_for(cfg, pool.indices)
     guidance_meta = {
         "mode": cfg.guidance,
         "kernel": cfg.kernel,
-        "strength": cfg.strength,
+        "strength": ctx.strength,
+        "strength_requested": cfg.strength,
         "schedule": cfg.schedule,
         "normalization": cfg.normalization,
         "cfg_scale": cfg.cfg_scale,
@@ -211,10 +438,13 @@ def run_shard(ctx: JobContext, shard: ShardPlan, progress: Progress | None = Non
     rows: list[dict[str, Any]] = []
     kept_samples: list[dict[str, Any]] = []
     rejected_samples: list[dict[str, Any]] = []
-    pos = {int(j): k for k, j in enumerate(write_idx)}
-    for j, index in enumerate(shard.indices):
+    written = {int(j) for j in write_idx}
+    for j, index in enumerate(pool.indices):
         label = int(labels[j]) if labels is not None else None
         class_name = bundle.class_names[label] if label is not None else None
+        judged_label = None
+        if judged is not None and int(judged[j]) != -2:
+            judged_label = int(judged[j])
         row = {
             "key": sample_key(cfg.prefix, index),
             "index": index,
@@ -223,19 +453,22 @@ def run_shard(ctx: JobContext, shard: ShardPlan, progress: Progress | None = Non
             "label": label,
             "class_name": class_name,
             "condition": class_name,
-            "mmd_contribution": float(scores[j]),
+            "mmd_contribution": float(pool.scores[j]),
             # 5 significant digits: latents agree across process/thread counts only to float32 rounding
-            "nearest_reference_distance": float(f"{float(nearest[j]):.5g}"),
+            "nearest_reference_distance": float(f"{float(pool.nearest[j]):.5g}"),
             "kept": bool(kept[j]),
-            "rank_in_shard": int(rank[j]),
+            "rank_in_shard": int(pool.rank[j]),
+            "rejected_reason": _reject_reason(pool, j),
+            "judged_label": judged_label,
+            "reserved": j >= shard.num_generated,
             "config_hash": cfg.config_hash,
             "model_id": model.model_id,
         }
         rows.append(row)
-        if j not in pos:
+        if j not in written:
             continue
         meta = dict(row, guidance=guidance_meta)
-        sample: dict[str, Any] = {"__key__": row["key"], "png": to_png(images[pos[j]]), "json": meta}
+        sample: dict[str, Any] = {"__key__": row["key"], "png": to_png(pool.images[j]), "json": meta}
         if label is not None:
             sample["cls"] = label
         if cfg.save_latents:
@@ -249,7 +482,11 @@ def run_shard(ctx: JobContext, shard: ShardPlan, progress: Progress | None = Non
         num_generated=len(latents),
         num_kept=int(kept.sum()),
         mmd2_pool=_mmd2(ctx, latents, labels),
-        mmd2_kept=_mmd2(ctx, latents[kept], labels[kept] if labels is not None else None),
+        mmd2_kept=_mmd2(ctx, latents[kept], labels[kept] if labels is not None else None) if kept.any() else None,
+        num_outside=int(pool.outside.sum()),
+        num_label_rejected=int(pool.label_rejected.sum()),
+        num_reserved=len(latents) - shard.num_generated,
+        shortfall=pool.shortfall,
     )
     write_shard(
         cfg.out,
@@ -262,10 +499,16 @@ def run_shard(ctx: JobContext, shard: ShardPlan, progress: Progress | None = Non
             "mmd2_pool": result.mmd2_pool,
             "mmd2_kept": result.mmd2_kept,
             "worker": ctx.worker,
+            "generated": result.num_generated,
+            "reserved": result.num_reserved,
+            "outside_support": result.num_outside,
+            "label_rejected": result.num_label_rejected,
+            "shortfall": result.shortfall,
+            "judge": ctx.judge.description if ctx.judge is not None else None,
         },
     )
-    t4 = time.perf_counter()
-    result.seconds = {"generate": t1 - t0, "filter": t2 - t1, "decode": t3 - t2, "write": t4 - t3}
+    t3 = time.perf_counter()
+    result.seconds = {"generate_filter": t1 - t0, "decode_judge": t2 - t1, "write": t3 - t2}
     return result
 
 

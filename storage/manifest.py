@@ -46,6 +46,12 @@ MANIFEST_SCHEMA = pa.schema(
         pa.field("nearest_reference_distance", pa.float64(), nullable=True),
         pa.field("kept", pa.bool_(), nullable=False),
         pa.field("rank_in_shard", pa.int64(), nullable=False),
+        # why a sample was not kept: outside_support | label (the judge saw another class) | rank; null = kept
+        pa.field("rejected_reason", pa.string(), nullable=True),
+        # labelled runs: the class the label judge assigns (the run's class id; -1 = none of the run's classes)
+        pa.field("judged_label", pa.int64(), nullable=True),
+        # drawn from the shard's reserved indices to replace rejected samples
+        pa.field("reserved", pa.bool_(), nullable=True),
         pa.field("config_hash", pa.string(), nullable=False),
         pa.field("model_id", pa.string(), nullable=False),
     ],

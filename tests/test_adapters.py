@@ -84,6 +84,18 @@ def test_text_conditional_unet_encodes_prompts_and_empty_prompt_is_null():
     assert calls == 2 and out.shape == x.shape
 
 
+def test_sampling_with_prompt_strings_and_cfg_equals_sampling_with_their_embeddings():
+    """Prompts given as strings are encoded once by the adapter, so CFG can pair them with the null prompt."""
+    from diffusers import DDIMScheduler
+
+    den = UNet2DConditionAdapter(tiny_unet_condition(), _TextEncoder(), _Tokenizer())
+    sched = DDIMScheduler(num_train_timesteps=100)
+    prompts = ["a chest x-ray", "a knee"]
+    by_text = sample_latents(den, sched, [1, 2], num_steps=3, condition=prompts, cfg_scale=4.0).latents
+    by_emb = sample_latents(den, sched, [1, 2], num_steps=3, condition=den.encode_prompts(prompts), cfg_scale=4.0)
+    torch.testing.assert_close(by_text, by_emb.latents)
+
+
 def custom_factory(device, dtype) -> LoadedModel:
     """A user's custom model, passed as --model tests.test_adapters:custom_factory."""
     denoiser, scheduler = square_mixture()

@@ -46,11 +46,19 @@ CLI_VALUES = {
     "schedule_start": "0.1",
     "schedule_end": "0.9",
     "normalization": "batch",
+    "attraction_floor": "0.5",
     "memory": "3",
     "class_aware": False,
     "coupling": "sequential",
     "class_balance": "uniform",
+    "pilot_samples": "16",
+    "pilot_holdout": "0.4",
+    "pilot_start": "0.005",
+    "pilot_max_strength": "0.08",
     "keep": "0.75",
+    "support_radius": "4.5",
+    "reserve": "0.5",
+    "label_filter": True,
     "shard_size": "4",
     "save_latents": True,
     "keep_rejected": True,
@@ -113,7 +121,7 @@ def test_every_field_has_a_flag_or_is_config_file_only_and_a_description():
     assert [name for name, field in fields.items() if not field.description] == []
     help_text = " ".join(invoke(["--help"]).output.split())
     assert "[none|latent|posterior|lookahead|noisy]" in help_text  # choices from the Literal
-    assert "[default: 0.01]" in help_text and "--eta FLOAT" in help_text
+    assert "--strength FLOAT|auto" in help_text and "[default: auto]" in help_text and "--eta FLOAT" in help_text
 
 
 def test_every_field_has_a_test_value():

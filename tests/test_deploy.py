@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from tiny_models import save_tiny_dit, write_reference_folder
+from tiny_models import TINY_SUPPORT_RADIUS, save_tiny_dit, write_reference_folder
 
 REPO = Path(__file__).resolve().parent.parent
 DEPLOY = REPO / "deploy"
@@ -281,6 +281,7 @@ def test_scheduled_deployment_runs_end_to_end_on_a_local_server_and_worker(tmp_p
         dit = str(save_tiny_dit(tmp_path / "dit"))
         refs = str(write_reference_folder(tmp_path / "refs", classes=("a", "b")))
         job = dict(ref=refs, n=12, model=dit, shard_size=6, batch_size=6, steps=3, keep=0.8, progress="quiet")
+        job["support_radius"] = TINY_SUPPORT_RADIUS
         job["cache_dir"] = str(tmp_path / "cache")
         run_job(AugmentConfig(out=str(tmp_path / "plain"), **job))
         expected = {p.name: p.read_bytes() for p in (tmp_path / "plain" / "shards").glob("*.tar")}

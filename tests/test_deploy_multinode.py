@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from tiny_models import save_tiny_dit, write_reference_folder
+from tiny_models import TINY_SUPPORT_RADIUS, save_tiny_dit, write_reference_folder
 
 from pipeline.config import AugmentConfig
 from pipeline.job import run_job
@@ -35,6 +35,7 @@ def test_two_machine_static_cluster_gives_the_single_process_bytes(tmp_path):
     dit = str(save_tiny_dit(tmp_path / "dit"))
     refs = str(write_reference_folder(tmp_path / "refs", classes=("a", "b")))
     job = dict(ref=refs, n=16, model=dit, shard_size=4, batch_size=5, steps=3, keep=0.8, progress="quiet")
+    job["support_radius"] = TINY_SUPPORT_RADIUS
     job["cache_dir"] = str(tmp_path / "cache")
     run_job(AugmentConfig(out=str(tmp_path / "single"), **job))
 

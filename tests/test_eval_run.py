@@ -14,7 +14,7 @@ import pytest
 import torch
 import typer
 from PIL import Image
-from tiny_models import save_tiny_dit, write_reference_folder
+from tiny_models import TINY_SUPPORT_RADIUS, save_tiny_dit, write_reference_folder
 from typer.testing import CliRunner
 
 from pipeline.config import AugmentConfig
@@ -40,6 +40,7 @@ def runs(tmp_path_factory):
     plain = write_reference_folder(root / "plain", count=16, seed=1)
     heldout = write_reference_folder(root / "heldout", count=12, seed=2)
     common = dict(model=dit, steps=2, batch_size=8, cache_dir=str(root / "cache"), progress="quiet")
+    common["support_radius"] = TINY_SUPPORT_RADIUS
     labelled = AugmentConfig(
         ref=str(refs),
         out=str(root / "labelled"),

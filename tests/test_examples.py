@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-from tiny_models import save_tiny_dit, write_reference_folder
+from tiny_models import TINY_SUPPORT_RADIUS, save_tiny_dit, write_reference_folder
 
 from pipeline.config import AugmentConfig
 from pipeline.job import run_job
@@ -40,6 +40,7 @@ def run(tmp_path_factory):
         steps=3,
         cache_dir=str(root / "cache"),
         progress="quiet",
+        support_radius=TINY_SUPPORT_RADIUS,
     )
     run_job(cfg)
     shards = sorted(str(p) for p in (root / "out" / "shards").glob("synthetic-*.tar"))

@@ -17,7 +17,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from tiny_models import save_tiny_dit, shard_bytes, tiny_job_config, write_reference_folder
+from tiny_models import TINY_SUPPORT_RADIUS, save_tiny_dit, shard_bytes, tiny_job_config, write_reference_folder
 from typer.testing import CliRunner
 
 import pipeline.executors
@@ -81,6 +81,9 @@ def cli_flow_run(harness, tiny):
     out = tiny["root"] / "via-cli"
     args = ["--ref", tiny["refs"], "--n", "20", "--out", str(out), "--model", tiny["dit"], "--cache-dir", tiny["cache"]]
     args += ["--shard-size", "8", "--batch-size", "6", "--steps", "4", "--keep", "0.8", "--progress", "quiet"]
+    settings = tiny["root"] / "tiny-support.json"  # what tiny_job_config sets and the CLI has no flag for
+    settings.write_text(json.dumps({"support_radius": TINY_SUPPORT_RADIUS}))
+    args += ["--config", str(settings)]
     t0 = time.perf_counter()
     result = CliRunner().invoke(app, ["flow", *args])
     assert result.exit_code == 0, (result.output, result.exception)

@@ -9,22 +9,25 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import pyarrow.parquet as pq
 import pytest
-import torch
 import webdataset as wds
 from PIL import Image
-from tiny_models import save_tiny_ddpm, save_tiny_dit, shard_bytes, tiny_job_config, write_reference_folder
+from tiny_models import (
+    TINY_SUPPORT_RADIUS,
+    save_tiny_ddpm,
+    save_tiny_dit,
+    shard_bytes,
+    tiny_job_config,
+    write_reference_folder,
+)
 from typer.testing import CliRunner
 
-from guidance import RBFKernel
 from pipeline.cli import app
 from pipeline.config import AugmentConfig
 from pipeline.job import run_job
 from pipeline.plan import plan_job
-from pipeline.worker import filter_pool
 from storage.errors import InputError
 
 REPO = Path(__file__).resolve().parent.parent
@@ -58,15 +61,21 @@ def test_end_to_end_shards_manifest_and_run_record(tiny, tmp_path):
     out = tmp_path / "out"
     assert summary.num_kept == 20 and summary.shards_written == 3
     table = pq.read_table(out / "manifest.parquet")
-    assert table.num_rows == summary.num_generated == 10 + 10 + 5
+    assert table.num_rows == summary.num_generated >= 10 + 10 + 5  # plus any drawn from reserved indices
+    assert summary.num_generated - summary.reserved == 25 and summary.shortfall == 0
     rows = table.to_pylist()
     assert sum(r["kept"] for r in rows) == 20
     assert len({r["key"] for r in rows}) == len(rows)
-    # per shard: the kept ones are exactly the lowest MMD contributions
-    for shard in {r["shard"] for r in rows}:
-        part = sorted((r for r in rows if r["shard"] == shard), key=lambda r: r["mmd_contribution"])
+    # per shard and class: the kept ones are exactly the lowest MMD contributions among those in support
+    for shard, label in {(r["shard"], r["label"]) for r in rows}:
+        part = [
+            r for r in rows if (r["shard"], r["label"]) == (shard, label) and r["rejected_reason"] != "outside_support"
+        ]
+        part.sort(key=lambda r: r["mmd_contribution"])
         n_kept = sum(r["kept"] for r in part)
         assert all(r["kept"] for r in part[:n_kept]) and not any(r["kept"] for r in part[n_kept:])
+    assert all(r["rejected_reason"] is None for r in rows if r["kept"])
+    assert all(r["rejected_reason"] in ("rank", "outside_support") for r in rows if not r["kept"])
     # class proportions follow the references (2 balanced classes)
     labels = [r["label"] for r in rows]
     assert abs(labels.count(0) - labels.count(1)) <= 3
@@ -201,6 +210,13 @@ def test_pixel_space_model_and_plain_references(tiny, tmp_path):
     assert all(r["label"] is None for r in rows)
 
 
+def _tiny_support_config(folder: Path) -> Path:
+    """A config file with the tiny models' support radius (the CLI has no flag for it)."""
+    path = folder / "tiny-support.json"
+    path.write_text(json.dumps({"support_radius": TINY_SUPPORT_RADIUS}))
+    return path
+
+
 def _cli(args: list[str]) -> list[str]:
     return [sys.executable, "-m", "pipeline.cli", *args]
 
@@ -224,6 +240,8 @@ def test_kill_9_then_resume_gives_identical_shards(tiny, tmp_path):
         "quiet",
         "--cache-dir",
         tiny["cache"],
+        "--config",
+        str(_tiny_support_config(tmp_path)),
     ]
     env = dict(os.environ, PYTHONPATH=str(REPO))
     subprocess.run(_cli([*args, "--out", str(tmp_path / "clean")]), check=True, env=env, cwd=REPO)
@@ -280,14 +298,71 @@ def test_same_settings_with_changed_references_are_refused(tiny, tmp_path):
         run_job(tiny_job_config(tiny, out, ref=str(refs), n=4, guidance="none"))
 
 
-def test_filter_ranks_samples_outside_the_reference_support_last():
-    gen = torch.Generator().manual_seed(0)
-    y = torch.randn(30, 2, 2, generator=gen)
-    pool = torch.cat([0.3 * torch.randn(12, 2, 2, generator=gen), torch.full((2, 2, 2), 500.0)])
-    bundle = SimpleNamespace(latents=y, labels=None, bandwidth=1.5)
-    ctx = SimpleNamespace(bundle=bundle, target=SimpleNamespace(kernel=RBFKernel(1.5)))
-    scores, kept, rank, nearest = filter_pool(ctx, pool, None, num_kept=12)
-    assert kept[:12].all() and not kept[12:].any()
-    assert rank[12:].tolist() == [12, 13]
-    assert float(scores[12]) < float(scores[:12].max())  # the plain LOO score alone would have kept them
-    assert (nearest[12:] > 3 * 1.5).all() and (nearest[:12] < 3 * 1.5).all()
+@pytest.mark.parametrize(
+    "n, shard_size, keep, pools",
+    [(1, 1000, 0.9, [2]), (1, 1000, 1.0, [1]), (17, 8, 0.9, [9, 9, 2]), (2, 1000, 1.0, [2])],
+)
+def test_tiny_final_pools_finish(tiny, tmp_path, n, shard_size, keep, pools):
+    cfg = tiny_job_config(tiny, tmp_path / "out", n=n, shard_size=shard_size, keep=keep, strength=0.01)
+    assert [s.num_generated for s in plan_job(cfg).shards] == pools
+    summary = run_job(cfg)
+    assert summary.num_kept == n and summary.shortfall == 0
+
+
+def test_samples_outside_the_support_are_never_kept_and_are_replaced(tiny, tmp_path):
+    probe = tiny_job_config(tiny, tmp_path / "probe", n=16, shard_size=16, strength=0.01)
+    run_job(probe)
+    bandwidth = json.loads((tmp_path / "probe" / "run.json").read_text())["reference"]["bandwidth"]
+    nearest = pq.read_table(tmp_path / "probe" / "manifest.parquet")["nearest_reference_distance"].to_pylist()
+    radius = sorted(nearest)[len(nearest) // 3] / bandwidth  # about two thirds of the pool fall outside
+    cfg = tiny_job_config(tiny, tmp_path / "out", n=16, shard_size=8, strength=0.01, support_radius=radius)
+    summary = run_job(cfg)
+    rows = pq.read_table(tmp_path / "out" / "manifest.parquet").to_pylist()
+    kept = [r for r in rows if r["kept"]]
+    assert all(r["nearest_reference_distance"] <= radius * bandwidth * (1 + 1e-4) for r in kept)
+    outside = [r for r in rows if r["rejected_reason"] == "outside_support"]
+    assert len(outside) > len(rows) // 3 and summary.rejected["outside_support"] == len(outside)
+    reserved = [r for r in rows if r["reserved"]]
+    assert reserved and min(r["index"] for r in reserved) >= plan_job(cfg).num_generated
+    assert summary.reserved == len(reserved)
+    assert len(kept) + summary.shortfall == 16
+    # per shard and class, exactly the plan's share is kept (unless the reserve ran out)
+    if summary.shortfall == 0:
+        for shard in (0, 1):
+            labels = [r["label"] for r in kept if r["shard"] == shard]
+            assert sorted([labels.count(0), labels.count(1)]) == [4, 4]
+    # resuming redoes a lost shard with the same reserved samples, byte for byte
+    reference = shard_bytes(tmp_path / "out")
+    (tmp_path / "out" / "shards" / "synthetic-000001.tar.done").unlink()
+    run_job(cfg)
+    assert shard_bytes(tmp_path / "out") == reference
+
+
+def test_labelled_runs_report_label_fidelity(tiny, tmp_path):
+    cfg = tiny_job_config(tiny, tmp_path / "out", n=8, shard_size=8, strength=0.01)
+    summary = run_job(cfg)
+    record = json.loads((tmp_path / "out" / "run.json").read_text())
+    fidelity = record["label_fidelity"]
+    assert fidelity == summary.label_fidelity and fidelity["judged"] == 8
+    assert "NN vote" in fidelity["judge"] and 0.0 <= fidelity["rate"] <= 1.0
+    assert sum(c["judged"] for c in fidelity["per_class"].values()) == 8
+    rows = pq.read_table(tmp_path / "out" / "manifest.parquet").to_pylist()
+    assert all(r["judged_label"] in (0, 1) for r in rows if r["kept"])
+    assert fidelity["agreed"] == sum(r["judged_label"] == r["label"] for r in rows if r["kept"])
+
+
+def test_label_filter_rejects_samples_judged_another_class(tiny, tmp_path):
+    cfg = tiny_job_config(tiny, tmp_path / "out", n=8, shard_size=8, strength=0.01, label_filter=True)
+    summary = run_job(cfg)
+    rows = pq.read_table(tmp_path / "out" / "manifest.parquet").to_pylist()
+    assert all(r["judged_label"] == r["label"] for r in rows if r["kept"])
+    assert summary.rejected.get("label", 0) == sum(r["rejected_reason"] == "label" for r in rows)
+    assert summary.num_kept + summary.shortfall == 8
+
+
+def test_a_run_that_keeps_nothing_fails_with_one_line_after_recording_why(tiny, tmp_path):
+    cfg = tiny_job_config(tiny, tmp_path / "out", n=4, shard_size=4, strength=0.01, support_radius=1e-9, reserve=0.5)
+    with pytest.raises(InputError, match="every one of the .* generated samples was rejected .*outside support"):
+        run_job(cfg)
+    record = json.loads((tmp_path / "out" / "run.json").read_text())
+    assert record["summary"]["num_kept"] == 0 and record["summary"]["shortfall"] == 4

@@ -41,7 +41,8 @@ def test_part_has_the_fixed_schema(tmp_path):
     assert table.column("seed").to_pylist() == [7200, 7201, 7202]
     assert [f.name for f in table.schema] == [
         "key", "index", "shard", "seed", "label", "class_name", "condition",
-        "mmd_contribution", "nearest_reference_distance", "kept", "rank_in_shard", "config_hash", "model_id",
+        "mmd_contribution", "nearest_reference_distance", "kept", "rank_in_shard", "rejected_reason",
+        "judged_label", "reserved", "config_hash", "model_id",
     ]  # fmt: skip
     empty = read_manifest(write_manifest_part(tmp_path, 5, []))
     assert empty.num_rows == 0 and empty.schema.equals(MANIFEST_SCHEMA, check_metadata=False)

@@ -43,7 +43,8 @@ def save_tiny_ddpm(path: Path, channels: int = 1, size: int = 16) -> Path:
     return path
 
 
-def tiny_vae(channels: int = 1) -> AutoencoderKL:
+def tiny_vae(channels: int = 1, **config) -> AutoencoderKL:
+    """16x16 images -> 4x8x8 latents; `config` overrides (scaling_factor, shift_factor, ...)."""
     torch.manual_seed(0)
     return AutoencoderKL(
         in_channels=channels,
@@ -55,6 +56,7 @@ def tiny_vae(channels: int = 1) -> AutoencoderKL:
         layers_per_block=1,
         norm_num_groups=4,
         sample_size=16,
+        **config,
     )
 
 
@@ -106,6 +108,11 @@ def write_reference_folder(
     return root
 
 
+#: Randomly initialised tiny models draw every sample far from the references (no support to speak of):
+#: tests that need kept samples from them widen the filter's support radius.
+TINY_SUPPORT_RADIUS = 1e6
+
+
 def tiny_job_config(tiny: dict, out: Path, **overrides):
     """A fast job config on the tiny DiT (20 kept samples in 3 shards of 8, 4 steps)."""
     from pipeline.config import AugmentConfig
@@ -121,6 +128,7 @@ def tiny_job_config(tiny: dict, out: Path, **overrides):
         cache_dir=tiny["cache"],
         keep=0.8,
         progress="quiet",
+        support_radius=TINY_SUPPORT_RADIUS,
     )
     base.update(overrides)
     return AugmentConfig(**base)

@@ -25,7 +25,9 @@ from guidance.kernels import median_pairwise_distance, squared_distances
 __all__ = [
     "MemorisationResult",
     "class_accuracy",
+    "class_histogram",
     "filter_score_summary",
+    "garbage",
     "frechet_distance",
     "frechet_distance_from_stats",
     "kid",
@@ -510,4 +512,52 @@ def filter_score_summary(scores: Tensor | np.ndarray, kept: Tensor | np.ndarray)
         "rejected": score_summary(s[~k]),
         "keep_fraction": float(k.mean()) if k.size else math.nan,
         "num_generated": int(k.size),
+    }
+
+
+# --------------------------------------------------------------------------------------------------------
+# Garbage, class histograms
+# --------------------------------------------------------------------------------------------------------
+
+
+def garbage(x: Tensor, real: Tensor) -> dict[str, Any]:
+    """Samples that are no image of any real kind: farther from every real image than *every* real image
+    is from its nearest other real image (threshold: the largest leave-one-out nearest-neighbour distance
+    of ``real``, so real data itself scores 0). ``real`` should pool every style a sample may fairly take
+    (the target domain's images and the prior's own), so only images of neither kind count.
+
+    Returns {"rate", "count", "n", "threshold", "mask" (list of bool)}.
+    """
+    x, real = as_features(x, "x"), as_features(real, "real")
+    _check_pair(x, real, 1, "garbage rate")
+    if real.shape[0] < 2:
+        raise ValueError("garbage rate needs at least 2 real images (their own nearest-neighbour distances)")
+    threshold = float(_self_distances(real).min(1).values.max())
+    mask = pairwise_distances(x, real).min(1).values > threshold
+    return {
+        "rate": float(mask.double().mean()),
+        "count": int(mask.sum()),
+        "n": int(x.shape[0]),
+        "threshold": threshold,
+        "mask": mask.tolist(),
+    }
+
+
+def class_histogram(labels: Tensor | np.ndarray, planned: Tensor | np.ndarray) -> dict[str, Any]:
+    """Counts and shares of class ids ``labels`` (−1 or out of range: "other") against planned proportions
+    [K]; ``max_deviation`` is the largest |share − planned| over the classes (and "other"), in [0, 1]."""
+    p = torch.as_tensor(np.asarray(planned, dtype=np.float64))
+    k = len(p)
+    lab = torch.as_tensor(np.asarray(labels, dtype=np.int64)).ravel()
+    other = (lab < 0) | (lab >= k)
+    counts = torch.bincount(lab[~other], minlength=k).double()
+    n = max(int(lab.numel()), 1)
+    share = counts / n
+    deviation = torch.cat([(share - p).abs(), torch.tensor([float(other.sum()) / n], dtype=torch.float64)])
+    return {
+        "counts": [int(c) for c in counts],
+        "other": int(other.sum()),
+        "shares": share.tolist(),
+        "planned": p.tolist(),
+        "max_deviation": float(deviation.max()) if lab.numel() else math.nan,
     }

@@ -25,6 +25,8 @@ __all__ = [
     "histogram_figure",
     "image_grid",
     "pairs_figure",
+    "pilot_figure",
+    "pilot_section",
     "render_report",
     "utility_section",
     "with_utility_section",
@@ -121,6 +123,62 @@ def histogram_figure(
         ax.legend(fontsize=8)
     fig.tight_layout()
     return figure_png(fig)
+
+
+def pilot_figure(pilot: dict[str, Any]) -> bytes:
+    """`--strength auto`: each candidate's MMD² to the held-out references against its strength (feasible
+    ●, violating a constraint ✕), unguided as a dashed line, the choice circled."""
+    cands = sorted(pilot.get("candidates", []), key=lambda c: c["strength"])
+    fig, ax = plt.subplots(figsize=(5.6, 3.4))
+    ok = [c for c in cands if c["feasible"]]
+    bad = [c for c in cands if not c["feasible"]]
+    if ok:
+        ax.plot([c["strength"] for c in ok], [c["mmd2"] for c in ok], "o", label="feasible")
+    if bad:
+        xs, ys = [c["strength"] for c in bad], [c["mmd2"] for c in bad]
+        ax.plot(xs, ys, "x", color="#c0392b", label="violates a constraint")
+    base = pilot.get("baseline") or {}
+    if base.get("mmd2") is not None:
+        ax.axhline(base["mmd2"], color="black", linestyle="--", linewidth=1, label="unguided")
+    chosen = [c for c in cands if c["strength"] == pilot.get("chosen")]
+    if chosen:
+        ax.plot(chosen[0]["strength"], chosen[0]["mmd2"], "o", markersize=14, fillstyle="none", color="#27ae60",
+                label=f"chosen s = {pilot['chosen']:.3g}")  # fmt: skip
+    if cands:
+        ax.set_xscale("log")
+    ax.set_xlabel("guidance strength s")
+    ax.set_ylabel("MMD² to held-out references")
+    ax.set_title(f"strength pilot ({pilot.get('feature_space', '')})", fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return figure_png(fig)
+
+
+def pilot_section(pilot: dict[str, Any] | None) -> str:
+    """The pilot's candidates as an HTML table (empty string when the run did not use `--strength auto`)."""
+    if not pilot:
+        return ""
+    parts = [
+        "<h2>Strength pilot (<code>--strength auto</code>)</h2>",
+        f'<p class="muted">chosen s = {_e(fmt(pilot.get("chosen")))}: {_e(pilot.get("reason", ""))}; '
+        f"{_e(pilot.get('samples_generated', 0))} samples, {_e(fmt(pilot.get('seconds')))} s "
+        f"({_e(fmt(100 * (pilot.get('cost_fraction_of_job') or 0), 3))}% of this job's samples); "
+        f"scored in {_e(pilot.get('feature_space', ''))} against "
+        f"{_e(pilot.get('heldout_references'))} held-out references.</p>",
+    ]
+    rows = []
+    for c in [pilot.get("baseline"), *pilot.get("candidates", [])]:
+        if c:
+            rows.append(
+                [c["strength"], c["mmd2"], c["precision"], c["recall"], c["coverage"], c.get("spread"), c["garbage"],
+                 c["class_tv"], "; ".join(c.get("violations", [])) or ("baseline" if c["strength"] == 0 else "ok")]
+            )  # fmt: skip
+    parts.append(
+        _table(
+            ["s", "MMD²", "precision", "recall", "coverage", "spread", "garbage", "class TV", "constraints"], rows, True
+        )
+    )
+    return "\n".join(parts)
 
 
 # -------------------------------------------------------------------------------------------------- HTML
@@ -331,6 +389,14 @@ def render_report(result: dict[str, Any], figures: Sequence[tuple[str, bytes, st
         frows = [[k, _get(filt, "kept", k), _get(filt, "rejected", k)] for k in keys]
         parts.append(_table(["statistic", "kept", "rejected"], frows))
 
+    fid = result.get("label_fidelity")
+    if fid:
+        parts.append("<h2>Label fidelity (the run's judge)</h2>")
+        parts.append(
+            f'<p class="muted">{_e(fid.get("judge"))}: {_e(fid.get("agreed"))} of {_e(fid.get("judged"))} kept '
+            f"samples show their target class ({_e(fmt(fid.get('rate')))}).</p>"
+        )
+    parts.append(pilot_section(result.get("pilot")))
     parts.append(utility_section(result.get("utility")))
 
     if figures:

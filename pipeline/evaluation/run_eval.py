@@ -447,6 +447,8 @@ def evaluate_run(
         "memorisation": memo,
         "class_accuracy": accuracy,
         "filter_scores": filter_scores,
+        "label_fidelity": record.get("label_fidelity"),
+        "pilot": record.get("pilot"),
         "warnings": warns.items,
     }
     utility = read_optional_json(run / UTILITY_FILE)  # from an earlier `augment utility` on this run
@@ -466,6 +468,7 @@ def evaluate_run(
             scores,
             kept,
             extractor.name,
+            record.get("pilot"),
         )
         seconds["figures"] = time.perf_counter() - t
         seconds["total"] = time.perf_counter() - t0
@@ -564,8 +567,9 @@ def _figures(
     scores: np.ndarray,
     kept: np.ndarray,
     feature_name: str,
+    pilot: dict[str, Any] | None = None,
 ) -> list[tuple[str, bytes, str]]:
-    from .report import grids_figure, histogram_figure, pairs_figure
+    from .report import grids_figure, histogram_figure, pairs_figure, pilot_figure
 
     figures = []
     panels = [("kept samples", kept_images)]
@@ -614,6 +618,15 @@ def _figures(
                 ),
                 f"The kept samples nearest to a guidance reference ({feature_name} features), above that reference; "
                 "near-copies in red.",
+            )
+        )
+    if pilot and pilot.get("candidates"):
+        figures.append(
+            (
+                "Strength pilot",
+                pilot_figure(pilot),
+                "MMD² of each candidate strength's pilot batch to the held-out references; crosses violate a "
+                "fidelity constraint (precision, coverage, class histogram, garbage); the circle is the choice.",
             )
         )
     return figures

@@ -1,0 +1,378 @@
+"""`--strength auto`: choose the guidance strength per job with a pilot on a held-out split of the references.
+
+The right strength depends on how far the target is from the prior, so a fixed default does not transfer
+between domains. Before the job, the pilot:
+
+1. splits the references (stratified, seeded) into a *guide* part (what the pilot steers towards) and a
+   *held-out* part (`pilot_holdout`, what it scores against);
+2. generates one small batch (`pilot_samples`, the job's sampler, steps, classes and batch coupling) per
+   candidate strength, every candidate from the same seeds (common random numbers: differences between
+   candidates come from the strength, not from the noise), plus the unguided baseline (s = 0);
+3. scores each candidate by alignment to the held-out part in a feature space *other than the guided
+   latent space* (the shipped digit classifier's penultimate features for the shipped prior when the
+   classifier can read the references, else the decoded images downsampled to at most 32×32 pixels; see
+   `feature_space`): unbiased RBF MMD² (median bandwidth of the held-out features), lower is better;
+4. under constraints that keep alignment from being bought with fidelity or diversity (MMD² alone calls a
+   collapse onto one blob shape "better"):
+   - precision no lower than unguided (within one binomial standard error of the pilot batch; k = 3),
+   - coverage at least 0.9 × unguided, and the median distance from a sample to its nearest other sample
+     at least half of unguided's (no collapse onto a few shapes: near-duplicates drive it to 0),
+   - labelled runs: the judged class histogram no further from the plan than unguided + 0.1 in total
+     variation (no class collapse),
+   - garbage at most unguided + 2 points (or + its binomial standard error, if larger): samples outside
+     the guide references' support (the filter's rule, latent space) or, in the scoring space, farther
+     from every reference than any reference is from its nearest other one (`evaluation.metrics.garbage`);
+5. searches by doubling from `pilot_start` while candidates stay feasible and improve, up to
+   `pilot_max_strength`, then refines around the best (×√2 on either side not yet tried), as
+   training-free guidance searches do, and keeps the feasible candidate with the lowest MMD² if it beats
+   unguided (else 0: guidance off, said so in the record).
+
+Its record (candidates, scores, constraints, choice, cost) goes to `run.json` and the eval report; it is
+cached per references, model and settings (`storage.pilot`). The search and the choice are pure
+functions (`search`, `choose`, `is_feasible`) tested on constructed cases.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+
+from guidance import RBFKernel, mmd2, nearest_reference_distance
+from guidance.kernels import median_pairwise_distance
+
+from .config import AugmentConfig
+from .evaluation.features import (
+    FeatureExtractor,
+    classifier_extractor,
+    extract,
+    fit_images,
+    load_shipped_classifier,
+    shipped_classifier_available,
+)
+from .evaluation.metrics import garbage, nearest_neighbour_distances, prdc
+from .plan import ShardPlan, assign_classes, primary_count
+from .seeding import derive_seed
+
+log = logging.getLogger(__name__)
+
+PILOT_VERSION = 1
+
+#: Config fields the pilot's outcome does not depend on (besides the runtime-only ones).
+IRRELEVANT_FIELDS = frozenset(
+    {"n", "shard_size", "prefix", "keep", "save_latents", "keep_rejected", "reserve", "label_filter", "strength"}
+)
+
+#: Constraint margins (see the module doc).
+COVERAGE_FRACTION = 0.9
+SPREAD_FRACTION = 0.5
+PRDC_K = 3
+CLASS_TV_MARGIN = 0.1
+GARBAGE_MARGIN = 0.02
+
+#: The pilot needs at least this many references in each part; fewer and the job uses FALLBACK_STRENGTH.
+MIN_PILOT_REFERENCES = 8
+FALLBACK_STRENGTH = 0.01  # the sweep's best on the two example domains (docs/results.md §3.1)
+
+#: Largest side of the downsampled-pixel feature space (models without the shipped classifier).
+PIXEL_FEATURE_SIZE = 32
+#: The shipped classifier's features score the pilot only if it reads the held-out references this well.
+READABLE = 0.8
+
+
+@dataclass
+class Candidate:
+    """One strength's scores on the pilot batch."""
+
+    strength: float
+    mmd2: float
+    precision: float
+    recall: float
+    coverage: float
+    garbage: float  # fraction outside the guide references' support or far from every reference (features)
+    spread: float  # median distance from a sample to its nearest other sample (features)
+    class_tv: float | None  # total variation between the judged class histogram and the plan (labelled)
+    seconds: float
+    feasible: bool = True
+    violations: list[str] = field(default_factory=list)
+
+
+def is_feasible(c: Candidate, base: Candidate, n: int) -> list[str]:
+    """The constraints `c` violates against the unguided baseline `base` (empty: feasible)."""
+    out = []
+    n = max(n, 1)
+    tol = math.sqrt(max(base.precision * (1 - base.precision), 1 / n) / n)  # at least one sample's worth
+    if c.precision < base.precision - tol:
+        out.append(f"precision {c.precision:.3f} < unguided {base.precision:.3f} - {tol:.3f}")
+    if c.coverage < COVERAGE_FRACTION * base.coverage:
+        out.append(f"coverage {c.coverage:.3f} < {COVERAGE_FRACTION} x unguided {base.coverage:.3f}")
+    if c.spread < SPREAD_FRACTION * base.spread:
+        out.append(f"spread {c.spread:.3g} < {SPREAD_FRACTION} x unguided {base.spread:.3g} (collapse)")
+    if c.class_tv is not None and base.class_tv is not None and c.class_tv > base.class_tv + CLASS_TV_MARGIN:
+        out.append(
+            f"class histogram off the plan by {c.class_tv:.3f} > unguided {base.class_tv:.3f} + {CLASS_TV_MARGIN}"
+        )
+    g_tol = max(GARBAGE_MARGIN, math.sqrt(base.garbage * (1 - base.garbage) / n))  # at least its standard error
+    if c.garbage > base.garbage + g_tol:
+        out.append(f"garbage {c.garbage:.3f} > unguided {base.garbage:.3f} + {g_tol:.3f}")
+    return out
+
+
+def choose(candidates: list[Candidate], base: Candidate) -> tuple[float, str]:
+    """(strength, reason): the feasible candidate with the lowest MMD², if below unguided; else 0."""
+    feasible = [c for c in candidates if c.strength > 0 and c.feasible]
+    if not feasible:
+        return 0.0, "no candidate strength met the constraints: guidance off"
+    best = min(feasible, key=lambda c: (c.mmd2, c.strength))
+    if best.mmd2 >= base.mmd2:
+        return 0.0, f"no feasible candidate beat unguided (MMD² {base.mmd2:.4g}): guidance off"
+    return best.strength, f"lowest MMD² among {len(feasible)} feasible candidate(s)"
+
+
+def search(
+    evaluate: Callable[[float], Candidate], start: float, max_strength: float, n: int
+) -> tuple[Candidate, list[Candidate]]:
+    """(baseline, candidates in the order tried): double from `start` while candidates stay feasible and
+    improve on the best so far (at most `max_strength`), then try ×√2 on either side of the best."""
+    base = evaluate(0.0)
+    base.feasible, base.violations = True, []
+    tried: dict[float, Candidate] = {}
+
+    def run(s: float) -> Candidate:
+        key = round(s, 12)
+        if key not in tried:
+            c = evaluate(s)
+            c.violations = is_feasible(c, base, n)
+            c.feasible = not c.violations
+            tried[key] = c
+        return tried[key]
+
+    best: Candidate | None = None
+    s = start
+    while s <= max_strength * (1 + 1e-9):
+        c = run(s)
+        if not c.feasible or (best is not None and c.mmd2 >= best.mmd2):
+            break
+        best = c
+        s *= 2
+    if best is not None:
+        for s in (best.strength / math.sqrt(2), best.strength * math.sqrt(2)):
+            if start / 2 < s <= max_strength * (1 + 1e-9):
+                run(s)
+    return base, list(tried.values())
+
+
+# ------------------------------------------------------------------------------------------ settings
+
+
+def pilot_settings(cfg: AugmentConfig) -> dict[str, Any]:
+    """The config fields the pilot's outcome depends on."""
+    return {k: v for k, v in cfg.hashed_fields().items() if k not in IRRELEVANT_FIELDS}
+
+
+def pilot_key(cfg: AugmentConfig, reference_hash: str, model_id: str, files: list[str]) -> str:
+    """sha256 of (pilot version, references' content hash, model id, the references the job guides with
+    (after `--holdout`), settings)."""
+    payload = {
+        "version": PILOT_VERSION,
+        "references": reference_hash,
+        "model": model_id,
+        "files": files,
+        "settings": pilot_settings(cfg),
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def feature_space(
+    model_spec: str | None, channels: int, size: int, references: torch.Tensor, digits: torch.Tensor | None = None
+) -> FeatureExtractor:
+    """The pilot's scoring space, never the guided latent space.
+
+    The shipped classifier's penultimate features when the run uses the shipped prior *and* the classifier
+    reads the (decoded, held-out) `references`: accuracy >= READABLE on their `digits` when the class folders
+    are digits, else a mean top-class probability >= READABLE. A shift it cannot read (a grey background,
+    heavy noise) puts its features out of their range, where distances mean nothing. Otherwise the decoded
+    images downsampled to at most PIXEL_FEATURE_SIZE: coarse structure (stroke, slant, layout, contrast,
+    colour) without texture-level noise.
+    """
+    if model_spec in (None, "shipped") and shipped_classifier_available():
+        clf = load_shipped_classifier()
+        extractor = classifier_extractor(clf)
+        with torch.no_grad():
+            probs = torch.cat([clf.fc(extractor.fn(c)).softmax(1).cpu() for c in references.split(256)])
+        if digits is not None:
+            read = float((probs.argmax(1) == digits.cpu()).double().mean())
+            how = "accuracy"
+        else:
+            read = float(probs.max(1).values.double().mean())
+            how = "mean confidence"
+        if read >= READABLE:
+            extractor.description += f" (its {how} on the held-out references: {read:.2f})"
+            return extractor
+        log.info("pilot: the shipped classifier cannot read these references (%s %.2f): pixel features", how, read)
+    side = min(size, PIXEL_FEATURE_SIZE)
+    return FeatureExtractor(
+        "pixels",
+        f"decoded images at {side}x{side} pixels",
+        lambda x: fit_images(x, channels, side).flatten(1),
+    )
+
+
+def class_tv(judged: torch.Tensor, proportions: torch.Tensor) -> float:
+    """Total variation ½ Σ_c |share_c − p_c| between judged classes (−1: other) and the planned proportions."""
+    k = len(proportions)
+    counts = torch.bincount(judged.clamp_min(-1) + 1, minlength=k + 1).double()
+    share = counts / counts.sum()
+    planned = torch.cat([torch.zeros(1, dtype=torch.float64), proportions.double()])
+    return float(0.5 * (share - planned).abs().sum())
+
+
+# ------------------------------------------------------------------------------------------ running
+
+
+def run_pilot(ctx: Any) -> dict[str, Any]:
+    """Run the search for a `worker.JobContext` whose config says strength 'auto'; returns the record
+    (JSON-ready): key, chosen, reason, baseline, candidates, feature space, counts, seconds, cost."""
+    from .reference import build_target, split_holdout
+    from .worker import JobContext, generate
+
+    cfg: AugmentConfig = ctx.cfg
+    bundle = ctx.bundle
+    t0 = time.perf_counter()
+    base_record = {
+        "version": PILOT_VERSION,
+        "requested": "auto",
+        "settings": {
+            "samples": cfg.pilot_samples,
+            "holdout": cfg.pilot_holdout,
+            "start": cfg.pilot_start,
+            "max_strength": cfg.pilot_max_strength,
+        },
+    }
+    if cfg.guidance == "none":
+        return dict(base_record, chosen=0.0, reason="guidance is none: no strength to choose", candidates=[])
+    seed = derive_seed("pilot", cfg.seed) & 0x7FFFFFFF
+    try:
+        guide = split_holdout(bundle, cfg.pilot_holdout, seed)
+    except ValueError:
+        guide = None
+    held_mask = torch.tensor([f in set(guide.heldout_files) for f in bundle.files]) if guide else None
+    if guide is None or int(held_mask.sum()) < MIN_PILOT_REFERENCES:
+        reason = (
+            f"too few references for a pilot ({len(bundle.files)}; it needs {MIN_PILOT_REFERENCES} to guide and "
+            f"{MIN_PILOT_REFERENCES} held out at pilot_holdout={cfg.pilot_holdout}): fallback strength"
+        )
+        log.warning("strength auto: %s %g", reason, FALLBACK_STRENGTH)
+        return dict(base_record, chosen=FALLBACK_STRENGTH, reason=reason, candidates=[])
+    model = ctx.model
+    held_latents = bundle.latents[held_mask]
+    guide_target = build_target(cfg, guide, model.device)
+    held_images = model.decode(held_latents.to(model.device), batch_size=cfg.batch_size)
+    digits = None
+    if ctx.model_labels is not None and bundle.labels is not None:
+        digits = torch.tensor([ctx.model_labels[int(c)] for c in bundle.labels[held_mask]])
+    features = feature_space(cfg.model, model.image_channels, model.image_size, held_images, digits)
+    held_feats = extract(features, held_images)
+    bandwidth = float(median_pairwise_distance(held_feats))
+    ref_feats = torch.cat([held_feats, extract(features, model.decode(guide.latents.to(model.device)))])
+    kernel = RBFKernel(bandwidth)
+    n = cfg.pilot_samples
+    pilot_cfg = cfg.model_copy(update={"seed": seed, "strength": 0.0})
+    labels = assign_classes(pilot_cfg, ShardPlan(0, 0, n, n), ctx.proportions)
+    k = max(1, min(PRDC_K, n - 1, len(held_feats) - 1))
+
+    def evaluate(strength: float) -> Candidate:
+        t = time.perf_counter()
+        sub = JobContext(
+            replace_cfg(pilot_cfg, strength),
+            model,
+            guide,
+            guide_target,
+            ctx.proportions,
+            ctx.model_labels,
+            judge=ctx.judge,
+        )
+        latents = generate(sub, range(n), labels)
+        images = model.decode(latents.to(model.device), batch_size=cfg.batch_size)
+        feats = extract(features, images)
+        quality = prdc(feats, held_feats, k=k)
+        outside = nearest_reference_distance(latents, guide.latents) > cfg.support_radius * bundle.bandwidth
+        far = torch.tensor(garbage(feats, ref_feats)["mask"], dtype=torch.bool)
+        tv = None
+        if labels is not None and ctx.judge is not None and ctx.proportions is not None:
+            tv = class_tv(ctx.judge(latents, images), ctx.proportions)
+        c = Candidate(
+            strength=strength,
+            mmd2=float(mmd2(feats, held_feats, kernel, unbiased=True)),
+            precision=quality["precision"],
+            recall=quality["recall"],
+            coverage=quality["coverage"],
+            garbage=float((outside | far).double().mean()),
+            spread=float(nearest_neighbour_distances(feats).median()),
+            class_tv=tv,
+            seconds=time.perf_counter() - t,
+        )
+        log.info(
+            "pilot s=%g: MMD² %.4g, precision %.3f, coverage %.3f, garbage %.3f%s (%.1f s)",
+            strength,
+            c.mmd2,
+            c.precision,
+            c.coverage,
+            c.garbage,
+            "" if tv is None else f", class TV {tv:.3f}",
+            c.seconds,
+        )
+        return c
+
+    baseline, candidates = search(evaluate, cfg.pilot_start, cfg.pilot_max_strength, n)
+    chosen, reason = choose(candidates, baseline)
+    seconds = time.perf_counter() - t0
+    generated = n * (1 + len(candidates))
+    record = dict(
+        base_record,
+        chosen=chosen,
+        reason=reason,
+        feature_space=features.description,
+        guide_references=len(guide.files),
+        heldout_references=int(held_mask.sum()),
+        baseline=asdict(baseline),
+        candidates=[asdict(c) for c in candidates],
+        samples_generated=generated,
+        seconds=round(seconds, 3),
+        job_generated=primary_count(cfg),
+        cost_fraction_of_job=generated / primary_count(cfg),
+    )
+    log.info(
+        "strength auto: chose %g (%s) from %d candidates in %.1f s, %d samples (%.1f%% of this job's)",
+        chosen,
+        reason,
+        len(candidates),
+        seconds,
+        generated,
+        100 * record["cost_fraction_of_job"],
+    )
+    return record
+
+
+def replace_cfg(cfg: AugmentConfig, strength: float) -> AugmentConfig:
+    return cfg.model_copy(update={"strength": float(strength)})
+
+
+__all__ = [
+    "Candidate",
+    "choose",
+    "class_tv",
+    "feature_space",
+    "is_feasible",
+    "pilot_key",
+    "pilot_settings",
+    "run_pilot",
+    "search",
+]

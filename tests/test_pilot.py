@@ -1,0 +1,173 @@
+"""`--strength auto`: the pilot's search and choice on constructed cases, and its record in a real run."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import webdataset as wds
+from tiny_models import save_tiny_dit, tiny_job_config, write_reference_folder
+
+import pipeline.job
+from pipeline.job import run_job
+from pipeline.pilot import Candidate, choose, class_tv, is_feasible, search
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _candidate(s: float, mmd2: float, precision=0.8, coverage=0.9, garbage=0.0, class_tv=0.05, spread=1.0) -> Candidate:
+    return Candidate(s, mmd2, precision, 0.8, coverage, garbage, spread, class_tv, seconds=0.0)
+
+
+def _bowl(best: float, collapse_above: float = math.inf):
+    """MMD² a parabola in log2(s) with its minimum at `best`; above `collapse_above` coverage collapses and
+    MMD² keeps falling (what a collapse onto one shape looks like to MMD alone)."""
+    tried = []
+
+    def evaluate(s: float) -> Candidate:
+        tried.append(s)
+        if s == 0:
+            return _candidate(0.0, 1.0)
+        if s > collapse_above:
+            return _candidate(s, 0.001, coverage=0.3)
+        return _candidate(s, 0.02 + 0.01 * math.log2(s / best) ** 2)
+
+    return evaluate, tried
+
+
+def test_search_doubles_then_refines_and_picks_the_known_best():
+    evaluate, tried = _bowl(best=0.02)
+    base, candidates = search(evaluate, start=0.0025, max_strength=0.16, n=64)
+    assert tried[0] == 0.0 and tried[1:5] == [0.0025, 0.005, 0.01, 0.02]  # doubling from the start
+    assert 0.04 in tried  # the first worse candidate ends the doubling
+    assert 0.08 not in tried
+    assert any(math.isclose(s, 0.02 / math.sqrt(2)) for s in tried)  # refinement around the best
+    assert any(math.isclose(s, 0.02 * math.sqrt(2)) for s in tried)
+    chosen, reason = choose(candidates, base)
+    assert chosen == pytest.approx(0.02) and "feasible" in reason
+
+
+def test_a_collapse_that_mmd_calls_better_is_not_chosen():
+    evaluate, _ = _bowl(best=0.08, collapse_above=0.03)
+    base, candidates = search(evaluate, start=0.0025, max_strength=0.16, n=64)
+    collapsed = [c for c in candidates if c.strength > 0.03]
+    assert collapsed and all(not c.feasible and "coverage" in c.violations[0] for c in collapsed)
+    chosen, _ = choose(candidates, base)
+    assert 0.0025 <= chosen <= 0.03  # the best *feasible* strength, not the lowest MMD²
+
+
+def test_guidance_off_when_no_candidate_beats_unguided():
+    def evaluate(s: float) -> Candidate:
+        return _candidate(s, 0.5 + s)
+
+    base, candidates = search(evaluate, start=0.01, max_strength=0.16, n=64)
+    chosen, reason = choose(candidates, base)
+    assert chosen == 0.0 and "guidance off" in reason
+
+
+def test_constraints_name_what_they_violate():
+    base = _candidate(0.0, 1.0, precision=0.8, coverage=0.9, garbage=0.0, class_tv=0.05)
+    assert is_feasible(_candidate(0.01, 0.1), base, n=64) == []
+    tol = math.sqrt(0.8 * 0.2 / 64)
+    assert is_feasible(_candidate(0.01, 0.1, precision=0.8 - tol / 2), base, n=64) == []  # within noise
+    worst = _candidate(0.01, 0.1, precision=0.6, garbage=0.05, class_tv=0.3, coverage=0.5, spread=0.2)
+    bad = is_feasible(worst, base, n=64)
+    assert [v.split()[0] for v in bad] == ["precision", "coverage", "spread", "class", "garbage"]
+    perfect = _candidate(0.0, 1.0, precision=1.0)
+    assert is_feasible(_candidate(0.01, 0.1, precision=1 - 1 / 64), perfect, n=64) == []  # one sample's worth
+
+
+def test_class_tv_counts_other_classes_as_off_plan():
+    p = torch.tensor([0.5, 0.5], dtype=torch.float64)
+    assert class_tv(torch.tensor([0, 1, 0, 1]), p) == pytest.approx(0.0)
+    assert class_tv(torch.tensor([0, 0, 0, 0]), p) == pytest.approx(0.5)
+    assert class_tv(torch.tensor([-1, -1, 0, 1]), p) == pytest.approx(0.5)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pilot")
+    return {
+        "dit": str(save_tiny_dit(root / "dit")),
+        "refs": str(write_reference_folder(root / "refs", count=40, classes=("a", "b"))),
+        "cache": str(root / "cache"),
+    }
+
+
+def test_strength_auto_records_its_choice_in_run_json_and_resumes_from_it(tiny, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    cfg = tiny_job_config(tiny, out, n=8, shard_size=8, pilot_samples=8, pilot_max_strength=0.02)
+    assert cfg.strength == "auto"
+    summary = run_job(cfg)
+    record = json.loads((out / "run.json").read_text())
+    pilot = record["pilot"]
+    assert record["config"]["strength"] == "auto"
+    assert pilot["chosen"] == summary.strength == record["summary"]["strength"]
+    assert pilot["baseline"]["strength"] == 0.0 and len(pilot["candidates"]) >= 2
+    assert [c["strength"] for c in pilot["candidates"]][:2] == [0.0025, 0.005]
+    assert pilot["heldout_references"] == 12 and pilot["guide_references"] == 28
+    assert pilot["samples_generated"] == 8 * (1 + len(pilot["candidates"]))
+    assert pilot["seconds"] > 0 and 0 < pilot["cost_fraction_of_job"]
+    assert "pixels" in pilot["feature_space"]
+    assert json.loads((out / "pilot.json").read_text())["key"] == pilot["key"]
+    samples = list(wds.WebDataset(str(out / "shards" / "synthetic-000000.tar"), shardshuffle=False).decode())
+    assert len(samples) == 8
+    assert {(s["json"]["guidance"]["strength"], s["json"]["guidance"]["strength_requested"]) for s in samples} == {
+        (pilot["chosen"], "auto")
+    }
+    # a resume, and a new run with the same references, model and settings, reuse the record
+    monkeypatch.setattr(pipeline.job, "run_pilot", lambda ctx: pytest.fail("the pilot ran again"))
+    (out / "shards" / "synthetic-000000.tar.done").unlink()
+    assert run_job(cfg).strength == pilot["chosen"]
+    other = tiny_job_config(tiny, tmp_path / "other", n=16, shard_size=8, pilot_samples=8, pilot_max_strength=0.02)
+    assert run_job(other).strength == pilot["chosen"]
+
+
+def test_the_eval_report_shows_the_pilot():
+    from dataclasses import asdict
+
+    from pipeline.evaluation.report import pilot_figure, pilot_section
+
+    base = _candidate(0.0, 0.02)
+    cands = [_candidate(0.01, 0.01), _candidate(0.02, 0.005, coverage=0.2)]
+    cands[1].feasible, cands[1].violations = False, ["coverage 0.2 < 0.9 x unguided 0.9"]
+    pilot = {
+        "chosen": 0.01,
+        "reason": "lowest MMD² among 1 feasible candidate(s)",
+        "baseline": asdict(base),
+        "candidates": [asdict(c) for c in cands],
+        "feature_space": "decoded images at 32x32 pixels",
+        "samples_generated": 192,
+        "seconds": 12.5,
+        "cost_fraction_of_job": 0.02,
+        "heldout_references": 30,
+    }
+    html = pilot_section(pilot)
+    assert "chosen s = 0.01" in html and "coverage 0.2 &lt; 0.9" in html and html.count("<tr>") == 4
+    assert pilot_figure(pilot).startswith(b"\x89PNG")
+    assert pilot_section(None) == ""
+
+
+def test_the_shipped_classifier_scores_the_pilot_only_where_it_reads_the_references():
+    from pipeline.pilot import feature_space
+    from storage.references import read_references
+
+    refs = read_references(str(REPO / "examples" / "thick_digits"), channels=1, size=(32, 32))
+    digits = torch.tensor([int(refs.class_names[int(c)]) for c in refs.labels])
+    assert feature_space(None, 1, 32, refs.images, digits).name == "classifier"
+    assert feature_space(None, 1, 32, refs.images).name == "classifier"  # unlabelled: its confidence
+    grey = 0.2 * refs.images - 0.3  # low contrast on a grey background: out of the classifier's range
+    assert feature_space(None, 1, 32, grey, digits).name == "pixels"
+    assert feature_space("some/other-model", 1, 64, refs.images, digits).name == "pixels"
+
+
+def test_garbage_tolerance_is_at_least_the_baselines_standard_error():
+    base = _candidate(0.0, 1.0, garbage=0.125)
+    se = math.sqrt(0.125 * 0.875 / 64)  # 0.041: four samples in 64
+    assert is_feasible(_candidate(0.01, 0.1, garbage=0.125 + se - 1e-6), base, n=64) == []
+    assert is_feasible(_candidate(0.01, 0.1, garbage=0.125 + se + 1e-6), base, n=64)[0].startswith("garbage")
+    clean = _candidate(0.0, 1.0, garbage=0.0)
+    assert is_feasible(_candidate(0.01, 0.1, garbage=0.03), clean, n=64)[0].startswith("garbage")  # 2 points
