@@ -252,3 +252,20 @@ def test_dry_run_estimate_is_total_over_the_guidance_methods():
     assert costs["lookahead"] > costs["posterior"]
     with_cfg = seconds_per_sample_estimate(base.model_copy(update={"cfg_scale": 2.0}))
     assert with_cfg == pytest.approx(2 * costs["latent"])
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_loading_the_shipped_prior_prints_no_warning(capfd, caplog, dtype):
+    """The dtype is given at load (diffusers keeps float32 modules), not cast after it: no 'modules in
+    AutoencoderKL that should be kept in float32' line before every run (it broke `--progress json`)."""
+    import logging
+
+    import torch
+
+    from pipeline.models.loading import load_model
+
+    with caplog.at_level(logging.WARNING):
+        model = load_model(None, "cpu", dtype)
+    assert model.vae.dtype == getattr(torch, dtype)
+    printed = capfd.readouterr().err + caplog.text  # diffusers logs to stderr, or to the root logger
+    assert "should be kept in float32" not in printed and "WARNING" not in printed, printed

@@ -109,9 +109,7 @@ def load_model(spec: str | None = None, device: str = "auto", dtype: str = "auto
 def _load_shipped(device: torch.device, dtype: torch.dtype, path: str | Path | None = None) -> LoadedModel:
     from .shipped import SHIPPED_MODEL_DIR, load_shipped
 
-    prior = load_shipped(path or SHIPPED_MODEL_DIR, device=device)
-    prior.unet.to(dtype)
-    prior.vae.to(dtype)
+    prior = load_shipped(path or SHIPPED_MODEL_DIR, device=device, dtype=dtype)
     info = prior.info
     denoiser = InternalGuidanceUNetAdapter(prior.unet, null_class=int(info["null_class_id"]))
     return LoadedModel(
