@@ -15,12 +15,12 @@ local server for the duration of the run.
 
 from __future__ import annotations
 
-import inspect
-from typing import Annotated, Any
+from typing import Any
 
 import typer
 
 from pipeline import cli as pipeline_cli
+from pipeline.cli_options import keyword_option
 
 
 def run_flow(cfg, shards_per_task: int | None = None, per_run_output: bool = False) -> dict[str, Any]:
@@ -58,28 +58,14 @@ def flow_command(ctx: typer.Context, **values: Any) -> None:
         pipeline_cli.fail(str(exc), as_json=cfg.progress == "json")
 
 
-flow_command.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
-    [
-        inspect.Parameter("ctx", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=typer.Context),
-        *pipeline_cli.job_parameters(),
-        inspect.Parameter(
-            "shards_per_task",
-            inspect.Parameter.KEYWORD_ONLY,
-            default=None,
-            annotation=Annotated[
-                int | None,
-                typer.Option(help="Shards per Prefect task (the unit of retry); default 1, or all with K workers."),
-            ],
-        ),
-        inspect.Parameter(
-            "per_run_output",
-            inspect.Parameter.KEYWORD_ONLY,
-            default=False,
-            annotation=Annotated[
-                bool, typer.Option("--per-run-output", help="Write into <out>/<run start time, UTC>.")
-            ],
-        ),
-    ]
+flow_command.__signature__ = pipeline_cli.job_command_signature(  # type: ignore[attr-defined]
+    keyword_option(
+        "shards_per_task",
+        int | None,
+        None,
+        help="Shards per Prefect task (the unit of retry); default 1, or all with K workers.",
+    ),
+    keyword_option("per_run_output", bool, False, "--per-run-output", help="Write into <out>/<run start time, UTC>."),
 )
 
 

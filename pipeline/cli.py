@@ -19,7 +19,7 @@ import typer
 from pydantic import ValidationError
 
 from . import __version__
-from .cli_options import config_values, describe_errors, option_parameters
+from .cli_options import config_values, describe_errors, keyword_option, option_parameters
 from .config import AugmentConfig
 
 EXAMPLE_REFS = Path(__file__).resolve().parent.parent / "examples" / "thick_digits"
@@ -153,16 +153,12 @@ def execute(cfg: AugmentConfig) -> None:
         typer.echo(line)
 
 
-def job_parameters() -> list[inspect.Parameter]:
-    """The job's options as keyword-only `inspect.Parameter`s: `--config FILE`, then one per config field
-    (for every command that takes the job's options: `augment` and `augment flow`)."""
-    config = inspect.Parameter(
-        "config",
-        inspect.Parameter.KEYWORD_ONLY,
-        default=None,
-        annotation=Annotated[Path | None, typer.Option(help="JSON/TOML config file; flags override it.")],
-    )
-    return [config, *option_parameters()]
+def job_command_signature(*extra: inspect.Parameter) -> inspect.Signature:
+    """The signature of a command that takes the job's options (`augment`, `augment flow`): the typer
+    context, `--config FILE`, one option per config field, then `extra`."""
+    context = inspect.Parameter("ctx", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=typer.Context)
+    config = keyword_option("config", Path | None, None, help="JSON/TOML config file; flags override it.")
+    return inspect.Signature([context, config, *option_parameters(), *extra])
 
 
 def augment(ctx: typer.Context, **values: Any) -> None:
@@ -185,25 +181,9 @@ def augment(ctx: typer.Context, **values: Any) -> None:
         execute(cfg)
 
 
-augment.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
-    [
-        inspect.Parameter("ctx", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=typer.Context),
-        *job_parameters(),
-        inspect.Parameter(
-            "dry_run",
-            inspect.Parameter.KEYWORD_ONLY,
-            default=False,
-            annotation=Annotated[
-                bool, typer.Option("--dry-run", help="Check the references, print the plan and exit.")
-            ],
-        ),
-        inspect.Parameter(
-            "version",
-            inspect.Parameter.KEYWORD_ONLY,
-            default=False,
-            annotation=Annotated[bool, typer.Option("--version", help="Print the version and exit.")],
-        ),
-    ]
+augment.__signature__ = job_command_signature(  # type: ignore[attr-defined]
+    keyword_option("dry_run", bool, False, "--dry-run", help="Check the references, print the plan and exit."),
+    keyword_option("version", bool, False, "--version", help="Print the version and exit."),
 )
 
 
@@ -241,10 +221,5 @@ def make_app() -> typer.Typer:
 
 app = make_app()
 
-
-def main() -> None:
+if __name__ == "__main__":  # `python -m pipeline.cli`: every command but `flow` (the entry point is flows.cli)
     app()
-
-
-if __name__ == "__main__":
-    main()

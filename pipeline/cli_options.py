@@ -94,6 +94,14 @@ def _help(field: FieldInfo) -> str:
     return f"{text}  [default: {_shown_default(field)}]"
 
 
+def keyword_option(name: str, annotation: Any, default: Any, *decls: str, help: str) -> inspect.Parameter:
+    """A keyword-only parameter that typer reads as an option (for signatures built at run time)."""
+    option = typer.Option(*decls, help=help)
+    return inspect.Parameter(
+        name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=Annotated[annotation, option]
+    )
+
+
 def option_parameters() -> list[inspect.Parameter]:
     """One keyword-only `typer.Option` parameter per flag field (default None: not given)."""
     params = []
@@ -104,8 +112,8 @@ def option_parameters() -> list[inspect.Parameter]:
         else:
             annotation = str | None
             option = typer.Option(help=_help(field), show_default=False, metavar=metavar(field))
-        kind = inspect.Parameter.KEYWORD_ONLY
-        params.append(inspect.Parameter(name, kind, default=None, annotation=Annotated[annotation, option]))
+        annotated = Annotated[annotation, option]
+        params.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=annotated))
     return params
 
 
