@@ -10,7 +10,8 @@ a bad value is one line naming the flag:
     --guidance nope: Input should be 'none', 'latent', 'posterior', 'lookahead' or 'noisy'
 
 Multi-valued fields (tuples) take comma-separated values (`--bandwidth-factors 0.5,1,2`). A field typed
-as a number or a word (`float | Literal["auto"]`) takes either.
+as a number or a word (`float | Literal["auto"]`) takes either; one that may be None takes `none`
+(`--lookahead-steps none`: end-to-end guidance).
 """
 
 from __future__ import annotations
@@ -72,7 +73,7 @@ def metavar(field: FieldInfo) -> str:
                 parts.append(",".join(_NUMBER_NAMES.get(t, "TEXT") for t in args))
         else:
             parts.append(_NUMBER_NAMES.get(a, "TEXT"))
-    choices = _choices(field.annotation)
+    choices = _choices(field.annotation) + (["none"] if is_optional(field) else [])
     if not parts:
         return "[" + "|".join(choices) + "]"
     return "|".join(parts + choices)
@@ -117,14 +118,22 @@ def option_parameters() -> list[inspect.Parameter]:
     return params
 
 
+def is_optional(field: FieldInfo) -> bool:
+    """A field that may be None (`--lookahead-steps none`: end-to-end guidance)."""
+    return get_origin(field.annotation) in (Union, types.UnionType) and type(None) in get_args(field.annotation)
+
+
 def config_values(values: dict[str, Any]) -> dict[str, Any]:
-    """The given flags (None = not given) as config input: comma lists split, the rest as typed."""
+    """The given flags (None = not given) as config input: `none` for None where a field allows it,
+    comma lists split, the rest as typed."""
     fields = flag_fields()
     out = {}
     for name, value in values.items():
         if value is None or name not in fields:
             continue
-        if isinstance(value, str) and is_sequence(fields[name]):
+        if isinstance(value, str) and is_optional(fields[name]) and value.strip().lower() == "none":
+            value = None
+        elif isinstance(value, str) and is_sequence(fields[name]):
             value = [part.strip() for part in value.split(",")]
         out[name] = value
     return out

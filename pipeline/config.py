@@ -187,7 +187,7 @@ class AugmentConfig(BaseModel):
 
     @classmethod
     def from_file(cls, path: str | Path, **overrides: object) -> AugmentConfig:
-        """Load a JSON (or TOML) config file; keyword overrides win.
+        """Load a JSON (or TOML) config file; keyword overrides win (None included: pass only what was given).
 
         Raises:
             OSError: the file cannot be read. ValueError: it is not a JSON/TOML object of settings.
@@ -203,5 +203,5 @@ class AugmentConfig(BaseModel):
             data = json.loads(text)
         if not isinstance(data, dict):
             raise ValueError(f"holds {type(data).__name__ if data is not None else 'null'}, not an object of settings")
-        data.update({k: v for k, v in overrides.items() if v is not None})
+        data.update(overrides)
         return cls.model_validate(data)

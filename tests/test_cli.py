@@ -191,6 +191,17 @@ def test_every_choice_of_every_literal_field_dry_runs(tiny, tmp_path, no_model_l
     assert not out.exists()
 
 
+def test_none_sets_an_optional_field_to_none_over_a_config_file(tiny, tmp_path, monkeypatch):
+    seen = []
+    monkeypatch.setattr("pipeline.cli.dry_run", seen.append)
+    config = tmp_path / "job.json"
+    config.write_text(json.dumps({"ref": tiny["refs"], "n": 4, "out": str(tmp_path / "o"), "lookahead_steps": 3}))
+    assert invoke(["--config", str(config), "--dry-run"]).exit_code == 0
+    assert invoke(["--config", str(config), "--lookahead-steps", "none", "--dry-run"]).exit_code == 0
+    assert [cfg.lookahead_steps for cfg in seen] == [3, None]
+    assert "--lookahead-steps INTEGER|none" in " ".join(invoke(["--help"]).output.split())
+
+
 def test_bare_augment_prints_the_help():
     result = invoke([])
     assert result.exit_code == 0 and "--ref" in result.output
