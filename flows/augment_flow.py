@@ -34,14 +34,15 @@ from prefect.tasks import exponential_backoff
 
 from pipeline import job
 from pipeline.config import AugmentConfig
+from pipeline.executors import launch_workers, run_shards_in_process
 from pipeline.models.loading import LoadedModel, load_model
 from pipeline.plan import plan_job
-from pipeline.reference import default_cache_dir
+from pipeline.reference import check_references, default_cache_dir
 from pipeline.worker import JobContext
 from storage.bundle import bundle_dir
 from storage.errors import InputError
 from storage.manifest import manifest_part_path
-from storage.references import _is_hidden
+from storage.references import is_hidden
 from storage.shards import is_done, shard_path
 
 log = logging.getLogger(__name__)
@@ -71,7 +72,7 @@ def reference_fingerprint(ref: str) -> str:
     h = hashlib.sha256(b"refs-v1")
     for path in sorted(fs.find(root)):
         rel = path[len(root) :].lstrip("/")
-        if _is_hidden(rel):
+        if is_hidden(rel):
             continue  # hidden and junk files (.DS_Store, Thumbs.db, ...): read_references ignores them too
         digest = hashlib.sha256()
         with fs.open(path, "rb") as f:
@@ -85,14 +86,14 @@ def model_fingerprint(spec: str | None) -> str:
     """A stable id of the model without loading it: a local folder (the shipped prior for None) is
     hashed like `pipeline.models.loading` names it (config files + weight sizes); a hub id or an
     import path stands for itself."""
-    from pipeline.models.loading import _model_id
+    from pipeline.models.loading import model_id_for
 
     if spec is None or spec == "shipped":
         from pipeline.models.shipped import SHIPPED_MODEL_DIR
 
-        return "shipped:" + _model_id(str(SHIPPED_MODEL_DIR))
+        return "shipped:" + model_id_for(str(SHIPPED_MODEL_DIR))
     if Path(spec).exists():
-        return "folder:" + _model_id(spec)
+        return "folder:" + model_id_for(spec)
     return "spec:" + spec
 
 
@@ -185,6 +186,7 @@ def _as_config(config: AugmentConfig | dict[str, Any]) -> AugmentConfig:
 
 def encode_references(cfg: AugmentConfig) -> dict[str, Any]:
     """Read the references now and build (or reuse from disk) their bundle; small JSON-able facts."""
+    check_references(cfg)  # before the model loads: input errors come first
     with _lock:
         bundle = remember_context(job.build_context(cfg, model=shared_model(cfg))).bundle
     cache = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
@@ -254,10 +256,9 @@ def run_shard_range(config: dict[str, Any], shard_ids: list[int]) -> list[str]:
     if todo:
         t0 = time.perf_counter()
         if cfg.processes > 1:
-            job.launch_workers(cfg, todo)
+            launch_workers(cfg, todo)
         else:
-            ctx = shared_context(cfg)
-            job.run_shards_in_process(ctx, plan_job(cfg), todo)
+            run_shards_in_process(shared_context(cfg), plan_job(cfg), todo)
         logger.info("wrote shard(s) %s in %.1f s", todo, time.perf_counter() - t0)
     missing = [s for s in shard_ids if not is_done(cfg.out, cfg.prefix, s)]
     if missing:

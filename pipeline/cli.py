@@ -1,37 +1,53 @@
-"""`augment`: the command-line entry point (a thin shell over `pipeline.job`)."""
+"""`augment`'s commands: the job (the app's callback), `demo`, `eval` and `utility`; a thin shell over
+`pipeline.job`.
+
+The job's options are generated from `AugmentConfig` (`pipeline.cli_options`). The `augment` entry point
+is `flows.cli:main`, which adds the Prefect sub-command `flow` to the app `make_app` builds here (this
+package imports neither `flows` nor Prefect). `python -m pipeline.cli` runs everything but `flow`.
+"""
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import sys
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, NoReturn
 
 import typer
 from pydantic import ValidationError
 
 from . import __version__
-
-app = typer.Typer(
-    add_completion=False,
-    no_args_is_help=False,
-    invoke_without_command=True,
-    help="Generate synthetic training data that follows a small reference sample, with MMD-guided diffusion.\n\n"
-    "  augment --ref ./xray_samples --n 100000 --out ./synthetic",
-    rich_markup_mode=None,
-)
+from .cli_options import config_values, describe_errors, keyword_option, option_parameters
+from .config import AugmentConfig
 
 EXAMPLE_REFS = Path(__file__).resolve().parent.parent / "examples" / "thick_digits"
 
+APP_HELP = (
+    "Generate synthetic training data that follows a small reference sample, with MMD-guided diffusion.\n\n"
+    "  augment --ref ./xray_samples --n 100000 --out ./synthetic"
+)
 
-def _fail(message: str, code: int = 2) -> None:
-    typer.echo(f"error: {message}", err=True)
+#: Seconds per sample and step of the shipped prior, unguided: 86 ms per sample at 50 DDIM steps
+#: (model card, 2-core CPU).
+SECONDS_PER_SAMPLE_STEP = 0.086 / 50
+
+
+def fail(message: str, code: int = 2, *, as_json: bool = False) -> NoReturn:
+    """Print one line naming the problem on stderr (`error: ...`, or a JSON event line under
+    `--progress json`) and exit (code 2: bad input or settings)."""
+    if as_json:
+        typer.echo(json.dumps({"event": "error", "message": message}), err=True)
+    else:
+        typer.echo(f"error: {message}", err=True)
     raise typer.Exit(code)
 
 
-def _setup_logging(progress: str) -> None:
+def setup_logging(progress: str) -> None:
+    """Log to stderr: INFO (WARNING under quiet), as JSON lines under `--progress json` (warnings too)."""
     level = logging.WARNING if progress == "quiet" else logging.INFO
+    logging.captureWarnings(True)
     if progress == "json":
         logging.basicConfig(level=level, stream=sys.stderr, format="%(message)s")
         for handler in logging.getLogger().handlers:
@@ -45,160 +61,165 @@ class _JsonFormatter(logging.Formatter):
         return json.dumps({"level": record.levelname, "logger": record.name, "message": record.getMessage()})
 
 
-def build_config(config_file: Path | None, values: dict[str, Any]):
-    """The validated config from an optional file plus the flags that were given."""
-    from .config import AugmentConfig
-
-    given = {k: v for k, v in values.items() if v is not None}
+def build_config(config_file: Path | None, values: dict[str, Any]) -> AugmentConfig:
+    """The validated config from an optional file plus the flags that were given (None = not given)."""
+    given = config_values(values)
     try:
         if config_file is not None:
             return AugmentConfig.from_file(config_file, **given)
         return AugmentConfig(**given)
     except ValidationError as exc:
-        problems = "; ".join(f"--{'-'.join(map(str, e['loc'])).replace('_', '-')}: {e['msg']}" for e in exc.errors())
-        _fail(f"invalid settings: {problems}")
+        fail(f"invalid settings: {describe_errors(exc)}")
     except (OSError, ValueError) as exc:
-        _fail(f"{config_file}: {exc}")
+        fail(f"--config {config_file}: {exc}")
 
 
-def execute(cfg, dry_run: bool = False) -> None:
-    """Run (or describe) the job with a progress bar / quiet / JSON logs."""
+def seconds_per_sample_estimate(cfg: AugmentConfig) -> float:
+    """Rough seconds per generated sample of the shipped prior on a 2-core CPU: steps × the guidance
+    method's denoiser cost per step (`guidance.denoiser_cost`) × 2 with classifier-free guidance."""
+    from guidance import denoiser_cost, make_guidance_method
+
+    method = None if cfg.guidance == "none" else make_guidance_method(cfg.guidance, lookahead_steps=cfg.lookahead_steps)
+    cfg_factor = 2 if cfg.cfg_scale != 1 else 1
+    return SECONDS_PER_SAMPLE_STEP * cfg.steps * denoiser_cost(method, cfg.steps) * cfg_factor
+
+
+def summary_lines(result: dict[str, Any], how: str = "") -> list[str]:
+    """The closing lines of a run (counts, time, MMD² of pool and kept set) from a job summary's fields."""
+    lines = [
+        f"kept {result['num_kept']} of {result['num_generated']} samples in {result['out']} "
+        f"({result['shards_written']} shard(s) written, {result['shards_skipped']} already done; "
+        f"{result['seconds']['total']:.1f} s{how})"
+    ]
+    if result.get("mmd2_pool") is not None:
+        lines.append(
+            f"MMD² to references (latent space, mean over shards): pool {result['mmd2_pool']:.4f}, "
+            f"kept {result['mmd2_kept']:.4f}"
+        )
+    return lines
+
+
+def dry_run(cfg: AugmentConfig) -> None:
+    """Check the references and print the plan, without loading the model or writing anything."""
+    from storage.errors import InputError
+
+    from .plan import plan_job
+    from .reference import check_references
+
+    try:
+        check_references(cfg)
+    except InputError as exc:
+        fail(str(exc), as_json=cfg.progress == "json")
+    typer.echo(plan_job(cfg).describe(seconds_per_sample=seconds_per_sample_estimate(cfg)))
+    typer.echo(f"config hash {cfg.config_hash}; output {cfg.out}")
+
+
+def execute(cfg: AugmentConfig) -> None:
+    """Run the job with a progress bar / quiet / JSON logs; input errors end as one line, exit 2."""
     import torch
 
     from storage.errors import InputError
 
     from .job import run_job
-    from .plan import plan_job
 
-    _setup_logging(cfg.progress)
-    plan = plan_job(cfg)
-    if dry_run:
-        typer.echo(plan.describe(seconds_per_sample=_seconds_per_sample_estimate(cfg)))
-        typer.echo(f"config hash {cfg.config_hash}; output {cfg.out}")
-        return
-    bar = None
-    if cfg.progress == "bar":
-        from tqdm.auto import tqdm
+    bars = []  # the progress bar, opened at the first tick: after the inputs are checked
 
-        bar = tqdm(total=cfg.n, unit="sample", desc="kept", dynamic_ncols=True)
+    def tick(count: int) -> None:
+        if not bars:
+            from tqdm.auto import tqdm
+
+            bars.append(tqdm(total=cfg.n, unit="sample", desc="kept", dynamic_ncols=True))
+        bars[0].update(count)
 
     def on_shard(result) -> None:
         if cfg.progress == "json":
             print(json.dumps({"event": "shard_done", **result.__dict__}), file=sys.stderr, flush=True)
 
+    as_json = cfg.progress == "json"
     try:
-        summary = run_job(cfg, progress=bar.update if bar is not None else None, on_shard=on_shard)
+        summary = run_job(cfg, progress=tick if cfg.progress == "bar" else None, on_shard=on_shard)
     except InputError as exc:
-        _fail(str(exc))
+        fail(str(exc), as_json=as_json)
     except torch.OutOfMemoryError:
-        _fail(
+        fail(
             f"out of memory at --batch-size {cfg.batch_size} on {cfg.device}: lower --batch-size "
-            "(or use --dtype float16/bfloat16 on a GPU); rerun the same command to resume"
+            "(or use --dtype float16/bfloat16 on a GPU); rerun the same command to resume",
+            as_json=as_json,
         )
     finally:
-        if bar is not None:
+        for bar in bars:
             bar.close()
-    typer.echo(
-        f"kept {summary.num_kept} of {summary.num_generated} samples in {summary.out} "
-        f"({summary.shards_written} shard(s) written, {summary.shards_skipped} already done; "
-        f"{summary.seconds['total']:.1f} s)"
-    )
-    if summary.mmd2_pool is not None:
-        typer.echo(
-            f"MMD² to references (latent space, mean over shards): pool {summary.mmd2_pool:.4f}, "
-            f"kept {summary.mmd2_kept:.4f}"
-        )
+    for line in summary_lines(summary.__dict__):
+        typer.echo(line)
 
 
-def _seconds_per_sample_estimate(cfg) -> float:
-    """Rough per-sample cost: 86 ms measured on the shipped prior (model card), 2-core CPU, 50 DDIM steps."""
-    base = 0.086 * cfg.steps / 50
-    factor = {"none": 1.0, "latent": 1.05, "posterior": 3.0, "lookahead": 3.0 * (cfg.lookahead_steps or cfg.steps)}
-    return base * factor[cfg.guidance] * (2 if cfg.cfg_scale != 1 else 1)
+def job_command_signature(*extra: inspect.Parameter) -> inspect.Signature:
+    """The signature of a command that takes the job's options (`augment`, `augment flow`): the typer
+    context, `--config FILE`, one option per config field, then `extra`."""
+    context = inspect.Parameter("ctx", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=typer.Context)
+    config = keyword_option("config", Path | None, None, help="JSON/TOML config file; flags override it.")
+    return inspect.Signature([context, config, *option_parameters(), *extra])
 
 
-@app.callback()
-def augment(
-    ctx: typer.Context,
-    ref: Annotated[
-        str | None, typer.Option(help="Reference folder or fsspec URL (class sub-folders = labels).")
-    ] = None,
-    n: Annotated[int | None, typer.Option(help="Number of samples to keep.")] = None,
-    out: Annotated[str | None, typer.Option(help="Output folder (shards/, manifest.parquet, run.json).")] = None,
-    config: Annotated[Path | None, typer.Option(help="JSON/TOML config file; flags override it.")] = None,
-    model: Annotated[str | None, typer.Option(help="Diffusers folder or hub id, or 'pkg.mod:factory'.")] = None,
-    guidance: Annotated[str | None, typer.Option(help="none | latent | posterior | lookahead")] = None,
-    strength: Annotated[float | None, typer.Option(help="Guidance strength s (see --normalization).")] = None,
-    kernel: Annotated[str | None, typer.Option(help="rbf | rbf-multi | imq | cubic | rff")] = None,
-    schedule: Annotated[str | None, typer.Option(help="constant | interval | linear_decay | linear_ramp")] = None,
-    schedule_start: Annotated[float | None, typer.Option(help="Guide from this fraction of the trajectory.")] = None,
-    schedule_end: Annotated[float | None, typer.Option(help="... up to this fraction.")] = None,
-    normalization: Annotated[str | None, typer.Option(help="per_sample | batch | raw")] = None,
-    lookahead_steps: Annotated[int | None, typer.Option(help="Sub-steps k of lookahead mode.")] = None,
-    memory: Annotated[int | None, typer.Option(help="Finished samples remembered per shard (0 = off).")] = None,
-    coupling: Annotated[str | None, typer.Option(help="batch | sequential (the public code's scheme)")] = None,
-    class_balance: Annotated[str | None, typer.Option(help="reference | uniform")] = None,
-    sampler: Annotated[str | None, typer.Option(help="ddim | ddpm | euler | dpmpp")] = None,
-    steps: Annotated[int | None, typer.Option(help="Sampling steps.")] = None,
-    cfg_scale: Annotated[float | None, typer.Option(help="Classifier-free guidance scale (1 = off).")] = None,
-    ig_scale: Annotated[float | None, typer.Option(help="Internal Guidance scale (1 = off).")] = None,
-    keep: Annotated[float | None, typer.Option(help="Fraction of generated samples kept by the filter.")] = None,
-    shard_size: Annotated[int | None, typer.Option(help="Kept samples per shard.")] = None,
-    batch_size: Annotated[int | None, typer.Option(help="Samples per batch (lower it on out-of-memory).")] = None,
-    seed: Annotated[int | None, typer.Option(help="Run seed.")] = None,
-    holdout: Annotated[
-        float | None, typer.Option(help="Fraction of references held out of guidance (for `augment eval`).")
-    ] = None,
-    prefix: Annotated[str | None, typer.Option(help="Shard file prefix.")] = None,
-    device: Annotated[str | None, typer.Option(help="auto | cpu | cuda | cuda:1 ...")] = None,
-    dtype: Annotated[str | None, typer.Option(help="auto | float32 | float16 | bfloat16")] = None,
-    processes: Annotated[int | None, typer.Option(help="Worker processes on this node (accelerate).")] = None,
-    progress: Annotated[str | None, typer.Option(help="bar | quiet | json")] = None,
-    save_latents: Annotated[bool | None, typer.Option(help="Store latent.npy in each sample.")] = None,
-    keep_rejected: Annotated[bool | None, typer.Option(help="Also write rejected samples (audit shards).")] = None,
-    cache_dir: Annotated[str | None, typer.Option(help="Where reference bundles are cached.")] = None,
-    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan and exit.")] = False,
-    version: Annotated[bool, typer.Option("--version", help="Print the version and exit.")] = False,
-) -> None:
-    if version:
+def augment(ctx: typer.Context, **values: Any) -> None:
+    """Run (or resume) the job; options: see `augment --help`."""
+    if values.pop("version"):
         typer.echo(f"mmd-augment {__version__}")
         raise typer.Exit()
     if ctx.invoked_subcommand is not None:
         return
-    values = {k: v for k, v in ctx.params.items() if k not in ("config", "dry_run", "version")}
-    if ref is None and config is None:
-        typer.echo(ctx.get_help())
+    is_dry_run = values.pop("dry_run")
+    config_file = values.pop("config")
+    if config_file is None and all(v is None for v in values.values()):
+        typer.echo(ctx.get_help())  # bare `augment`: the help
         raise typer.Exit()
-    execute(build_config(config, values), dry_run=dry_run)
+    cfg = build_config(config_file, values)
+    setup_logging(cfg.progress)
+    if is_dry_run:
+        dry_run(cfg)
+    else:
+        execute(cfg)
 
 
-@app.command()
+augment.__signature__ = job_command_signature(  # type: ignore[attr-defined]
+    keyword_option("dry_run", bool, False, "--dry-run", help="Check the references, print the plan and exit."),
+    keyword_option("version", bool, False, "--version", help="Print the version and exit."),
+)
+
+
 def demo(
     out: Annotated[str, typer.Option(help="Output folder.")] = "./out/demo",
     n: Annotated[int, typer.Option(help="Samples to keep.")] = 256,
 ) -> None:
     """Run the job on the shipped example references with the shipped prior."""
     if not EXAMPLE_REFS.is_dir():
-        _fail(f"{EXAMPLE_REFS}: the example references are missing from this checkout")
+        fail(f"{EXAMPLE_REFS}: the example references are missing from this checkout")
     cfg = build_config(None, {"ref": str(EXAMPLE_REFS), "n": n, "out": out, "shard_size": 128})
+    setup_logging(cfg.progress)
     execute(cfg)
     typer.echo(f"shards: {out}/shards/  manifest: {out}/manifest.parquet  run record: {out}/run.json")
 
 
-from .evaluation.cli import eval_command  # noqa: E402  (light: imports its heavy parts lazily)
-from .evaluation.utility_cli import utility_command  # noqa: E402
+def make_app() -> typer.Typer:
+    """The `augment` app with the pipeline's commands (the entry point `flows.cli` adds `flow`)."""
+    from .evaluation.cli import eval_command  # light: imports its heavy parts lazily
+    from .evaluation.utility_cli import utility_command
 
-app.command("eval")(eval_command)
-app.command("utility")(utility_command)
+    app = typer.Typer(
+        add_completion=False,
+        no_args_is_help=False,
+        invoke_without_command=True,
+        help=APP_HELP,
+        rich_markup_mode=None,
+    )
+    app.callback()(augment)
+    app.command()(demo)
+    app.command("eval")(eval_command)
+    app.command("utility")(utility_command)
+    return app
 
-from flows.cli import register as register_flow_command  # noqa: E402  (Prefect is imported only when run)
 
-register_flow_command(app)
+app = make_app()
 
-
-def main() -> None:
+if __name__ == "__main__":  # `python -m pipeline.cli`: every command but `flow` (the entry point is flows.cli)
     app()
-
-
-if __name__ == "__main__":
-    main()

@@ -26,6 +26,10 @@ MAX_STRENGTH = 100.0
 #: so `refs`, `refs/`, its absolute path or a moved copy all resume the same run.
 RUNTIME_FIELDS = frozenset({"out", "ref", "device", "processes", "progress", "cache_dir"})
 
+#: Fields set only in a config file (`--config FILE`), on purpose: every other field is a flag of
+#: `augment` and `augment flow` (generated from this class by `pipeline.cli_options`). Empty today.
+CONFIG_FILE_ONLY: frozenset[str] = frozenset()
+
 
 class AugmentConfig(BaseModel):
     """Everything that defines an `augment` run. Its hash goes into every sample's metadata."""
@@ -33,44 +37,62 @@ class AugmentConfig(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)  # no inf/nan in any setting
 
     # what and where
-    ref: str = Field(description="reference folder or fsspec URL")
-    out: str = Field(description="output folder")
+    ref: str = Field(description="reference folder or fsspec URL (class sub-folders = labels)")
+    out: str = Field(description="output folder (shards/, manifest.parquet, run.json)")
     n: int = Field(ge=1, description="number of samples to keep")
-    model: str | None = Field(default=None, description="diffusers folder/hub id, or 'pkg.mod:factory'; None = shipped")
-    prefix: str = Field(default="synthetic", pattern=r"^[A-Za-z0-9_-]+$")
-    seed: int = Field(default=0, ge=0)
-    holdout: float = Field(default=0.0, ge=0.0, lt=1.0, description="fraction of references kept out of guidance")
-    cache_dir: str | None = None
+    model: str | None = Field(
+        default=None, description="diffusers folder or hub id, or 'pkg.mod:factory'; default: the shipped prior"
+    )
+    prefix: str = Field(default="synthetic", pattern=r"^[A-Za-z0-9_-]+$", description="shard file prefix")
+    seed: int = Field(default=0, ge=0, description="run seed (sample i's noise comes from (seed, i))")
+    holdout: float = Field(
+        default=0.0,
+        ge=0.0,
+        lt=1.0,
+        description="fraction of the references held out of guidance (for `augment eval`)",
+    )
+    cache_dir: str | None = Field(
+        default=None, description="where reference bundles are cached; default ~/.cache/mmd-augment/references"
+    )
 
     # sampling
-    sampler: SamplerName = "ddim"
-    steps: int = Field(default=50, ge=1, le=1000)
+    sampler: SamplerName = Field(default="ddim", description="diffusers sampler")
+    steps: int = Field(default=50, ge=1, le=1000, description="sampling steps")
     eta: float = Field(
         default=1.0,
         ge=0.0,
         le=1.0,
         description="DDIM η: 1 = ancestral (much better samples from the shipped prior), 0 = deterministic ODE",
     )
-    batch_size: int = Field(default=64, ge=1)
-    cfg_scale: float = Field(default=1.0, ge=0.0)
-    ig_scale: float = Field(default=1.0, ge=0.0)
-    ig_interval: tuple[float, float] | None = None
+    batch_size: int = Field(default=64, ge=1, description="samples per batch (lower it on out-of-memory)")
+    cfg_scale: float = Field(default=1.0, ge=0.0, description="classifier-free guidance scale (1 = off)")
+    ig_scale: float = Field(default=1.0, ge=0.0, description="Internal Guidance scale (1 = off)")
+    ig_interval: tuple[float, float] | None = Field(
+        default=None,
+        description="START,END: apply Internal Guidance only in this fraction of the trajectory (default: all)",
+    )
 
     # MMD guidance
-    guidance: GuidanceName = "latent"
-    lookahead_steps: int | None = Field(default=2, ge=1)
-    kernel: KernelName = "rbf"
-    bandwidth_factors: tuple[float, ...] = (0.5, 1.0, 2.0)
-    rff_features: int = Field(default=2048, ge=16)
+    guidance: GuidanceName = Field(default="latent", description="where the MMD gradient acts (README, Method)")
+    lookahead_steps: int | None = Field(default=2, ge=1, description="sub-steps k of the lookahead mode")
+    kernel: KernelName = Field(default="rbf", description="MMD kernel (bandwidth: median reference distance)")
+    bandwidth_factors: tuple[float, ...] = Field(
+        default=(0.5, 1.0, 2.0), description="rbf-multi: bandwidths as multiples of the median distance"
+    )
+    rff_features: int = Field(default=2048, ge=16, description="rff: number of random Fourier features")
     strength: float | Literal["auto"] = Field(
         default="auto",
         description="guidance strength s, or 'auto': a pilot on a held-out split of the references chooses it "
         "per job (see the pilot_* settings)",
     )
-    schedule: ScheduleName = "constant"
-    schedule_start: float = Field(default=0.0, ge=0.0, le=1.0)
-    schedule_end: float = Field(default=1.0, ge=0.0, le=1.0)
-    normalization: NormalizationName = "per_sample"
+    schedule: ScheduleName = Field(default="constant", description="strength schedule over the trajectory")
+    schedule_start: float = Field(
+        default=0.0, ge=0.0, le=1.0, description="guide from this fraction of the trajectory ..."
+    )
+    schedule_end: float = Field(default=1.0, ge=0.0, le=1.0, description="... up to this fraction")
+    normalization: NormalizationName = Field(
+        default="per_sample", description="step rule: per_sample = s x |x| along -grad; batch; raw = s x grad"
+    )
     attraction_floor: float | None = Field(
         default=None,
         gt=0.0,
@@ -78,13 +100,17 @@ class AugmentConfig(BaseModel):
         "fraction of its batch repulsion (runaway samples stop being pushed out); None = off",
     )
     memory: int = Field(default=0, ge=0, description="finished samples remembered per shard (0 = off)")
-    class_aware: bool = True
+    class_aware: bool = Field(
+        default=True, description="labelled references: each sample only meets references of its class"
+    )
     coupling: Literal["batch", "sequential"] = Field(
         default="batch",
         description="batch: each batch guided jointly; sequential: the public code's scheme, one sample at a time "
         "against a memory bank of finished samples reset every `memory` samples",
     )
-    class_balance: Literal["reference", "uniform"] = "reference"
+    class_balance: Literal["reference", "uniform"] = Field(
+        default="reference", description="class proportions of the samples: as in the references, or uniform"
+    )
 
     # strength pilot (--strength auto)
     pilot_samples: int = Field(
@@ -102,7 +128,7 @@ class AugmentConfig(BaseModel):
     pilot_max_strength: float = Field(default=0.16, gt=0.0, description="the pilot never tries a larger strength")
 
     # filter and output
-    keep: float = Field(default=0.9, gt=0.0, le=1.0)
+    keep: float = Field(default=0.9, gt=0.0, le=1.0, description="fraction of generated samples the filter keeps")
     support_radius: float = Field(
         default=3.0,
         gt=0.0,
@@ -119,15 +145,17 @@ class AugmentConfig(BaseModel):
         default=False,
         description="labelled runs: also reject samples the label judge assigns to another class than their target",
     )
-    shard_size: int = Field(default=1000, ge=1)
-    save_latents: bool = False
-    keep_rejected: bool = False
+    shard_size: int = Field(default=1000, ge=1, description="kept samples per shard")
+    save_latents: bool = Field(default=False, description="store latent.npy in each sample")
+    keep_rejected: bool = Field(default=False, description="also write the rejected samples (audit shards)")
 
     # runtime only (not hashed)
-    device: str = "auto"
-    dtype: DTypeName = "auto"
-    processes: int = Field(default=1, ge=1)
-    progress: Literal["bar", "quiet", "json"] = "bar"
+    device: str = Field(default="auto", description="auto | cpu | cuda | cuda:1 ...")
+    dtype: DTypeName = Field(default="auto", description="model dtype (auto: float32 on CPU, bf16/fp16 on GPU)")
+    processes: int = Field(default=1, ge=1, description="worker processes on this node (accelerate)")
+    progress: Literal["bar", "quiet", "json"] = Field(
+        default="bar", description="progress bar, quiet, or JSON lines on stderr"
+    )
 
     @model_validator(mode="after")
     def _check(self) -> AugmentConfig:
@@ -184,7 +212,12 @@ class AugmentConfig(BaseModel):
 
     @classmethod
     def from_file(cls, path: str | Path, **overrides: object) -> AugmentConfig:
-        """Load a JSON (or TOML) config file; keyword overrides win."""
+        """Load a JSON (or TOML) config file; keyword overrides win (None included: pass only what was given).
+
+        Raises:
+            OSError: the file cannot be read. ValueError: it is not a JSON/TOML object of settings.
+            pydantic.ValidationError: a setting is invalid.
+        """
         path = Path(path)
         text = path.read_text()
         if path.suffix == ".toml":
@@ -195,5 +228,5 @@ class AugmentConfig(BaseModel):
             data = json.loads(text)
         if not isinstance(data, dict):
             raise ValueError(f"must hold an object of settings (names to values), not {json.dumps(data)[:40]}")
-        data.update({k: v for k, v in overrides.items() if v is not None})
+        data.update(overrides)
         return cls.model_validate(data)

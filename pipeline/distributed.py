@@ -2,21 +2,24 @@
 
     accelerate launch --multi_gpu --num_processes K -m pipeline.distributed JOB.json
 
-JOB.json holds the config and the pending shard ids (computed once by the parent). Shards are split
+JOB.json (`storage.run_record.write_job_spec`) holds the config and the pending shard ids (computed once
+by the parent). Shards are split
 between processes with `PartialState.split_between_processes`; nothing is gathered: every process
 writes its own shards, manifest parts and done markers. On CPU the process group uses gloo.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import sys
 
 import torch
 
+from storage.run_record import read_job_spec
+
 from .config import AugmentConfig
-from .job import build_context, run_shards_in_process
+from .executors import run_shards_in_process
+from .job import build_context
 from .plan import plan_job
 
 log = logging.getLogger("pipeline.distributed")
@@ -26,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     from accelerate import PartialState
 
     argv = sys.argv[1:] if argv is None else argv
-    spec = json.loads(open(argv[0]).read())
+    spec = read_job_spec(argv[0])
     cfg = AugmentConfig.model_validate(spec["config"])
     on_cpu = cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available())
     state = PartialState(cpu=on_cpu)

@@ -1,47 +1,48 @@
 """The whole `augment` job as plain functions: prepare, plan, run shards (in-process or K workers), finish.
 
-Executors: in-process (one CPU or GPU), or `accelerate launch` of K worker processes on the node, each
-owning whole shards (`split_between_processes` over pending shard ids; no gather of images).
+The shards run on an executor of `pipeline.executors`: in-process (one CPU or GPU), or `accelerate
+launch` of K worker processes on the node, each owning whole shards (`split_between_processes` over
+pending shard ids; no gather of images).
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 import platform
-import subprocess
-import sys
-import tempfile
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler
 
-from storage._atomic import atomic_write_json
 from storage.errors import InputError
 from storage.manifest import forget_shards_without_part, manifest_rows, merge_manifest
 from storage.pilot import PILOT_FILE, load_pilot, pilot_cache_path, save_pilot
 from storage.references import refuse_output_inside
-from storage.run_record import abandon_output, claim_output, holds_samples, release_output, write_run_record
+from storage.run_record import (
+    INPUTS_FILE,
+    abandon_output,
+    check_or_record_inputs,
+    claim_output,
+    release_output,
+    write_run_record,
+)
 from storage.shards import clean_partial, done_shard_ids, is_done, read_marker
 
 from . import __version__
 from .config import AugmentConfig
+from .executors import launch_workers, run_shards_in_process
 from .fidelity import make_judge
 from .models.loading import LoadedModel, load_model
 from .pilot import pilot_key, run_pilot
 from .plan import JobPlan, RemainingShards, class_proportions, plan_job
-from .reference import ReferenceBundle, build_target, default_cache_dir, prepare_reference
-from .worker import JobContext, ShardResult, model_label_map, run_shard
+from .reference import ReferenceBundle, build_target, check_references, default_cache_dir, prepare_reference
+from .worker import JobContext, ShardResult, model_label_map
 
 log = logging.getLogger(__name__)
 
-#: Records which references and model a folder's samples were made from (guards resumption).
-INPUTS_FILE = ".inputs.json"
 #: What a run writes at its start besides the claim: removed again if it fails before its first sample.
 RUN_RECORDS = (INPUTS_FILE, PILOT_FILE)
 
@@ -78,9 +79,15 @@ def with_sampler(model: LoadedModel, sampler: str) -> LoadedModel:
 
 
 def build_context(cfg: AugmentConfig, model: LoadedModel | None = None) -> JobContext:
-    """Load the model, prepare the reference bundle (validating the references) and the MMD target."""
+    """Load the model, prepare the reference bundle (validating the references) and the MMD target.
+
+    The references are checked before the model is loaded: an input error comes first, and alone.
+    """
     refuse_output_inside(cfg.ref, cfg.out)
-    model = with_sampler(model or load_model(cfg.model, cfg.device, cfg.dtype), cfg.sampler)
+    if model is None:
+        check_references(cfg)
+        model = load_model(cfg.model, cfg.device, cfg.dtype)
+    model = with_sampler(model, cfg.sampler)
     bundle = prepare_reference(cfg, model)
     target = build_target(cfg, bundle, model.device)
     props = class_proportions(bundle.labels, bundle.num_classes or 0, cfg.class_balance)
@@ -119,77 +126,6 @@ def pending_shards(cfg: AugmentConfig, plan: JobPlan) -> RemainingShards:
     return RemainingShards(total, done)
 
 
-def run_shards_in_process(
-    ctx: JobContext,
-    plan: JobPlan,
-    shard_ids: Iterable[int],
-    progress: Callable[[int], None] | None = None,
-    on_shard: Callable[[ShardResult], None] | None = None,
-) -> list[ShardResult]:
-    results = []
-    for sid in shard_ids:
-        result = run_shard(ctx, plan.shards[sid], progress)
-        results.append(result)
-        if on_shard is not None:
-            on_shard(result)
-    return results
-
-
-def launch_workers(cfg: AugmentConfig, shard_ids: Sequence[int], progress: Callable[[int], None] | None = None) -> None:
-    """`accelerate launch` K worker processes on this node (gloo on CPU, NCCL on GPUs)."""
-    with tempfile.TemporaryDirectory(prefix="augment-") as tmp:
-        spec = Path(tmp) / "job.json"
-        spec.write_text(json.dumps({"config": cfg.model_dump(mode="json"), "shards": list(shard_ids)}))
-        cmd = [
-            sys.executable,
-            "-m",
-            "accelerate.commands.launch",
-            "--multi_gpu",
-            "--num_machines",
-            "1",
-            "--num_processes",
-            str(cfg.processes),
-            "--mixed_precision",
-            "no",
-            "--dynamo_backend",
-            "no",
-            "--main_process_port",
-            str(_free_port()),
-            "-m",
-            "pipeline.distributed",
-            str(spec),
-        ]
-        log.info("launching %d workers: %s", cfg.processes, " ".join(cmd))
-        env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
-        proc = subprocess.Popen(cmd, env=env)
-        seen: set[int] = set()
-        while proc.poll() is None:
-            time.sleep(1.0)
-            _report_markers(cfg, shard_ids, seen, progress)
-        _report_markers(cfg, shard_ids, seen, progress)
-        if proc.returncode != 0:
-            raise RuntimeError(f"worker processes failed with exit code {proc.returncode}; rerun to resume")
-
-
-def _report_markers(cfg, shard_ids, seen, progress) -> None:
-    for sid in shard_ids:
-        if sid in seen:
-            continue
-        marker = read_marker(cfg.out, cfg.prefix, sid)
-        if marker is not None:
-            seen.add(sid)
-            if progress is not None:
-                progress(int(marker.get("count", 0)))
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def start_job(cfg: AugmentConfig, model: LoadedModel | None = None) -> tuple[JobContext, JobPlan, RemainingShards]:
     """Validate and encode the references, claim and lock the output folder, clean crashed writes, plan.
 
@@ -200,7 +136,7 @@ def start_job(cfg: AugmentConfig, model: LoadedModel | None = None) -> tuple[Job
     ctx = build_context(cfg, model)
     claim_output(cfg.out, cfg.config_hash, cfg.hashed_fields())
     try:
-        check_or_record_inputs(cfg.out, ctx.bundle)
+        record_inputs(cfg.out, ctx.bundle)
         if ctx.pilot is not None and load_pilot(Path(cfg.out) / PILOT_FILE, ctx.pilot["key"]) is None:
             save_pilot(Path(cfg.out) / PILOT_FILE, ctx.pilot)  # pins the choice for resumes and workers
         clean_partial(cfg.out)
@@ -224,21 +160,9 @@ def pinned_pilot(cfg: AugmentConfig, bundle: ReferenceBundle) -> dict | None:
     return load_pilot(Path(cfg.out) / PILOT_FILE, pilot_key(cfg, bundle.content_hash, bundle.model_id, bundle.files))
 
 
-def check_or_record_inputs(out: str, bundle: ReferenceBundle) -> None:
-    """The same settings with other references or another model must not resume into this folder
-    (once it holds samples: before that, the new inputs are recorded instead)."""
-    path = Path(out) / INPUTS_FILE
-    current = {"reference_content_hash": bundle.content_hash, "model_id": bundle.model_id}
-    if path.is_file() and holds_samples(out):
-        stored = json.loads(path.read_text())
-        changed = [f"{k}: {stored.get(k)} -> {v}" for k, v in current.items() if stored.get(k) != v]
-        if changed:
-            raise InputError(
-                f"{out}: holds a run made from other inputs ({'; '.join(changed)}); "
-                "choose another --out or delete that folder"
-            )
-        return
-    atomic_write_json(path, current)
+def record_inputs(out: str, bundle: ReferenceBundle) -> None:
+    """The same settings with other references or another model must not resume into this folder."""
+    check_or_record_inputs(out, {"reference_content_hash": bundle.content_hash, "model_id": bundle.model_id})
 
 
 def finish_job(

@@ -64,6 +64,18 @@ def prepare_reference(cfg: AugmentConfig, model: LoadedModel) -> ReferenceBundle
     return split_holdout(_encoded_references(cfg, model), cfg.holdout, cfg.seed)
 
 
+def check_references(cfg: AugmentConfig) -> None:
+    """Validate the references before the model is loaded, so input errors come first (and alone).
+
+    Reads and decodes every file as `prepare_reference` will (at a tiny size: the model's input size
+    is not known yet); a reference too small for the model is found later, once it is.
+
+    Raises:
+        InputError: one line naming the folder or the first bad file.
+    """
+    read_references(cfg.ref, channels=3, size=(2, 2), min_count=MIN_REFERENCES)
+
+
 def split_holdout(bundle: ReferenceBundle, fraction: float, seed: int) -> ReferenceBundle:
     """Deterministic (seeded) split, stratified by class: the guidance part keeps ⌈(1−f)·n_c⌉ of each class."""
     if fraction <= 0:

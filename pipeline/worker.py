@@ -22,7 +22,6 @@ done marker comes last.
 
 from __future__ import annotations
 
-import io
 import logging
 import math
 import time
@@ -32,9 +31,9 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
 
 from guidance import (
+    Kernel,
     MMDGuidance,
     MMDTarget,
     ProductKernel,
@@ -45,7 +44,7 @@ from guidance import (
     nearest_reference_distance,
 )
 from storage.manifest import write_manifest_part
-from storage.shards import REJECTED_DIR, write_shard
+from storage.shards import REJECTED_DIR, encode_png, write_shard
 
 from .config import AugmentConfig
 from .fidelity import LabelJudge
@@ -386,11 +385,7 @@ def _warn_rejections(ctx: JobContext, shard: ShardPlan, pool: FilteredPool) -> N
 
 def to_png(image: torch.Tensor) -> bytes:
     """[C, H, W] in [−1, 1] -> lossless PNG bytes (8-bit grayscale or RGB), deterministic."""
-    arr = ((image.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).numpy()
-    pil = Image.fromarray(arr[:, :, 0] if arr.shape[2] == 1 else arr, mode="L" if arr.shape[2] == 1 else "RGB")
-    buf = io.BytesIO()
-    pil.save(buf, format="PNG", compress_level=6)
-    return buf.getvalue()
+    return encode_png(((image.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).numpy())
 
 
 def sample_key(prefix: str, index: int) -> str:
@@ -529,4 +524,24 @@ def _kernel_args(ctx: JobContext, labels: torch.Tensor | None) -> dict:
 
 
 def _mmd2(ctx: JobContext, latents: torch.Tensor, labels: torch.Tensor | None) -> float:
-    return float(mmd2(latents, ctx.bundle.latents, unbiased=False, **_kernel_args(ctx, labels)))
+    return mmd2_to_references(latents, labels, ctx.bundle, ctx.target.kernel)
+
+
+def mmd2_to_references(
+    latents: torch.Tensor, labels: torch.Tensor | None, bundle: ReferenceBundle, kernel: Kernel | ProductKernel
+) -> float:
+    """MMD²_V of a set of samples to the references (the shard summary: pool and kept set), in float64.
+
+    A V-statistic of a positive-definite kernel is ≥ 0; float64 keeps it so for pools holding blown-up
+    samples (latent norms of 1e8 occur), where float32 cancellation in ‖x‖² + ‖y‖² − 2xᵀy does not.
+    """
+    product = isinstance(kernel, ProductKernel)
+    value = mmd2(
+        latents.double(),
+        bundle.latents.double(),
+        kernel,
+        unbiased=False,
+        x_cond=labels if product else None,
+        y_cond=bundle.labels if product else None,
+    )
+    return float(value)

@@ -801,3 +801,7 @@ def _report(
     if ignored:
         lines.append(f"{_plural(len(ignored), 'hidden or system file')} ignored: {_listing(ignored)}")
     return lines
+
+
+#: Public name of `_is_hidden` (used by flows/ for the reference cache key).
+is_hidden = _is_hidden

@@ -13,6 +13,10 @@
 
 `check_or_claim_output` is the configuration guard alone (no lock, never re-claims): for processes that
 join a run another process started and holds.
+
+`check_or_record_inputs` does the same for what the settings do not name: the references' content and
+the model (`.inputs.json`). The job spec (`write_job_spec`/`read_job_spec`) is what
+`accelerate launch -m pipeline.distributed SPEC` reads on every machine: the config and the shard ids.
 """
 
 from __future__ import annotations
@@ -32,14 +36,18 @@ from storage.errors import InputError
 
 __all__ = [
     "CLAIM_FILE",
+    "INPUTS_FILE",
     "LOCK_FILE",
     "RUN_FILE",
     "abandon_output",
     "check_or_claim_output",
+    "check_or_record_inputs",
     "claim_output",
     "holds_samples",
+    "read_job_spec",
     "read_run_record",
     "release_output",
+    "write_job_spec",
     "write_run_record",
 ]
 
@@ -48,6 +56,8 @@ CLAIM_FILE = ".config-claim.json"
 LOCK_FILE = ".augment.lock"
 #: Folders whose files are samples (or their records) of a run; `holds_samples` looks in them.
 _WORK_DIRS = ("shards", "manifest", "rejected")
+#: Records which references and model a folder's samples were made from (guards resumption).
+INPUTS_FILE = ".inputs.json"
 _SHOWN_DIFFS = 3
 #: The output locks this process holds, by resolved folder (a process takes each folder's lock once).
 _HELD: dict[str, FileLock] = {}
@@ -341,3 +351,45 @@ def _differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
         for key in keys
         if old.get(key, _MISSING) != new.get(key, _MISSING)
     ]
+
+
+def check_or_record_inputs(out_dir: str | os.PathLike[str], inputs: dict[str, Any]) -> None:
+    """Record `inputs` (e.g. the references' content hash and the model id) in `out_dir/.inputs.json`,
+    or check that they equal the recorded ones: the same settings with other references or another
+    model must not resume into this folder once it holds samples (before that, the new inputs are
+    recorded instead: a run that failed before its first sample holds nothing hostage).
+
+    Raises:
+        InputError: the folder holds a run made from other inputs (the message names what changed).
+    """
+    path = Path(out_dir) / INPUTS_FILE
+    if not path.is_file() or not holds_samples(out_dir):
+        atomic_write_json(path, inputs)
+        return
+    stored = _read_json(path)
+    changed = [f"{k}: {stored.get(k)} -> {v}" for k, v in inputs.items() if stored.get(k) != v]
+    if changed:
+        raise InputError(
+            f"{out_dir}: holds a run made from other inputs ({'; '.join(changed)}); "
+            "choose another --out or delete that folder"
+        )
+
+
+def write_job_spec(path: str | os.PathLike[str], config: dict[str, Any], shards: list[int], **extra: Any) -> Path:
+    """Write the job spec worker processes read (`config`: the config as JSON; `shards`: ids to do)."""
+    return atomic_write_json(path, {"config": config, "shards": [int(s) for s in shards], **extra})
+
+
+def read_job_spec(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The job spec written by `write_job_spec`: a dict with `config` (dict) and `shards` (list of ids).
+
+    Raises:
+        InputError: the file is missing, unreadable, or not a job spec.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: no such job spec (write it with `prepare` first)")
+    spec = _read_json(path)
+    if not isinstance(spec.get("config"), dict) or not isinstance(spec.get("shards"), list):
+        raise InputError(f"{path}: not a job spec (needs 'config' and 'shards')")
+    return spec

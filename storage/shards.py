@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import json
 import os
 import re
@@ -38,6 +39,7 @@ __all__ = [
     "SHARDS_DIR",
     "clean_partial",
     "done_shard_ids",
+    "encode_png",
     "encode_sample",
     "is_done",
     "mark_done",
@@ -92,6 +94,25 @@ def done_shard_ids(out_dir: str | os.PathLike[str], prefix: str, *, folder: str 
 
 
 # ---------------------------------------------------------------------------------------------- encoding
+
+
+def encode_png(pixels: np.ndarray) -> bytes:
+    """Lossless PNG bytes of 8-bit pixels: [H, W] or [H, W, 1] grayscale, [H, W, 3] RGB. Deterministic
+    (zlib level 6, no metadata): the same pixels give the same bytes."""
+    from PIL import Image
+
+    arr = np.asarray(pixels)
+    if arr.dtype != np.uint8:
+        raise ValueError(f"PNG pixels must be uint8, got {arr.dtype}")
+    if arr.ndim == 3 and arr.shape[2] == 1:
+        arr = arr[:, :, 0]
+    if not (arr.ndim == 2 or (arr.ndim == 3 and arr.shape[2] == 3)):
+        raise ValueError(f"PNG pixels must be [H, W], [H, W, 1] or [H, W, 3], got shape {arr.shape}")
+    buf = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(arr), mode="L" if arr.ndim == 2 else "RGB").save(
+        buf, format="PNG", compress_level=6
+    )
+    return buf.getvalue()
 
 
 def _json_bytes(value: Any) -> bytes:

@@ -1,7 +1,7 @@
 """deploy/accelerate-multinode.yaml for real: two "machines" (two accelerate launches with machine ranks
 0 and 1, one CPU process each, gloo over 127.0.0.1) stand in for two GPU nodes of a static cluster.
 
-prepare (flows.static_cluster) -> both launches of `pipeline.distributed` -> finish; the shards must be
+prepare (pipeline.static_cluster) -> both launches of `pipeline.distributed` -> finish; the shards must be
 byte-identical to the single-process job's.
 """
 
@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 from tiny_models import TINY_SUPPORT_RADIUS, save_tiny_dit, write_reference_folder
 
-from flows.static_cluster import finish, prepare
 from pipeline.config import AugmentConfig
 from pipeline.job import run_job
+from pipeline.static_cluster import finish, prepare
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -17,11 +17,10 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-import typer
 from tiny_models import TINY_SUPPORT_RADIUS, save_tiny_dit, shard_bytes, tiny_job_config, write_reference_folder
 from typer.testing import CliRunner
 
-import pipeline.job
+import pipeline.executors
 from pipeline.config import AugmentConfig
 from pipeline.job import run_job
 
@@ -77,12 +76,8 @@ def reference_run(tiny):
 @pytest.fixture(scope="module")
 def cli_flow_run(harness, tiny):
     """`augment ... flow`: the CLI's config, run as a Prefect flow."""
-    from flows.cli import register
-    from pipeline import cli as base
+    from flows.cli import app  # the `augment` entry point's app
 
-    app = typer.Typer(add_completion=False, invoke_without_command=True, rich_markup_mode=None)
-    app.callback()(base.augment)
-    register(app)  # the hook pipeline/cli.py adds to its own app
     out = tiny["root"] / "via-cli"
     args = ["--ref", tiny["refs"], "--n", "20", "--out", str(out), "--model", tiny["dit"], "--cache-dir", tiny["cache"]]
     args += ["--shard-size", "8", "--batch-size", "6", "--steps", "4", "--keep", "0.8", "--progress", "quiet"]
@@ -101,9 +96,7 @@ def test_flow_subcommand_builds_the_clis_config_whatever_the_option_order(tiny, 
 
     seen = []
     monkeypatch.setattr(flows.cli, "run_flow", lambda cfg, **kw: seen.append((cfg, kw)))
-    app = typer.Typer(add_completion=False, invoke_without_command=True, rich_markup_mode=None)
-    app.callback()(base.augment)
-    flows.cli.register(app)
+    app = flows.cli.make_app()
     opts = ["--ref", tiny["refs"], "--n", "20", "--out", str(tmp_path), "--steps", "4", "--strength", "0.2"]
     for args in (["flow", *opts, "--shards-per-task", "2"], [*opts, "flow", "--shards-per-task", "2"]):
         result = CliRunner().invoke(app, args)
@@ -186,7 +179,7 @@ def test_shard_task_failing_once_is_retried_and_skips_what_it_finished(
     harness, tiny, tmp_path, monkeypatch, reference_run
 ):
     calls: list[int] = []
-    real = pipeline.job.run_shard
+    real = pipeline.executors.run_shard
 
     def flaky(ctx, shard, progress=None):
         calls.append(shard.shard_id)
@@ -194,7 +187,7 @@ def test_shard_task_failing_once_is_retried_and_skips_what_it_finished(
             raise RuntimeError("transient: lost the GPU")
         return real(ctx, shard, progress)
 
-    monkeypatch.setattr(pipeline.job, "run_shard", flaky)
+    monkeypatch.setattr(pipeline.executors, "run_shard", flaky)
     no_wait = augment_flow.run_shard_range.with_options(retry_delay_seconds=0)
     monkeypatch.setattr(augment_flow, "run_shard_range", no_wait)
     out = tmp_path / "flaky"

@@ -133,3 +133,30 @@ def test_a_run_starting_into_a_folder_another_run_is_still_claiming_is_told_so(t
     holder.wait()
     assert claim_output(out, "h2", CONFIG) is False  # what an interrupted claim leaves is not foreign
     release_output(out)
+
+
+def test_inputs_are_recorded_then_checked(tmp_path):
+    from storage import INPUTS_FILE, check_or_record_inputs
+
+    inputs = {"reference_content_hash": "c1", "model_id": "m"}
+    check_or_record_inputs(tmp_path, inputs)
+    assert json.loads((tmp_path / INPUTS_FILE).read_text()) == inputs
+    check_or_record_inputs(tmp_path, dict(inputs))  # the same inputs resume
+    with pytest.raises(InputError, match=r"other inputs \(reference_content_hash: c1 -> c2\)"):
+        check_or_record_inputs(tmp_path, {**inputs, "reference_content_hash": "c2"})
+    (tmp_path / INPUTS_FILE).write_text("[1, 2")
+    with pytest.raises(InputError, match="unreadable"):
+        check_or_record_inputs(tmp_path, inputs)
+
+
+def test_job_spec_round_trip_and_bad_specs(tmp_path):
+    from storage import read_job_spec, write_job_spec
+
+    path = write_job_spec(tmp_path / "spec.json", {"n": 4}, [3, 5], prepared_at=1.5)
+    assert read_job_spec(path) == {"config": {"n": 4}, "shards": [3, 5], "prepared_at": 1.5}
+    assert [p.name for p in tmp_path.iterdir()] == ["spec.json"]  # no temporary file left
+    with pytest.raises(InputError, match="no such job spec"):
+        read_job_spec(tmp_path / "missing.json")
+    (tmp_path / "other.json").write_text('{"config": {}}')
+    with pytest.raises(InputError, match="not a job spec"):
+        read_job_spec(tmp_path / "other.json")

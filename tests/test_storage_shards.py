@@ -182,3 +182,19 @@ def test_clean_partial(tmp_path):
     assert len(removed) == 3 and all(not p.exists() for p in removed)
     assert live.exists() and shard_path(tmp_path, "data", 0).exists() and is_done(tmp_path, "data", 0)
     assert clean_partial(tmp_path / "nothing-here") == []
+
+
+@pytest.mark.parametrize("shape, mode", [((5, 7), "L"), ((5, 7, 1), "L"), ((5, 7, 3), "RGB")])
+def test_encode_png_is_lossless_and_deterministic(shape, mode):
+    from storage import encode_png
+
+    pixels = np.random.default_rng(0).integers(0, 256, shape, dtype=np.uint8)
+    data = encode_png(pixels)
+    assert data == encode_png(pixels.copy())
+    image = Image.open(io.BytesIO(data))
+    assert image.format == "PNG" and image.mode == mode
+    np.testing.assert_array_equal(np.asarray(image), pixels.reshape(shape[:2]) if mode == "L" else pixels)
+    with pytest.raises(ValueError, match="uint8"):
+        encode_png(pixels.astype(np.float32))
+    with pytest.raises(ValueError, match="shape"):
+        encode_png(np.zeros((2, 2, 4), dtype=np.uint8))

@@ -18,9 +18,11 @@ What is compared with what:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -44,13 +46,10 @@ from storage.run_record import read_run_record
 from storage.shards import REJECTED_DIR, SHARDS_DIR, shard_path
 
 from . import metrics as M
-from .features import (
-    FeatureExtractor,
-    extract,
-    load_shipped_classifier,
-    resolve_extractor,
-    shipped_classifier_available,
-)
+from .class_accuracy import class_accuracy_metrics
+from .features import FeatureExtractor, extract, resolve_extractor
+from .figures import run_figures
+from .warnings_log import Warnings
 
 log = logging.getLogger(__name__)
 
@@ -60,30 +59,7 @@ EVAL_VERSION = 1
 _MANIFEST_COLUMNS = ["key", "shard", "label", "mmd_contribution", "kept"]
 
 
-class _Warnings:
-    """Warnings in order of first appearance; the same message from several places is listed once."""
-
-    def __init__(self) -> None:
-        self._where: dict[str, list[str]] = {}
-
-    def add(self, message: str, where: str | None = None) -> None:
-        places = self._where.get(message)
-        if places is None:
-            self._where[message] = places = []
-            log.warning("%s%s", f"{where}: " if where else "", message)
-        if where and where not in places:
-            places.append(where)
-
-    def extend(self, messages: list[str], where: str | None = None) -> None:
-        for m in messages:
-            self.add(m, where)
-
-    @property
-    def items(self) -> list[str]:
-        return [f"{', '.join(places)}: {m}" if places else m for m, places in self._where.items()]
-
-
-def _guarded(fn: Callable[[], dict[str, Any]], where: str, warns: _Warnings) -> dict[str, Any]:
+def _guarded(fn: Callable[[], dict[str, Any]], where: str, warns: Warnings) -> dict[str, Any]:
     """Run a metric; a metric that cannot be computed at this size becomes {"error": ...} and a warning."""
     try:
         out = fn()
@@ -95,7 +71,7 @@ def _guarded(fn: Callable[[], dict[str, Any]], where: str, warns: _Warnings) -> 
 
 
 def _compare(
-    x: Tensor, y: Tensor, n_permutations: int, kid_subsets: int, k: int, seed: int, where: str, warns: _Warnings
+    x: Tensor, y: Tensor, n_permutations: int, kid_subsets: int, k: int, seed: int, where: str, warns: Warnings
 ) -> dict[str, Any]:
     out: dict[str, Any] = {
         "mmd": _guarded(lambda: M.mmd2_permutation_test(x, y, n_permutations=n_permutations, seed=seed), where, warns),
@@ -125,7 +101,7 @@ def compare_sets(
     A metric that cannot be computed at this size is {"error": "..."}; its warnings (and every other
     metric's) are appended to ``warnings`` when a list is given.
     """
-    warns = _Warnings()
+    warns = Warnings()
     out = _compare(x, y, n_permutations, kid_subsets, k, seed, "", warns)
     if warnings is not None:
         warnings.extend(warns.items)
@@ -145,7 +121,7 @@ def _choose(rng: np.random.Generator, pool: np.ndarray, count: int) -> np.ndarra
     return np.sort(rng.choice(pool, size=count, replace=False)) if count else pool[:0]
 
 
-def _rows_for_files(refs: References, files: list[str] | None, warns: _Warnings, what: str) -> np.ndarray:
+def _rows_for_files(refs: References, files: list[str] | None, warns: Warnings, what: str) -> np.ndarray:
     if files is None:
         return np.arange(len(refs.files))
     index = {f: i for i, f in enumerate(refs.files)}
@@ -177,6 +153,59 @@ def _run_summary(cfg: dict[str, Any]) -> str:
 
 
 # --------------------------------------------------------------------------------------------- the command
+
+
+@dataclass
+class _Run:
+    """A finished run folder: its record and its manifest's columns (one entry per generated sample)."""
+
+    path: Path
+    record: dict[str, Any]
+    cfg: dict[str, Any]
+    prefix: str
+    keys: np.ndarray
+    shards: np.ndarray
+    kept: np.ndarray
+    scores: np.ndarray
+    labels: np.ndarray
+
+
+@dataclass
+class _Samples:
+    """The evaluated samples: a seeded subset of the kept ones, and of the rejected ones when on disk."""
+
+    kept_images: Tensor
+    kept_order: np.ndarray  # manifest rows of kept_images
+    rej_images: Tensor | None
+    rejected_on_disk: bool
+
+
+@dataclass
+class _ReferenceSets:
+    """The held-out references (alignment) and the guidance references (memorisation, real baseline)."""
+
+    held_images: Tensor
+    held_labels: Tensor | None
+    guid_images: Tensor | None
+    guid_labels: Tensor | None
+    reused: bool  # no held-out set: the guidance references stand in (optimistic)
+    source: str
+
+
+@dataclass
+class _Features:
+    extractor: FeatureExtractor
+    kept: Tensor
+    held: Tensor
+    guid: Tensor | None
+    rej: Tensor | None
+
+
+@contextlib.contextmanager
+def _timed(seconds: dict[str, float], name: str, since: float | None = None) -> Iterator[None]:
+    start = time.perf_counter() if since is None else since
+    yield
+    seconds[name] = time.perf_counter() - start
 
 
 def evaluate_run(
@@ -218,56 +247,121 @@ def evaluate_run(
     """
     t0 = time.perf_counter()
     seconds: dict[str, float] = {}
-    warns = _Warnings()
-    run = Path(run_dir)
-    record = read_run_record(run)
+    warns = Warnings()
+    rng = np.random.default_rng(seed)  # one stream, drawn from in this order: samples, then references
+    with _timed(seconds, "read_samples", since=t0):
+        run = _read_run(run_dir)
+        samples = _read_samples(run, rng, max_samples, warns)
+    with _timed(seconds, "read_references"):
+        refs = _read_reference_sets(run, heldout, tuple(samples.kept_images.shape[1:]), rng, max_references, warns)
+    with _timed(seconds, "features"):
+        feats = _extract_features(run.cfg, samples, refs, features, device, warns)
+    with _timed(seconds, "set_metrics"):
+        opts = dict(n_permutations=n_permutations, kid_subsets=kid_subsets, k=k, seed=seed)
+        sets = _set_metrics(feats, refs, opts, warns)
+    with _timed(seconds, "memorisation"):
+        memo, mem_results = _memorisation(samples, refs, feats, copy_ratio, warns)
+    with _timed(seconds, "class_accuracy"):
+        accuracy = _class_accuracy_section(run, samples, refs, feats, classifier, device, k, warns)
+    options = dict(
+        max_samples=max_samples,
+        max_references=max_references,
+        seed=seed,
+        n_permutations=n_permutations,
+        kid_subsets=kid_subsets,
+        k=k,
+        copy_ratio=copy_ratio,
+        classifier=classifier,
+    )
+    settings = _settings(feats, refs, samples, options)
+    result = _result(run, samples, refs, settings, sets, memo, accuracy, _filter_scores(run, samples, warns), warns)
+    figures: list[tuple[str, bytes, str]] = []
+    if write:
+        with _timed(seconds, "figures"):
+            figures = _run_figures(run, samples, refs, feats, mem_results)
+    seconds["total"] = time.perf_counter() - t0
+    result["seconds"] = {k_: round(v, 3) for k_, v in seconds.items()}
+    if write:
+        _write_outputs(result, figures, Path(out_dir) if out_dir is not None else run.path)
+    return result
+
+
+def _write_outputs(result: dict[str, Any], figures: list[tuple[str, bytes, str]], target: Path) -> None:
+    """report.html and eval.json into `target` (the result names both files)."""
+    from .report import render_report
+
+    result["files"] = {"eval_json": EVAL_FILE, "report_html": REPORT_FILE}
+    write_report_html(target, render_report(result, figures))
+    write_eval_json(target, result)
+
+
+def _read_run(run_dir: str | Path) -> _Run:
+    """run.json and the manifest's columns; InputError if the folder holds no finished run."""
+    path = Path(run_dir)
+    record = read_run_record(path)
     if record is None:
-        raise InputError(f"{run}: no run.json (not an `augment` output folder, or the run has not finished)")
+        raise InputError(f"{path}: no run.json (not an `augment` output folder, or the run has not finished)")
     cfg: dict[str, Any] = record.get("config", {})
-    prefix = cfg.get("prefix", "synthetic")
-    manifest_path = run / "manifest.parquet"
+    manifest_path = path / "manifest.parquet"
     if not manifest_path.is_file():
         raise InputError(f"{manifest_path}: missing (the run has not finished)")
     table = read_manifest(manifest_path, columns=_MANIFEST_COLUMNS).to_pydict()
-    keys = np.asarray(table["key"], dtype=object)
-    shards = np.asarray(table["shard"], dtype=np.int64)
     kept = np.asarray(table["kept"], dtype=bool)
-    scores = np.asarray(table["mmd_contribution"], dtype=np.float64)
-    labels = np.asarray([-1 if v is None else int(v) for v in table["label"]], dtype=np.int64)
     if not kept.any():
         raise InputError(f"{manifest_path}: no kept samples")
-    rng = np.random.default_rng(seed)
+    return _Run(
+        path=path,
+        record=record,
+        cfg=cfg,
+        prefix=cfg.get("prefix", "synthetic"),
+        keys=np.asarray(table["key"], dtype=object),
+        shards=np.asarray(table["shard"], dtype=np.int64),
+        kept=kept,
+        scores=np.asarray(table["mmd_contribution"], dtype=np.float64),
+        labels=np.asarray([-1 if v is None else int(v) for v in table["label"]], dtype=np.int64),
+    )
 
-    # -- samples: a seeded subset of the kept ones, and of the rejected ones in the run's proportion
-    kept_rows = np.flatnonzero(kept)
+
+def _read_samples(run: _Run, rng: np.random.Generator, max_samples: int, warns: Warnings) -> _Samples:
+    """A seeded subset of the kept samples, and of the rejected ones in the run's proportion (if on disk)."""
+    kept_rows = np.flatnonzero(run.kept)
     sel_kept = _choose(rng, kept_rows, max_samples)
     if len(sel_kept) < len(kept_rows):
         warns.add(f"evaluating a random {len(sel_kept)} of the {len(kept_rows)} kept samples (--max-samples)")
-    rej_rows = np.flatnonzero(~kept)
+    rej_rows = np.flatnonzero(~run.kept)
     rejected_on_disk = len(rej_rows) > 0 and all(
-        shard_path(run, f"{prefix}_rejected", int(s), folder=REJECTED_DIR).is_file()
-        for s in np.unique(shards[rej_rows])
+        shard_path(run.path, f"{run.prefix}_rejected", int(s), folder=REJECTED_DIR).is_file()
+        for s in np.unique(run.shards[rej_rows])
     )
     sel_rej = rej_rows[:0]
     if rejected_on_disk:
         sel_rej = _choose(rng, rej_rows, round(len(sel_kept) / len(kept_rows) * len(rej_rows)))
-    key_row = {str(kk): i for i, kk in enumerate(keys)}
+    key_row = {str(kk): i for i, kk in enumerate(run.keys)}
 
-    def load(rows: np.ndarray, pfx: str, folder: str = SHARDS_DIR) -> tuple[Tensor, np.ndarray]:
-        pairs = zip(shards[rows].tolist(), keys[rows].tolist(), strict=True)
-        found, arr, _ = read_samples(run, pfx, pairs, folder=folder)
+    def load(rows: np.ndarray, prefix: str, folder: str = SHARDS_DIR) -> tuple[Tensor, np.ndarray]:
+        pairs = zip(run.shards[rows].tolist(), run.keys[rows].tolist(), strict=True)
+        found, arr, _ = read_samples(run.path, prefix, pairs, folder=folder)
         return _to_images(arr), np.asarray([key_row[kk] for kk in found], dtype=np.int64)
 
-    kept_images, kept_order = load(sel_kept, prefix)
-    rej_images, rej_order = load(sel_rej, f"{prefix}_rejected", REJECTED_DIR) if len(sel_rej) else (None, sel_rej)
-    channels, height, width = kept_images.shape[1:]
-    seconds["read_samples"] = time.perf_counter() - t0
+    kept_images, kept_order = load(sel_kept, run.prefix)
+    rej_images = load(sel_rej, f"{run.prefix}_rejected", REJECTED_DIR)[0] if len(sel_rej) else None
+    return _Samples(kept_images, kept_order, rej_images, rejected_on_disk)
 
-    # -- references: held-out (for alignment) and guidance (for memorisation)
-    t = time.perf_counter()
-    ref_info = record.get("reference", {}) or {}
+
+def _read_reference_sets(
+    run: _Run,
+    heldout: str | None,
+    image_shape: tuple[int, ...],
+    rng: np.random.Generator,
+    max_references: int,
+    warns: Warnings,
+) -> _ReferenceSets:
+    """The held-out set: a separate folder, else the run's holdout split, else the guidance references
+    themselves (optimistic, said so); and the guidance references, if the run's folder can be read."""
+    channels, height, width = image_shape
+    cfg = run.cfg
+    ref_info = run.record.get("reference", {}) or {}
     class_names: list[str] | None = ref_info.get("class_names")
-    guidance_files: list[str] | None = ref_info.get("files")
     heldout_files: list[str] = ref_info.get("heldout_files") or []
     run_refs: References | None = None
     try:
@@ -277,7 +371,7 @@ def evaluate_run(
 
     guid_images = guid_labels = None
     if run_refs is not None:
-        g_rows = _rows_for_files(run_refs, guidance_files, warns, "guidance references")
+        g_rows = _rows_for_files(run_refs, ref_info.get("files"), warns, "guidance references")
         g_rows = _subsample(rng, g_rows, max_references)
         guid_images, guid_labels = run_refs.images[g_rows], _labels_by_name(run_refs, g_rows, class_names)
     reused = False
@@ -285,16 +379,16 @@ def evaluate_run(
         ho = read_references(str(heldout), channels=int(channels), size=(height, width), min_count=2)
         h_rows = _subsample(rng, np.arange(len(ho.files)), max_references)
         held_images, held_labels = ho.images[h_rows], _labels_by_name(ho, h_rows, class_names)
-        heldout_source = f"separate folder {heldout} ({len(ho.files)} images)"
+        source = f"separate folder {heldout} ({len(ho.files)} images)"
         if class_names is not None and held_labels is None:
             warns.add(f"{heldout} has no class sub-folders: class metrics use the guidance references' labels only")
     elif heldout_files and run_refs is not None:
         h_rows = _subsample(rng, _rows_for_files(run_refs, heldout_files, warns, "held-out references"), max_references)
         held_images, held_labels = run_refs.images[h_rows], _labels_by_name(run_refs, h_rows, class_names)
-        heldout_source = f"{len(heldout_files)} references the run held out of guidance (holdout={cfg.get('holdout')})"
+        source = f"{len(heldout_files)} references the run held out of guidance (holdout={cfg.get('holdout')})"
     elif guid_images is not None:
         held_images, held_labels, reused = guid_images, guid_labels, True
-        heldout_source = "none: the guidance references were reused (alignment numbers are optimistic)"
+        source = "none: the guidance references were reused (alignment numbers are optimistic)"
         warns.add(
             "no held-out references (run with --holdout or pass --heldout DIR): metrics compare the samples "
             "with the very references that guided them, so alignment is optimistic"
@@ -306,10 +400,13 @@ def evaluate_run(
         )
     if guid_images is None:
         warns.add("memorisation is measured against the held-out references (guidance references unavailable)")
-    seconds["read_references"] = time.perf_counter() - t
+    return _ReferenceSets(held_images, held_labels, guid_images, guid_labels, reused, source)
 
-    # -- features
-    t = time.perf_counter()
+
+def _extract_features(
+    cfg: dict[str, Any], samples: _Samples, refs: _ReferenceSets, features: str, device: str, warns: Warnings
+) -> _Features:
+    """Every image set in the feature space (`features`; the run's model is loaded only if it needs it)."""
     loaded: dict[str, Any] = {}
 
     def model_loader() -> Any:
@@ -331,31 +428,42 @@ def evaluate_run(
     )
     if features == "auto" and cfg.get("model") in (None, "shipped") and extractor.name != "classifier":
         warns.add("the shipped classifier is not installed: features are VAE latents instead")
-    f_kept = extract(extractor, kept_images)
-    f_held = extract(extractor, held_images)
-    f_guid = None if guid_images is None else (f_held if reused else extract(extractor, guid_images))
-    f_rej = extract(extractor, rej_images) if rej_images is not None else None
-    seconds["features"] = time.perf_counter() - t
+    f_kept = extract(extractor, samples.kept_images)
+    f_held = extract(extractor, refs.held_images)
+    f_guid = None if refs.guid_images is None else (f_held if refs.reused else extract(extractor, refs.guid_images))
+    f_rej = extract(extractor, samples.rej_images) if samples.rej_images is not None else None
+    return _Features(extractor, f_kept, f_held, f_guid, f_rej)
 
-    # -- alignment, fidelity, diversity
-    t = time.perf_counter()
-    opts = dict(n_permutations=n_permutations, kid_subsets=kid_subsets, k=k, seed=seed, warns=warns)
-    sets: dict[str, Any] = {"kept": _compare(f_kept, f_held, where="kept samples", **opts)}
-    if f_rej is not None and len(f_rej):
-        sets["generated"] = _compare(torch.cat([f_kept, f_rej]), f_held, where="all generated", **opts)
-    if f_guid is not None and not reused:
-        sets["guidance_references"] = _compare(f_guid, f_held, where="real baseline", **opts)
-    seconds["set_metrics"] = time.perf_counter() - t
 
-    # -- memorisation against the guidance references
-    t = time.perf_counter()
-    mem_target_images = guid_images if guid_images is not None else held_images
-    mem_target_feats = f_guid if f_guid is not None else f_held
+def _set_metrics(feats: _Features, refs: _ReferenceSets, opts: dict[str, Any], warns: Warnings) -> dict[str, Any]:
+    """Alignment, fidelity and diversity against the held-out set: kept samples, all generated ones (with
+    rejected shards), and the guidance references (the real-data baseline, with a real held-out set)."""
+    opts = dict(opts, warns=warns)
+    sets: dict[str, Any] = {"kept": _compare(feats.kept, feats.held, where="kept samples", **opts)}
+    if feats.rej is not None and len(feats.rej):
+        sets["generated"] = _compare(torch.cat([feats.kept, feats.rej]), feats.held, where="all generated", **opts)
+    if feats.guid is not None and not refs.reused:
+        sets["guidance_references"] = _compare(feats.guid, feats.held, where="real baseline", **opts)
+    return sets
+
+
+def _memorisation_targets(refs: _ReferenceSets, feats: _Features) -> tuple[Tensor, Tensor]:
+    """(images, features) memorisation is measured against: the guidance references, else the held-out."""
+    if refs.guid_images is None or feats.guid is None:
+        return refs.held_images, feats.held
+    return refs.guid_images, feats.guid
+
+
+def _memorisation(
+    samples: _Samples, refs: _ReferenceSets, feats: _Features, copy_ratio: float, warns: Warnings
+) -> tuple[dict[str, Any], dict[str, M.MemorisationResult]]:
+    """Nearest-reference distances of the kept samples in the feature space and in pixel space."""
+    target_images, target_feats = _memorisation_targets(refs, feats)
     memo: dict[str, Any] = {}
-    mem_results: dict[str, M.MemorisationResult] = {}
+    results: dict[str, M.MemorisationResult] = {}
     for space, xs, ys in (
-        (extractor.name, f_kept, mem_target_feats),
-        ("pixels", kept_images.flatten(1), mem_target_images.flatten(1)),
+        (feats.extractor.name, feats.kept, target_feats),
+        ("pixels", samples.kept_images.flatten(1), target_images.flatten(1)),
     ):
         if space in memo:
             continue
@@ -365,7 +473,7 @@ def evaluate_run(
             warns.add(f"not computed ({e})", f"memorisation ({space})")
             memo[space] = {"error": str(e)}
             continue
-        mem_results[space] = res
+        results[space] = res
         memo[space] = res.summary()
         warns.extend(res.warnings, f"memorisation ({space})")
         if res.is_copy.any():
@@ -373,262 +481,127 @@ def evaluate_run(
                 f"{int(res.is_copy.sum())} of {len(res.is_copy)} kept samples are near-copies of a guidance "
                 f"reference in {space} space (see the closest pairs)"
             )
-    seconds["memorisation"] = time.perf_counter() - t
+    return memo, results
 
-    # -- class accuracy
-    t = time.perf_counter()
-    accuracy: dict[str, Any] = {}
-    sample_labels = torch.from_numpy(labels[kept_order])
-    if class_names is not None and bool((sample_labels >= 0).any()):
-        accuracy.update(
-            _class_accuracy(
-                cfg,
-                class_names,
-                kept_images,
-                sample_labels,
-                held_images,
-                held_labels,
-                f_kept,
-                f_held,
-                f_guid if not reused else None,
-                guid_labels,
-                classifier,
-                device,
-                k,
-                warns,
-            )
-        )
-    seconds["class_accuracy"] = time.perf_counter() - t
 
-    filter_scores = M.filter_score_summary(scores, kept)
-    if len(scores) > 1 and float(np.ptp(scores)) == 0.0:
+def _class_accuracy_section(
+    run: _Run,
+    samples: _Samples,
+    refs: _ReferenceSets,
+    feats: _Features,
+    classifier: str | None,
+    device: str,
+    k: int,
+    warns: Warnings,
+) -> dict[str, Any]:
+    """Class accuracy of labelled runs (empty for unlabelled ones)."""
+    class_names = (run.record.get("reference", {}) or {}).get("class_names")
+    sample_labels = torch.from_numpy(run.labels[samples.kept_order])
+    if class_names is None or not bool((sample_labels >= 0).any()):
+        return {}
+    return class_accuracy_metrics(
+        run.cfg,
+        class_names,
+        samples.kept_images,
+        sample_labels,
+        refs.held_images,
+        refs.held_labels,
+        feats.kept,
+        feats.held,
+        feats.guid if not refs.reused else None,
+        refs.guid_labels,
+        classifier,
+        device,
+        k,
+        warns,
+    )
+
+
+def _filter_scores(run: _Run, samples: _Samples, warns: Warnings) -> dict[str, Any]:
+    """The filter's scores, kept vs rejected, with what they cannot show."""
+    summary = M.filter_score_summary(run.scores, run.kept)
+    if len(run.scores) > 1 and float(np.ptp(run.scores)) == 0.0:
         warns.add(
             "every filter score is identical (the kernel underflowed: samples far from every reference?), "
             "so the filter's choice of kept samples was arbitrary"
         )
-    if not (~kept).any():
+    if not (~run.kept).any():
         warns.add("the filter kept every sample (keep=1): no rejected samples to compare")
-    elif not rejected_on_disk:
+    elif not samples.rejected_on_disk:
         warns.add("rejected samples are not on disk (run with --keep-rejected to evaluate and show them)")
+    return summary
 
+
+def _settings(feats: _Features, refs: _ReferenceSets, samples: _Samples, options: dict[str, Any]) -> dict[str, Any]:
+    """What the evaluation used: feature space, held-out source, the options, the image shape."""
+    return {
+        "features": feats.extractor.name,
+        "feature_description": feats.extractor.description,
+        "feature_dim": int(feats.kept.shape[1]),
+        "heldout_source": refs.source,
+        "heldout_reused_guidance_references": refs.reused,
+        **options,
+        "image_shape": [int(d) for d in samples.kept_images.shape[1:]],
+    }
+
+
+def _run_figures(
+    run: _Run, samples: _Samples, refs: _ReferenceSets, feats: _Features, mem_results: dict[str, M.MemorisationResult]
+) -> list[tuple[str, bytes, str]]:
+    return run_figures(
+        samples.kept_images,
+        samples.rej_images,
+        refs.held_images,
+        None if refs.reused else refs.guid_images,
+        _memorisation_targets(refs, feats)[0],
+        mem_results.get(feats.extractor.name),
+        run.scores,
+        run.kept,
+        feats.extractor.name,
+        run.record.get("pilot"),
+    )
+
+
+def _result(
+    run: _Run,
+    samples: _Samples,
+    refs: _ReferenceSets,
+    settings: dict[str, Any],
+    sets: dict[str, Any],
+    memo: dict[str, Any],
+    accuracy: dict[str, Any],
+    filter_scores: dict[str, Any],
+    warns: Warnings,
+) -> dict[str, Any]:
+    """The eval.json dict (without timings and file names)."""
     from pipeline import __version__
 
     result: dict[str, Any] = {
         "eval_version": EVAL_VERSION,
         "version": __version__,
-        "run_dir": str(run),
-        "config_hash": record.get("config_hash"),
-        "model_id": record.get("model_id"),
-        "run_summary": _run_summary(cfg),
-        "settings": {
-            "features": extractor.name,
-            "feature_description": extractor.description,
-            "feature_dim": int(f_kept.shape[1]),
-            "heldout_source": heldout_source,
-            "heldout_reused_guidance_references": reused,
-            "max_samples": max_samples,
-            "max_references": max_references,
-            "seed": seed,
-            "n_permutations": n_permutations,
-            "kid_subsets": kid_subsets,
-            "k": k,
-            "copy_ratio": copy_ratio,
-            "classifier": classifier,
-            "image_shape": [int(channels), int(height), int(width)],
-        },
+        "run_dir": str(run.path),
+        "config_hash": run.record.get("config_hash"),
+        "model_id": run.record.get("model_id"),
+        "run_summary": _run_summary(run.cfg),
+        "settings": settings,
         "counts": {
-            "generated": int(len(kept)),
-            "kept": int(kept.sum()),
-            "rejected": int((~kept).sum()),
-            "evaluated_kept": int(len(kept_images)),
-            "evaluated_rejected": 0 if rej_images is None else int(len(rej_images)),
-            "heldout_references": int(len(held_images)),
-            "guidance_references": None if guid_images is None else int(len(guid_images)),
+            "generated": int(len(run.kept)),
+            "kept": int(run.kept.sum()),
+            "rejected": int((~run.kept).sum()),
+            "evaluated_kept": int(len(samples.kept_images)),
+            "evaluated_rejected": 0 if samples.rej_images is None else int(len(samples.rej_images)),
+            "heldout_references": int(len(refs.held_images)),
+            "guidance_references": None if refs.guid_images is None else int(len(refs.guid_images)),
         },
         "sets": sets,
         "memorisation": memo,
         "class_accuracy": accuracy,
         "filter_scores": filter_scores,
-        "label_fidelity": record.get("label_fidelity"),
-        "pilot": record.get("pilot"),
+        "label_fidelity": run.record.get("label_fidelity"),
+        "pilot": run.record.get("pilot"),
         "warnings": warns.items,
     }
-    utility = read_optional_json(run / UTILITY_FILE)  # from an earlier `augment utility` on this run
+    utility = read_optional_json(run.path / UTILITY_FILE)  # from an earlier `augment utility` on this run
     if utility is not None:
         result["utility"] = utility
-
-    if write:
-        t = time.perf_counter()
-        target = Path(out_dir) if out_dir is not None else run
-        figures = _figures(
-            kept_images,
-            rej_images,
-            held_images,
-            None if reused else guid_images,
-            mem_target_images,
-            mem_results.get(extractor.name),
-            scores,
-            kept,
-            extractor.name,
-            record.get("pilot"),
-        )
-        seconds["figures"] = time.perf_counter() - t
-        seconds["total"] = time.perf_counter() - t0
-        result["seconds"] = {k_: round(v, 3) for k_, v in seconds.items()}
-        result["files"] = {"eval_json": EVAL_FILE, "report_html": REPORT_FILE}
-        from .report import render_report
-
-        write_report_html(target, render_report(result, figures))
-        write_eval_json(target, result)
-    else:
-        seconds["total"] = time.perf_counter() - t0
-        result["seconds"] = {k_: round(v, 3) for k_, v in seconds.items()}
     return result
-
-
-def _class_accuracy(
-    cfg,
-    class_names,
-    kept_images,
-    sample_labels,
-    held_images,
-    held_labels,
-    f_kept,
-    f_held,
-    f_guid,
-    guid_labels,
-    classifier,
-    device,
-    k,
-    warns: _Warnings,
-) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    predict: Callable[[Tensor], Tensor] | None = None
-    description = ""
-    if classifier is not None:
-        from pipeline.adapters import load_object
-
-        fn = load_object(classifier)
-
-        def predict(images: Tensor) -> Tensor:
-            return torch.cat([torch.as_tensor(fn(c)).detach().cpu().argmax(1) for c in images.split(256)])
-
-        description = f"user classifier {classifier}"
-    elif cfg.get("model") in (None, "shipped") and shipped_classifier_available():
-        from pipeline.models.loading import resolve_device
-        from pipeline.worker import model_label_map
-
-        from .features import classifier_extractor
-
-        clf = load_shipped_classifier(device=resolve_device(device))
-        label_map = model_label_map(class_names, int(clf.config["num_classes"]))
-        if label_map is None:
-            warns.add("class folders are not digits: the shipped digit classifier cannot score these classes")
-        else:
-            to_run = {digit: cid for cid, digit in label_map.items()}
-            feats = classifier_extractor(clf)
-
-            def predict(images: Tensor) -> Tensor:
-                digits = torch.cat([clf.fc(feats.fn(c)).argmax(1).cpu() for c in images.split(256)])
-                return torch.tensor([to_run.get(int(d), -2) for d in digits], dtype=torch.long)
-
-            description = "shipped digit classifier (independent of guidance)"
-    if predict is not None:
-        with torch.no_grad():
-            res = M.class_accuracy(predict(kept_images), sample_labels, class_names)
-            out["classifier"] = dict(res, description=description + " on the kept samples")
-            warns.extend(res["warnings"], "class accuracy")
-            if held_labels is not None and bool((held_labels >= 0).any()):
-                ceiling = M.class_accuracy(predict(held_images), held_labels, class_names)
-                out["classifier_on_references"] = dict(
-                    ceiling, description=description + " on the held-out references (its ceiling)"
-                )
-    if held_labels is not None and bool((held_labels >= 0).any()):
-        use = held_labels >= 0
-        pred = M.knn_predict(f_kept, f_held[use], held_labels[use], k=k)
-        res = M.class_accuracy(pred, sample_labels, class_names)
-        out["knn"] = dict(res, description=f"{k}-NN vote among held-out references in the feature space")
-        if f_guid is not None and guid_labels is not None and bool((guid_labels >= 0).any()):
-            g = guid_labels >= 0
-            base = M.class_accuracy(
-                M.knn_predict(f_held[use], f_guid[g], guid_labels[g], k=k), held_labels[use], class_names
-            )
-            out["knn_real_baseline"] = dict(
-                base, description=f"{k}-NN of held-out references among guidance references (real data)"
-            )
-    return out
-
-
-def _figures(
-    kept_images: Tensor,
-    rej_images: Tensor | None,
-    held_images: Tensor,
-    guid_images: Tensor | None,
-    mem_images: Tensor,
-    mem: M.MemorisationResult | None,
-    scores: np.ndarray,
-    kept: np.ndarray,
-    feature_name: str,
-    pilot: dict[str, Any] | None = None,
-) -> list[tuple[str, bytes, str]]:
-    from .report import grids_figure, histogram_figure, pairs_figure, pilot_figure
-
-    figures = []
-    panels = [("kept samples", kept_images)]
-    if rej_images is not None and len(rej_images):
-        panels.append(("rejected samples", rej_images))
-    panels.append(("held-out references", held_images))
-    if guid_images is not None:
-        panels.append(("guidance references", guid_images))
-    figures.append(("Sample grids", grids_figure(panels), "Random samples of each set, side by side."))
-    figures.append(
-        (
-            "Filter scores",
-            histogram_figure(
-                {"kept": scores[kept], "rejected": scores[~kept]},
-                title="per-sample MMD² contribution (every generated sample)",
-                xlabel="leave-one-out MMD² contribution (lower = helps alignment)",
-            ),
-            "The filter keeps the lowest scores of each shard; overlap means the filter separates little.",
-        )
-    )
-    if mem is not None:
-        figures.append(
-            (
-                "Nearest-reference distances",
-                histogram_figure(
-                    {
-                        "sample → nearest guidance reference": mem.sample_nn_distance,
-                        "reference → nearest other reference": mem.reference_nn_distance,
-                    },
-                    title=f"nearest-neighbour distances ({feature_name} features)",
-                    xlabel="Euclidean distance",
-                    vlines={"copy threshold": mem.threshold},
-                ),
-                "Samples far left of the references' own distances are suspiciously close to one reference.",
-            )
-        )
-        order = torch.argsort(mem.sample_nn_distance)[:8]
-        figures.append(
-            (
-                "Closest pairs",
-                pairs_figure(
-                    kept_images[order],
-                    mem_images[mem.nearest_reference[order]],
-                    mem.sample_nn_distance[order].tolist(),
-                    mem.is_copy[order].tolist(),
-                ),
-                f"The kept samples nearest to a guidance reference ({feature_name} features), above that reference; "
-                "near-copies in red.",
-            )
-        )
-    if pilot and pilot.get("candidates"):
-        figures.append(
-            (
-                "Strength pilot",
-                pilot_figure(pilot),
-                "MMD² of each candidate strength's pilot batch to the held-out references; crosses violate a "
-                "fidelity constraint (precision, coverage, class histogram, garbage); the circle is the choice.",
-            )
-        )
-    return figures

@@ -147,9 +147,7 @@ def _looks_like_a_path(spec: str) -> bool:
 def _load_shipped(device: torch.device, dtype: torch.dtype, path: str | Path | None = None) -> LoadedModel:
     from .shipped import SHIPPED_MODEL_DIR, load_shipped
 
-    prior = load_shipped(path or SHIPPED_MODEL_DIR, device=device)
-    prior.unet.to(dtype)
-    prior.vae.to(dtype)
+    prior = load_shipped(path or SHIPPED_MODEL_DIR, device=device, dtype=dtype)
     info = prior.info
     denoiser = InternalGuidanceUNetAdapter(prior.unet, null_class=int(info["null_class_id"]))
     return LoadedModel(
@@ -298,3 +296,7 @@ def _model_id(spec: str) -> str:
             f.seek(max(0, size - (1 << 20)))
             h.update(f.read(1 << 20))
     return f"{path.name}@{h.hexdigest()[:12]}"
+
+
+#: Public name of `_model_id` (used by flows/ for the reference cache key).
+model_id_for = _model_id

@@ -260,16 +260,20 @@ class ShippedPrior:
         return self.vae.decode(latents / self.scaling_factor).sample.clamp(-1, 1)
 
 
-def load_shipped(path: str | Path = SHIPPED_MODEL_DIR, device: str | torch.device = "cpu") -> ShippedPrior:
-    """Load the shipped prior (or any folder with the same layout) from a local path, offline."""
+def load_shipped(
+    path: str | Path = SHIPPED_MODEL_DIR, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
+) -> ShippedPrior:
+    """Load the shipped prior (or any folder with the same layout) from a local path, offline; the VAE and
+    the UNet in `dtype` (the classifier stays float32)."""
     from diffusers import AutoencoderKL, DDIMScheduler
 
     path = Path(path)
     if not (path / "shipped.json").is_file():
         raise FileNotFoundError(f"{path} is not a shipped-model folder (no shipped.json)")
     info = json.loads((path / "shipped.json").read_text())
-    vae = AutoencoderKL.from_pretrained(path / "vae", local_files_only=True)
-    unet = InternalGuidanceUNet.from_pretrained(path)
+    # the dtype at load (diffusers keeps a model's float32 modules), not a cast after it
+    vae = AutoencoderKL.from_pretrained(path / "vae", local_files_only=True, dtype=dtype)
+    unet = InternalGuidanceUNet.from_pretrained(path).to(dtype)
     scheduler = DDIMScheduler.from_pretrained(path / "scheduler", local_files_only=True)
     classifier = DigitClassifier.from_pretrained(path / "classifier") if (path / "classifier").is_dir() else None
     modules: list[nn.Module] = [vae, unet] + ([classifier] if classifier is not None else [])

@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from storage._atomic import atomic_write_json
+from storage import atomic_write_json
 
 from .card import render_model_card, write_model_card
 from .config import PRESETS, STAGES, TrainConfig, first_stage_affected, preset_config

@@ -1,0 +1,106 @@
+"""Executors: where the pending shards of a job run. Every one goes through `pipeline.worker.run_shard`,
+so each writes the same bytes for the same shard.
+
+    run_shards_in_process   this process: one CPU or one GPU
+    launch_workers          `accelerate launch` of K processes on this node (one per GPU; gloo on CPU),
+                            each running `pipeline.distributed` on its share of the shards
+    pipeline.static_cluster many machines without Prefect: prepare once, `accelerate launch` on every
+                            machine, finish once (built on these two and on `pipeline.job`)
+
+Prefect's tasks (`flows/`) call these same functions.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from storage.run_record import write_job_spec
+from storage.shards import read_marker
+
+from .config import AugmentConfig
+from .plan import JobPlan
+from .worker import JobContext, ShardResult, run_shard
+
+log = logging.getLogger(__name__)
+
+
+def run_shards_in_process(
+    ctx: JobContext,
+    plan: JobPlan,
+    shard_ids: list[int],
+    progress: Callable[[int], None] | None = None,
+    on_shard: Callable[[ShardResult], None] | None = None,
+) -> list[ShardResult]:
+    """Generate, filter and write these shards one after the other in this process."""
+    results = []
+    by_id = {s.shard_id: s for s in plan.shards}
+    for sid in shard_ids:
+        result = run_shard(ctx, by_id[sid], progress)
+        results.append(result)
+        if on_shard is not None:
+            on_shard(result)
+    return results
+
+
+def launch_workers(cfg: AugmentConfig, shard_ids: list[int], progress: Callable[[int], None] | None = None) -> None:
+    """`accelerate launch` K worker processes on this node (gloo on CPU, NCCL on GPUs) for these shards;
+    `progress` gets the kept count of every shard whose done marker appears."""
+    with tempfile.TemporaryDirectory(prefix="augment-") as tmp:
+        spec = write_job_spec(Path(tmp) / "job.json", cfg.model_dump(mode="json"), shard_ids)
+        cmd = [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--multi_gpu",
+            "--num_machines",
+            "1",
+            "--num_processes",
+            str(cfg.processes),
+            "--mixed_precision",
+            "no",
+            "--dynamo_backend",
+            "no",
+            "--main_process_port",
+            str(free_port()),
+            "-m",
+            "pipeline.distributed",
+            str(spec),
+        ]
+        log.info("launching %d workers: %s", cfg.processes, " ".join(cmd))
+        env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
+        proc = subprocess.Popen(cmd, env=env)
+        seen: set[int] = set()
+        while proc.poll() is None:
+            time.sleep(1.0)
+            _report_markers(cfg, shard_ids, seen, progress)
+        _report_markers(cfg, shard_ids, seen, progress)
+        if proc.returncode != 0:
+            raise RuntimeError(f"worker processes failed with exit code {proc.returncode}; rerun to resume")
+
+
+def _report_markers(
+    cfg: AugmentConfig, shard_ids: list[int], seen: set[int], progress: Callable[[int], None] | None
+) -> None:
+    for sid in shard_ids:
+        if sid in seen:
+            continue
+        marker = read_marker(cfg.out, cfg.prefix, sid)
+        if marker is not None:
+            seen.add(sid)
+            if progress is not None:
+                progress(int(marker.get("count", 0)))
+
+
+def free_port() -> int:
+    """A TCP port free on this machine now (for the launcher's rendezvous)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
