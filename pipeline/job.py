@@ -26,6 +26,7 @@ from storage.run_record import (
     abandon_output,
     check_or_record_inputs,
     claim_output,
+    discard_samples,
     release_output,
     write_run_record,
 )
@@ -171,7 +172,7 @@ def finish_job(
     """Merge the manifest parts (every shard must be done), write run.json, release the folder's lock.
 
     Raises:
-        InputError: the run kept no sample at all (every one rejected), after writing run.json.
+        InputError: the run kept no sample at all (every one rejected); then it removes what it wrote.
     """
     merge_manifest(cfg.out, expected_shards=range(len(plan.shards)))
     summary = summarize(cfg, plan, written, len(plan.shards) - written, seconds)
@@ -184,15 +185,17 @@ def finish_job(
             summary.shortfall,
             cfg.n,
         )
-    write_run_record(cfg.out, run_record(cfg, model, bundle, plan, summary))
-    release_output(cfg.out)
-    if summary.num_kept == 0:
+    if summary.num_kept == 0:  # nothing to train on: leave nothing behind, so corrected settings can run
         reasons = ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in summary.rejected.items())
+        discard_samples(cfg.out)
+        abandon_output(cfg.out, records=RUN_RECORDS)
         raise InputError(
             f"{cfg.out}: every one of the {summary.num_generated} generated samples was rejected ({reasons}): the "
             "model does not draw this domain at these settings; lower --strength (or use auto), check --model and "
-            "the references, or widen support_radius (run.json and manifest.parquet list every sample)"
+            "the references, or widen --support-radius; nothing was kept, so nothing was written"
         )
+    write_run_record(cfg.out, run_record(cfg, model, bundle, plan, summary))
+    release_output(cfg.out)
     return summary
 
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import socket
 import time
 from pathlib import Path
@@ -43,6 +44,7 @@ __all__ = [
     "check_or_claim_output",
     "check_or_record_inputs",
     "claim_output",
+    "discard_samples",
     "holds_samples",
     "read_job_spec",
     "read_run_record",
@@ -161,6 +163,15 @@ def abandon_output(out_dir: str | os.PathLike[str], *, records: tuple[str, ...] 
     finally:
         release_output(out)
         _CREATED.discard(key)
+
+
+def discard_samples(out_dir: str | os.PathLike[str]) -> None:
+    """Remove every shard, manifest part, rejected shard and the merged manifest from `out_dir`: for a run
+    that kept no sample at all, so that the folder takes corrected settings (then `abandon_output`)."""
+    out = Path(out_dir)
+    for name in _WORK_DIRS:
+        shutil.rmtree(out / name, ignore_errors=True)
+    (out / "manifest.parquet").unlink(missing_ok=True)
 
 
 def holds_samples(out_dir: str | os.PathLike[str]) -> bool:

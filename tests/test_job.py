@@ -360,9 +360,12 @@ def test_label_filter_rejects_samples_judged_another_class(tiny, tmp_path):
     assert summary.num_kept + summary.shortfall == 8
 
 
-def test_a_run_that_keeps_nothing_fails_with_one_line_after_recording_why(tiny, tmp_path):
-    cfg = tiny_job_config(tiny, tmp_path / "out", n=4, shard_size=4, strength=0.01, support_radius=1e-9, reserve=0.5)
-    with pytest.raises(InputError, match="every one of the .* generated samples was rejected .*outside support"):
+def test_a_run_that_keeps_nothing_fails_with_one_line_and_leaves_the_folder_free(tiny, tmp_path):
+    """Exit 2 writes nothing: the corrected settings the message advises then run into the same --out."""
+    out = tmp_path / "out"
+    cfg = tiny_job_config(tiny, out, n=4, shard_size=4, strength=0.01, support_radius=1e-9, reserve=0.5)
+    with pytest.raises(InputError, match="every one of the 8 generated samples was rejected .*outside support"):
         run_job(cfg)
-    record = json.loads((tmp_path / "out" / "run.json").read_text())
-    assert record["summary"]["num_kept"] == 0 and record["summary"]["shortfall"] == 4
+    assert not out.exists() or not any(out.iterdir())
+    summary = run_job(tiny_job_config(tiny, out, n=4, shard_size=4, strength=0.01, reserve=0.5))
+    assert summary.num_kept + summary.shortfall == 4
