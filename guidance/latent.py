@@ -7,33 +7,11 @@ Cost: two kernel blocks, O(B·(B+M)·d) per step, no extra network call.
 
 from __future__ import annotations
 
-import torch
-
 from .method import GuidanceMethod, GuidanceStep, X0Correction
-from .mmd import MMDTarget, SampleMemory
-from .schedules import StepNormalization, closed_form_step
+from .schedules import closed_form_step
 
-
-def latent_guidance_delta(
-    x0_hat: torch.Tensor,
-    target: MMDTarget,
-    strength: float,
-    *,
-    x_cond: torch.Tensor | None = None,
-    normalization: StepNormalization = "per_sample",
-    memory: SampleMemory | None = None,
-    attraction_floor: float | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(Δ to subtract from x̂0, MMD² of the batch before the move); `closed_form_step` on x̂0."""
-    return closed_form_step(
-        x0_hat,
-        target,
-        strength,
-        x_cond=x_cond,
-        normalization=normalization,
-        memory=memory,
-        attraction_floor=attraction_floor,
-    )
+#: (Δ to subtract from x̂0, MMD² of the batch before the move): the closed-form step, applied to x̂0.
+latent_guidance_delta = closed_form_step
 
 
 class LatentGuidance(GuidanceMethod):
