@@ -19,7 +19,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 from storage.run_record import write_job_spec
@@ -35,22 +35,22 @@ log = logging.getLogger(__name__)
 def run_shards_in_process(
     ctx: JobContext,
     plan: JobPlan,
-    shard_ids: list[int],
+    shard_ids: Iterable[int],
     progress: Callable[[int], None] | None = None,
     on_shard: Callable[[ShardResult], None] | None = None,
 ) -> list[ShardResult]:
-    """Generate, filter and write these shards one after the other in this process."""
+    """Generate, filter and write these shards one after the other in this process (the plan is lazy:
+    shard `sid` is computed from its id, so any --n costs O(1) to look up)."""
     results = []
-    by_id = {s.shard_id: s for s in plan.shards}
     for sid in shard_ids:
-        result = run_shard(ctx, by_id[sid], progress)
+        result = run_shard(ctx, plan.shards[sid], progress)
         results.append(result)
         if on_shard is not None:
             on_shard(result)
     return results
 
 
-def launch_workers(cfg: AugmentConfig, shard_ids: list[int], progress: Callable[[int], None] | None = None) -> None:
+def launch_workers(cfg: AugmentConfig, shard_ids: Sequence[int], progress: Callable[[int], None] | None = None) -> None:
     """`accelerate launch` K worker processes on this node (gloo on CPU, NCCL on GPUs) for these shards;
     `progress` gets the kept count of every shard whose done marker appears."""
     with tempfile.TemporaryDirectory(prefix="augment-") as tmp:
@@ -87,7 +87,7 @@ def launch_workers(cfg: AugmentConfig, shard_ids: list[int], progress: Callable[
 
 
 def _report_markers(
-    cfg: AugmentConfig, shard_ids: list[int], seen: set[int], progress: Callable[[int], None] | None
+    cfg: AugmentConfig, shard_ids: Sequence[int], seen: set[int], progress: Callable[[int], None] | None
 ) -> None:
     for sid in shard_ids:
         if sid in seen:

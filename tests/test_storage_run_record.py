@@ -141,6 +141,11 @@ def test_inputs_are_recorded_then_checked(tmp_path):
     inputs = {"reference_content_hash": "c1", "model_id": "m"}
     check_or_record_inputs(tmp_path, inputs)
     assert json.loads((tmp_path / INPUTS_FILE).read_text()) == inputs
+    check_or_record_inputs(tmp_path, {**inputs, "model_id": "m2"})  # no samples yet: new inputs are recorded
+    assert json.loads((tmp_path / INPUTS_FILE).read_text())["model_id"] == "m2"
+    check_or_record_inputs(tmp_path, inputs)
+    (tmp_path / "shards").mkdir()
+    (tmp_path / "shards" / "synthetic-000000.tar").write_bytes(b"a sample")  # from now on the inputs are fixed
     check_or_record_inputs(tmp_path, dict(inputs))  # the same inputs resume
     with pytest.raises(InputError, match=r"other inputs \(reference_content_hash: c1 -> c2\)"):
         check_or_record_inputs(tmp_path, {**inputs, "reference_content_hash": "c2"})
