@@ -93,7 +93,8 @@ def test_augmentation_table_names_every_transform() -> None:
 def test_presets() -> None:
     assert set(PRESETS) >= {"full", "cpu", "smoke"}
     cpu = preset_config("cpu", seed=3)
-    assert cpu.seed == 3 and cpu.unet_channels == (96, 192)
+    assert cpu.seed == 3 and cpu.unet_channels == (64, 128)
+    assert cpu.unet_steps * cpu.unet_batch >= 1_000_000  # the shipped recipe sees at least 1M samples
     assert preset_config("full") == TrainConfig()
     with pytest.raises(ValueError, match="unknown preset"):
         preset_config("huge")
@@ -143,3 +144,37 @@ def test_resume_accepts_changes_to_stages_still_to_run(tmp_path: Path, capsys: p
     assert "settings changed for stages still to run: ['unet_steps']" in capsys.readouterr().out
     metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert metrics["stages"]["unet"]["steps"] == 2
+
+
+def test_logsnr_timesteps_follow_the_requested_normal() -> None:
+    """With no uniform share, log-SNR(t) of the drawn t is N(mean, std²) up to the grid's rounding."""
+    from pipeline.training.stages import make_scheduler, sample_timesteps
+
+    cfg = preset_config("cpu", t_uniform_fraction=0.0, t_logsnr_mean=0.5, t_logsnr_std=1.5)
+    a = make_scheduler(cfg).alphas_cumprod.double()
+    torch.manual_seed(0)
+    t = sample_timesteps(cfg, a, 50_000)
+    log_snr = (a / (1 - a)).log()[t]
+    assert abs(float(log_snr.mean()) - 0.5) < 0.03
+    assert abs(float(log_snr.std()) - 1.5) < 0.03
+    # the nearest grid point: |log-SNR(t) - target| is at most half the local grid spacing (< 0.02 here)
+    assert t.min() > 0 and t.max() < cfg.num_train_timesteps - 1
+
+
+def test_timestep_mixture_keeps_the_ends_trained() -> None:
+    from pipeline.training.stages import make_scheduler, sample_timesteps
+
+    cfg = preset_config("cpu")
+    a = make_scheduler(cfg).alphas_cumprod
+    torch.manual_seed(1)
+    t = sample_timesteps(cfg, a, 100_000)
+    low_snr = float(((a / (1 - a)).log()[t] < -2.3).double().mean())  # SNR < 0.1
+    # uniform t puts about half of the batch at SNR < 0.1 on the linear betas; the mixture far fewer,
+    # but its 20% uniform share still reaches both ends of the schedule
+    torch.manual_seed(1)
+    uniform = sample_timesteps(preset_config("cpu", timestep_sampling="uniform"), a, 100_000)
+    assert float(((a / (1 - a)).log()[uniform] < -2.3).double().mean()) > 0.45
+    assert low_snr < 0.2
+    assert int((t > 950).sum()) > 500 and int((t < 20).sum()) > 100
+    with pytest.raises(ValueError, match="timestep_sampling"):
+        sample_timesteps(preset_config("cpu", timestep_sampling="cosine"), a, 4)

@@ -149,6 +149,24 @@ def encode_latents(cfg: TrainConfig, split: Split, work: Path, device: torch.dev
     return {"seconds": time.monotonic() - t0, "shape": list(latents.shape), "std": float(latents.std())}
 
 
+def sample_timesteps(cfg: TrainConfig, alphas_cumprod: torch.Tensor, n: int) -> torch.Tensor:
+    """Training timesteps from the global (per-step seeded) generator: uniform, or with log-SNR(t) =
+    log(ᾱ_t / (1 - ᾱ_t)) ~ N(mean, std²) mapped to the nearest t (log-SNR falls monotonically in t), mixed
+    with a `t_uniform_fraction` of uniform draws. The scheduler, sampler and guidance are unchanged."""
+    uniform = torch.randint(0, cfg.num_train_timesteps, (n,))
+    if cfg.timestep_sampling == "uniform":
+        return uniform
+    if cfg.timestep_sampling != "logsnr":
+        raise ValueError(f"timestep_sampling must be 'uniform' or 'logsnr', not {cfg.timestep_sampling!r}")
+    a = alphas_cumprod.to(torch.float64)
+    neg_log_snr = -(a / (1 - a)).log()  # increasing in t: searchsorted needs ascending values
+    target = -(cfg.t_logsnr_mean + cfg.t_logsnr_std * torch.randn(n, dtype=torch.float64))
+    hi = torch.searchsorted(neg_log_snr, target).clamp(1, len(a) - 1)
+    lo = hi - 1
+    nearest = torch.where((target - neg_log_snr[lo]).abs() <= (neg_log_snr[hi] - target).abs(), lo, hi)
+    return torch.where(torch.rand(n) < cfg.t_uniform_fraction, uniform, nearest)
+
+
 def unet_losses(
     model: torch.nn.Module,
     cfg: TrainConfig,
@@ -172,7 +190,7 @@ def unet_losses(
     y = labels[idx].clone()
     dropout = cfg.label_dropout if label_dropout is None else label_dropout
     y[torch.rand(len(y)) < dropout] = null_id  # null class -> classifier-free guidance
-    t = torch.randint(0, cfg.num_train_timesteps, (len(idx),))
+    t = sample_timesteps(cfg, alphas_cumprod.cpu(), len(idx))
     eps = torch.randn_like(z0)
     device = alphas_cumprod.device
     z0, eps, t, y = z0.to(device), eps.to(device), t.to(device), y.to(device)
@@ -206,7 +224,7 @@ def train_unet(cfg: TrainConfig, split: Split, work: Path, ckpt: Checkpointer, d
     for step in range(start, cfg.unet_steps):
         TUNER.begin(step)
         loss_main, loss_head = unet_losses(model, cfg, latents, labels, alphas_cumprod, null_id, step)
-        set_lr(opt, lr_at(step, cfg.unet_steps, cfg.unet_lr, min(100, cfg.unet_steps // 10 + 1)))
+        set_lr(opt, lr_at(step, cfg.unet_steps, cfg.unet_lr, min(cfg.unet_warmup, cfg.unet_steps // 10 + 1)))
         loss = loss_main + cfg.ig_loss_weight * loss_head  # Internal Guidance: lambda = 0.5
         opt.zero_grad(set_to_none=True)
         loss.backward()
