@@ -136,14 +136,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         r = reach(prior_samples(folder, args.samples, args.steps, 1.0, args.seed), judge, tests, args.k)
         if args.cfg_samples:
             s = prior_samples(folder, args.cfg_samples, args.steps, 2.0, args.seed)
-            r["class_accuracy_cfg2"] = float((classify(judge, s["images"])["probs"].argmax(1) == s["labels"]).float().mean())
+            predicted = classify(judge, s["images"])["probs"].argmax(1)
+            r["class_accuracy_cfg2"] = float((predicted == s["labels"]).float().mean())
         result[role] = r
         print(f"{role} {r['model_id']}: class accuracy {r['class_accuracy']:.3f}, {r['ms_per_sample']:.0f} ms/sample")
     table = markdown(result["new"], result.get("old"))
     result["table"] = table
     print(table)
     if result.get("old"):
-        better = [n for n in args.domains if result["new"]["domains"][n]["recall"] > result["old"]["domains"][n]["recall"]]
+        new, old = result["new"]["domains"], result["old"]["domains"]
+        better = [n for n in args.domains if new[n]["recall"] > old[n]["recall"]]
         result["higher_recall_on"] = better
         print(f"higher recall than the old prior on {len(better)}/{len(args.domains)} domains")
     if args.json:
