@@ -125,7 +125,25 @@ class AugmentConfig(BaseModel):
     pilot_start: float = Field(
         default=0.0025, gt=0.0, description="first candidate strength of the pilot (then doubled, then refined)"
     )
-    pilot_max_strength: float = Field(default=0.16, gt=0.0, description="the pilot never tries a larger strength")
+    pilot_max_strength: float = Field(
+        default=0.16,
+        gt=0.0,
+        description="the pilot doubles up to this strength; if the best candidate is the largest it allows, it "
+        "says so and doubles on up to pilot_hard_max_strength",
+    )
+    pilot_hard_max_strength: float = Field(
+        default=1.28,
+        gt=0.0,
+        le=MAX_STRENGTH,
+        description="the pilot never tries a larger strength (if its choice is this cap, the record says the cap "
+        "chose)",
+    )
+    pilot_min_strength: float = Field(
+        default=0.0003,
+        gt=0.0,
+        description="when the first candidate is infeasible (or the best), the pilot halves down to this "
+        "strength, never below",
+    )
 
     # filter and output
     keep: float = Field(default=0.9, gt=0.0, le=1.0, description="fraction of generated samples the filter keeps")
@@ -168,6 +186,15 @@ class AugmentConfig(BaseModel):
         if self.pilot_start > self.pilot_max_strength:
             raise ValueError(
                 f"pilot_start ({self.pilot_start}) must be <= pilot_max_strength ({self.pilot_max_strength})"
+            )
+        if self.pilot_max_strength > self.pilot_hard_max_strength:
+            raise ValueError(
+                f"pilot_max_strength ({self.pilot_max_strength}) must be <= pilot_hard_max_strength "
+                f"({self.pilot_hard_max_strength})"
+            )
+        if self.pilot_min_strength > self.pilot_start:
+            raise ValueError(
+                f"pilot_min_strength ({self.pilot_min_strength}) must be <= pilot_start ({self.pilot_start})"
             )
         if any(f <= 0 for f in self.bandwidth_factors):
             raise ValueError(f"bandwidth_factors must be positive, got {self.bandwidth_factors}")

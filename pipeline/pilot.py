@@ -18,18 +18,28 @@ between domains. Before the job, the pilot:
    - coverage at least 0.9 × unguided, and the median distance from a sample to its nearest other sample
      at least half of unguided's (no collapse onto a few shapes: near-duplicates drive it to 0),
    - labelled runs: the judged class histogram no further from the plan than unguided + 0.1 in total
-     variation (no class collapse),
+     variation, plus one standard error of that distance on the pilot batch (1/(2√n), 0.0625 at n = 64:
+     the smallest step must not be refused for sampling noise; `class_tv_standard_error`),
    - garbage at most unguided + 2 points (or + its binomial standard error, if larger): samples outside
      the guide references' support (the filter's rule, latent space) or, in the scoring space, farther
-     from every reference than any reference is from its nearest other one (`evaluation.metrics.garbage`);
-5. searches by doubling from `pilot_start` while candidates stay feasible and improve, up to
-   `pilot_max_strength`, then refines around the best (×√2 on either side not yet tried), as
-   training-free guidance searches do, and keeps the feasible candidate with the lowest MMD² if it beats
-   unguided (else 0: guidance off, said so in the record).
+     from every reference than any reference is from its nearest other one (`evaluation.metrics.garbage`).
+     Where that scoring-space rule flags more than half of the *unguided* samples it means nothing there
+     (decoded pixels of a domain the prior cannot draw): it is dropped, said so in the record and the log,
+     and garbage is judged by the latent-support rule alone;
+5. searches (`search`): doubles from `pilot_start` while candidates stay feasible and improve. When the
+   first candidate is infeasible, or the best of the doubling, it halves instead (down to
+   `pilot_min_strength`) while candidates are infeasible or improve. When the doubling is stopped by
+   `pilot_max_strength` rather than by the data (the best is the largest allowed), the record and the log
+   say so and the doubling goes on up to `pilot_hard_max_strength`. It then refines around the best (×√2
+   on either side not yet tried, within the bounds), as training-free guidance searches do, and keeps
+   the feasible candidate with the lowest MMD² if it beats unguided (else 0: guidance off, said so in the
+   record). If the choice sits at a bound the search reached without the data stopping it (the hard cap,
+   or the floor), the reason says the bound, not the data, chose.
 
 Its record (candidates, scores, constraints, choice, cost) goes to `run.json` and the eval report; it is
-cached per references, model and settings (`storage.pilot`). The search and the choice are pure
-functions (`search`, `choose`, `is_feasible`) tested on constructed cases.
+cached per references, model and settings (`storage.pilot`); what the search did beyond doubling and
+refining (halving, extending the range, a dropped constraint, a bound that chose) is in its `notes`. The
+search and the choice are pure functions (`search`, `choose`, `is_feasible`) tested on constructed cases.
 """
 
 from __future__ import annotations
@@ -63,7 +73,7 @@ from .seeding import derive_seed
 
 log = logging.getLogger(__name__)
 
-PILOT_VERSION = 1
+PILOT_VERSION = 2  # 2: halving, range extension, class-TV noise tolerance, meaningless garbage dropped
 
 #: Config fields the pilot's outcome does not depend on (besides the runtime-only ones).
 IRRELEVANT_FIELDS = frozenset(
@@ -76,6 +86,8 @@ SPREAD_FRACTION = 0.5
 PRDC_K = 3
 CLASS_TV_MARGIN = 0.1
 GARBAGE_MARGIN = 0.02
+#: A scoring-space garbage rule that flags more than this fraction of the unguided samples is meaningless there.
+MEANINGLESS_GARBAGE = 0.5
 
 #: The pilot needs at least this many references in each part; fewer and the job uses FALLBACK_STRENGTH.
 MIN_PILOT_REFERENCES = 8
@@ -102,6 +114,20 @@ class Candidate:
     seconds: float
     feasible: bool = True
     violations: list[str] = field(default_factory=list)
+    outside: float | None = None  # the part of `garbage` outside the guide references' support (latent space)
+    far: float | None = None  # the part of `garbage` far from every reference in the scoring space
+
+
+def class_tv_standard_error(n: int) -> float:
+    """A bound on the standard error of the total variation between an `n`-sample class histogram and a
+    fixed plan, whatever the classes' shares: 1/(2√n)."""
+    # TV^ − TV ≈ ½ Σ_k s_k (p^_k − p_k), s_k = sign(p_k − q_k): variance (1 − (Σ_k s_k p_k)²)/(4n) ≤ 1/(4n)
+    return 0.5 / math.sqrt(max(n, 1))
+
+
+def scoring_garbage_meaningless(base: Candidate) -> bool:
+    """Whether the scoring-space garbage rule flags most unguided samples (then it constrains nothing)."""
+    return base.far is not None and base.far > MEANINGLESS_GARBAGE
 
 
 def is_feasible(c: Candidate, base: Candidate, n: int) -> list[str]:
@@ -115,13 +141,18 @@ def is_feasible(c: Candidate, base: Candidate, n: int) -> list[str]:
         out.append(f"coverage {c.coverage:.3f} < {COVERAGE_FRACTION} x unguided {base.coverage:.3f}")
     if c.spread < SPREAD_FRACTION * base.spread:
         out.append(f"spread {c.spread:.3g} < {SPREAD_FRACTION} x unguided {base.spread:.3g} (collapse)")
-    if c.class_tv is not None and base.class_tv is not None and c.class_tv > base.class_tv + CLASS_TV_MARGIN:
+    tv_se = class_tv_standard_error(n)
+    if c.class_tv is not None and base.class_tv is not None and c.class_tv > base.class_tv + CLASS_TV_MARGIN + tv_se:
         out.append(
             f"class histogram off the plan by {c.class_tv:.3f} > unguided {base.class_tv:.3f} + {CLASS_TV_MARGIN}"
+            f" + {tv_se:.3f} (its standard error)"
         )
-    g_tol = max(GARBAGE_MARGIN, math.sqrt(base.garbage * (1 - base.garbage) / n))  # at least its standard error
-    if c.garbage > base.garbage + g_tol:
-        out.append(f"garbage {c.garbage:.3f} > unguided {base.garbage:.3f} + {g_tol:.3f}")
+    what, value, baseline = "garbage", c.garbage, base.garbage
+    if scoring_garbage_meaningless(base) and c.outside is not None and base.outside is not None:
+        what, value, baseline = "garbage (outside the support)", c.outside, base.outside
+    g_tol = max(GARBAGE_MARGIN, math.sqrt(baseline * (1 - baseline) / n))  # at least its standard error
+    if value > baseline + g_tol:
+        out.append(f"{what} {value:.3f} > unguided {baseline:.3f} + {g_tol:.3f}")
     return out
 
 
@@ -136,13 +167,47 @@ def choose(candidates: list[Candidate], base: Candidate) -> tuple[float, str]:
     return best.strength, f"lowest MMD² among {len(feasible)} feasible candidate(s)"
 
 
+@dataclass
+class Search:
+    """What `search` tried and chose."""
+
+    baseline: Candidate
+    candidates: list[Candidate]  # in the order tried
+    chosen: float
+    reason: str
+    notes: list[str] = field(default_factory=list)  # what it did beyond doubling and refining, in words
+    dropped: list[str] = field(default_factory=list)  # constraints dropped as meaningless
+    extended: bool = False  # the doubling went past max_strength
+    bound_chose: str | None = None  # the bound (setting name) that chose the strength, None: the data chose
+
+
 def search(
-    evaluate: Callable[[float], Candidate], start: float, max_strength: float, n: int
-) -> tuple[Candidate, list[Candidate]]:
-    """(baseline, candidates in the order tried): double from `start` while candidates stay feasible and
-    improve on the best so far (at most `max_strength`), then try ×√2 on either side of the best."""
+    evaluate: Callable[[float], Candidate],
+    start: float,
+    max_strength: float,
+    n: int,
+    *,
+    min_strength: float | None = None,
+    hard_max_strength: float | None = None,
+) -> Search:
+    """Double from `start` while candidates stay feasible and improve on the best so far; halve instead
+    (down to `min_strength`, default `start`: no halving) when the first candidate is infeasible or the best;
+    when `max_strength` rather than the data stops the doubling, go on up to `hard_max_strength` (default
+    `max_strength`: no extension); then try ×√2 on either side of the best, and `choose`."""
+    lo = start if min_strength is None else min(min_strength, start)
+    hi = max_strength
+    cap = max(max_strength, hard_max_strength if hard_max_strength is not None else max_strength)
+    below, above = 1 - 1e-9, 1 + 1e-9
     base = evaluate(0.0)
     base.feasible, base.violations = True, []
+    result = Search(base, [], 0.0, "")
+    if scoring_garbage_meaningless(base):
+        result.dropped.append("garbage in the scoring space")
+        result.notes.append(
+            f"the scoring-space garbage rule flags {base.far:.0%} of the unguided samples (> "
+            f"{MEANINGLESS_GARBAGE:.0%}): meaningless in this space, dropped; garbage is judged by the "
+            "latent-support rule alone"
+        )
     tried: dict[float, Candidate] = {}
 
     def run(s: float) -> Candidate:
@@ -155,18 +220,66 @@ def search(
         return tried[key]
 
     best: Candidate | None = None
+    top_reached = False  # a bound, not the data, stopped the doubling at `cap`
     s = start
-    while s <= max_strength * (1 + 1e-9):
+    while True:
+        if s > hi * above:
+            if hi < cap and best is not None:
+                result.extended = True
+                result.notes.append(
+                    f"the best candidate ({best.strength:g}) is the largest pilot_max_strength ({hi:g}) allows: "
+                    f"doubling on up to pilot_hard_max_strength ({cap:g})"
+                )
+                hi = cap
+                continue
+            top_reached = best is not None
+            break
         c = run(s)
         if not c.feasible or (best is not None and c.mmd2 >= best.mmd2):
             break
         best = c
         s *= 2
+    bottom_reached = False  # the floor, not the data, stopped the halving
+    first = tried[round(start, 12)]
+    if lo < start and (best is None or best is first):
+        if not first.feasible:
+            result.notes.append(
+                f"the first candidate ({start:g}) broke a constraint ({first.violations[0]}): halving down to "
+                f"pilot_min_strength ({lo:g})"
+            )
+        s = start / 2
+        while True:
+            if s < lo * below:
+                bottom_reached = True
+                break
+            c = run(s)
+            if c.feasible and (best is None or c.mmd2 < best.mmd2):
+                best = c
+            elif c.feasible or best is not None:  # no better, or infeasible below a feasible one
+                break
+            s /= 2
+        if best is None:
+            result.notes.append(f"no strength from {start:g} down to {lo:g} met the constraints")
     if best is not None:
         for s in (best.strength / math.sqrt(2), best.strength * math.sqrt(2)):
-            if start / 2 < s <= max_strength * (1 + 1e-9):
+            if lo * below <= s <= hi * above:
                 run(s)
-    return base, list(tried.values())
+    result.candidates = list(tried.values())
+    result.chosen, result.reason = choose(result.candidates, base)
+    strengths = [c.strength for c in result.candidates]
+    if result.chosen > 0 and top_reached and result.chosen == max(strengths):
+        result.bound_chose = "pilot_hard_max_strength" if cap > max_strength else "pilot_max_strength"
+        result.reason += (
+            f"; it is the largest strength the pilot may try ({result.bound_chose} {cap:g}): the cap, not the "
+            "data, chose it"
+        )
+    elif result.chosen > 0 and bottom_reached and result.chosen == min(strengths):
+        result.bound_chose = "pilot_min_strength"
+        result.reason += (
+            f"; it is the smallest strength the pilot may try (pilot_min_strength {lo:g}): the floor, not the "
+            "data, chose it"
+        )
+    return result
 
 
 # ------------------------------------------------------------------------------------------ settings
@@ -239,7 +352,8 @@ def class_tv(judged: torch.Tensor, proportions: torch.Tensor) -> float:
 
 def run_pilot(ctx: Any) -> dict[str, Any]:
     """Run the search for a `worker.JobContext` whose config says strength 'auto'; returns the record
-    (JSON-ready): key, chosen, reason, baseline, candidates, feature space, counts, seconds, cost."""
+    (JSON-ready): key, chosen, reason, baseline, candidates, notes, dropped constraints, whether the range
+    was extended and which bound chose (if one did), feature space, counts, seconds, cost."""
     from .reference import build_target, split_holdout
     from .worker import JobContext, generate
 
@@ -254,6 +368,8 @@ def run_pilot(ctx: Any) -> dict[str, Any]:
             "holdout": cfg.pilot_holdout,
             "start": cfg.pilot_start,
             "max_strength": cfg.pilot_max_strength,
+            "min_strength": cfg.pilot_min_strength,
+            "hard_max_strength": cfg.pilot_hard_max_strength,
         },
     }
     if cfg.guidance == "none":
@@ -318,21 +434,34 @@ def run_pilot(ctx: Any) -> dict[str, Any]:
             spread=float(nearest_neighbour_distances(feats).median()),
             class_tv=tv,
             seconds=time.perf_counter() - t,
+            outside=float(outside.double().mean()),
+            far=float(far.double().mean()),
         )
         log.info(
-            "pilot s=%g: MMD² %.4g, precision %.3f, coverage %.3f, garbage %.3f%s (%.1f s)",
+            "pilot s=%g: MMD² %.4g, precision %.3f, coverage %.3f, garbage %.3f (outside %.3f, far %.3f)%s (%.1f s)",
             strength,
             c.mmd2,
             c.precision,
             c.coverage,
             c.garbage,
+            c.outside,
+            c.far,
             "" if tv is None else f", class TV {tv:.3f}",
             c.seconds,
         )
         return c
 
-    baseline, candidates = search(evaluate, cfg.pilot_start, cfg.pilot_max_strength, n)
-    chosen, reason = choose(candidates, baseline)
+    found = search(
+        evaluate,
+        cfg.pilot_start,
+        cfg.pilot_max_strength,
+        n,
+        min_strength=cfg.pilot_min_strength,
+        hard_max_strength=cfg.pilot_hard_max_strength,
+    )
+    for note in found.notes:
+        log.warning("strength auto: %s", note)
+    baseline, candidates, chosen, reason = found.baseline, found.candidates, found.chosen, found.reason
     seconds = time.perf_counter() - t0
     generated = n * (1 + len(candidates))
     record = dict(
@@ -344,6 +473,10 @@ def run_pilot(ctx: Any) -> dict[str, Any]:
         heldout_references=int(held_mask.sum()),
         baseline=asdict(baseline),
         candidates=[asdict(c) for c in candidates],
+        notes=found.notes,
+        dropped_constraints=found.dropped,
+        extended=found.extended,
+        bound_chose=found.bound_chose,
         samples_generated=generated,
         seconds=round(seconds, 3),
         job_generated=primary_count(cfg),
@@ -367,12 +500,15 @@ def replace_cfg(cfg: AugmentConfig, strength: float) -> AugmentConfig:
 
 __all__ = [
     "Candidate",
+    "Search",
     "choose",
     "class_tv",
+    "class_tv_standard_error",
     "feature_space",
     "is_feasible",
     "pilot_key",
     "pilot_settings",
     "run_pilot",
+    "scoring_garbage_meaningless",
     "search",
 ]

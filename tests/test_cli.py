@@ -55,6 +55,8 @@ CLI_VALUES = {
     "pilot_holdout": "0.4",
     "pilot_start": "0.005",
     "pilot_max_strength": "0.08",
+    "pilot_hard_max_strength": "0.32",
+    "pilot_min_strength": "0.001",
     "keep": "0.75",
     "support_radius": "4.5",
     "reserve": "0.5",
