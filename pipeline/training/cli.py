@@ -72,6 +72,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=None,
         help="a previous model folder: its unconditional samples are judged by the new classifier in the same run",
     )
+    p.add_argument(
+        "--until",
+        choices=STAGES[:-1],
+        default=None,
+        help="stop after this training stage (no model folder, no evaluation): for side-by-side runs",
+    )
     p.add_argument("--card-only", action="store_true", help="re-render --out/README.md from --out/metrics.json")
     p.add_argument("--interrupt", default=None, help=argparse.SUPPRESS)  # STAGE:STEP, for tests
     return p.parse_args(argv)
@@ -158,6 +164,8 @@ def main(argv: list[str] | None = None) -> int:
             if (info := done_info(work, stage)) is not None:
                 print(f"[{stage}] already done, skipping")
                 stages[stage] = info
+                if stage == args.until:
+                    return 0
                 continue
             if stage == "classifier" and split.data.num_classes == 0:
                 continue  # unlabelled folder: no classifier, class metrics are skipped
@@ -168,6 +176,9 @@ def main(argv: list[str] | None = None) -> int:
                 info = fns[stage](cfg, split, work, ckpt, device)
             mark_done(work, stage, info)
             stages[stage] = info
+            if stage == args.until:
+                print(f"stopped after the {stage} stage (--until); results in {work}")
+                return 0
     except Interrupted as err:
         print(f"{err}; continue with --resume")
         return EXIT_INTERRUPTED
