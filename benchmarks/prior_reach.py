@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -128,7 +129,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "eta": 1.0,
         "k": args.k,
         "judge": str(args.judge or args.new),
-        "command": "python benchmarks/prior_reach.py " + " ".join(argv if argv is not None else []),
+        "command": "python benchmarks/prior_reach.py " + " ".join(sys.argv[1:] if argv is None else argv),
     }
     for role, folder in (("new", args.new), ("old", args.old)):
         if folder is None:

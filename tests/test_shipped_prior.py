@@ -46,8 +46,11 @@ def test_shipped_folder_layout() -> None:
         assert (SHIPPED_MODEL_DIR / name).is_file(), name
     assert not list(SHIPPED_MODEL_DIR.rglob("*.bin")), "weights must be safetensors only"
     split = json.loads((SHIPPED_MODEL_DIR / "split.json").read_text())
-    assert split["n_heldout"] == len(split["heldout_indices"]) == 500
-    assert len(set(split["heldout_indices"])) == 500
+    assert split["n_heldout"] == len(split["heldout_indices"]) == 1000
+    # the fixed split: the held-out rows the benchmark domains use were never trained on
+    from pipeline.models.prior_data import mnist_split
+
+    assert sorted(split["heldout_indices"]) == mnist_split()[1].tolist()
 
 
 def test_load_is_offline_and_fast(no_network: None) -> None:
@@ -58,7 +61,7 @@ def test_load_is_offline_and_fast(no_network: None) -> None:
     p = load_shipped()
     seconds = time.perf_counter() - t0
     assert seconds < 2.0, f"load_shipped took {seconds:.2f} s"
-    assert p.model_id == "mmd-augment/mnist-ldm-v1"
+    assert p.model_id == "mmd-augment/mnist-ldm-v3"
     assert not p.unet.training and not p.vae.training
 
 
