@@ -66,6 +66,7 @@ CLI_VALUES = {
     "dtype": "float32",
     "processes": "2",
     "progress": "quiet",
+    "allow_shortfall": True,
 }
 
 
