@@ -4,7 +4,13 @@
     run_shard_range        a range of shards, in-process or as `accelerate launch` of K workers;
                            retried with exponential backoff; skips shards whose done marker exists
     augment (flow)         start (validate, claim, plan) -> shard ranges as tasks -> finish_job
-                           -> a run-summary artifact; returns paths and counts, never tensors
+                           -> a run-summary artifact; returns paths and counts, never tensors; ends
+                           Failed if it kept fewer than --n (`FinishedShort`, unless allow_shortfall)
+
+Shards travel as ranges (`pipeline.plan.ShardRanges`, JSON `[[start, stop], ...]`): a task's parameters
+and result do not grow with the number of shards it covers. A flow that fails between the job's start
+and its finish gives the output folder back (`pipeline.job.holding_output`): its lock always, its claim
+too when it wrote no sample, so a corrected re-run is accepted.
 
 The flow's parameter is the same validated `AugmentConfig` the CLI builds, and every shard goes
 through `pipeline.worker.run_shard`, so a flow run and a CLI run of the same settings write the same
@@ -36,14 +42,14 @@ from pipeline import job
 from pipeline.config import AugmentConfig
 from pipeline.executors import launch_workers, run_shards_in_process
 from pipeline.models.loading import LoadedModel, load_model
-from pipeline.plan import plan_job
+from pipeline.plan import ShardRanges, plan_job
 from pipeline.reference import check_references, default_cache_dir
 from pipeline.worker import JobContext
 from storage.bundle import bundle_dir
 from storage.errors import InputError
-from storage.manifest import manifest_part_path
+from storage.manifest import MANIFEST_DIR
 from storage.references import is_hidden
-from storage.shards import is_done, shard_path
+from storage.shards import shard_path
 
 log = logging.getLogger(__name__)
 
@@ -228,8 +234,8 @@ def reference_task(cfg: AugmentConfig):
 def _range_name() -> str:
     from prefect.runtime import task_run
 
-    ids = list(task_run.parameters.get("shard_ids") or [])
-    return f"shards-{ids[0]:06d}-{ids[-1]:06d}" if ids else "shards-none"
+    shards = ShardRanges(task_run.parameters.get("shard_ranges") or [])
+    return f"shards-{shards[0]:06d}-{shards[-1]:06d}" if shards else "shards-none"
 
 
 @task(
@@ -241,8 +247,9 @@ def _range_name() -> str:
     retry_condition_fn=retry_unless_bad_input,
     cache_policy=NO_CACHE,
 )
-def run_shard_range(config: dict[str, Any], shard_ids: list[int]) -> list[str]:
-    """Generate, filter and write these shards; return their manifest-part paths.
+def run_shard_range(config: dict[str, Any], shard_ranges: list[list[int]]) -> dict[str, Any]:
+    """Generate, filter and write these shards (`[[start, stop], ...]`); return their ranges and the
+    folder of their manifest parts (`part-<shard>.parquet`).
 
     Shards whose done marker vouches for their bytes are skipped, so a retry (or a re-run of the
     flow) only does what is missing. With `processes > 1` the shards go to `accelerate launch` of
@@ -250,33 +257,34 @@ def run_shard_range(config: dict[str, Any], shard_ids: list[int]) -> list[str]:
     """
     cfg = _as_config(config)
     logger = get_run_logger()
-    todo = [s for s in shard_ids if not is_done(cfg.out, cfg.prefix, s)]
-    if len(todo) < len(shard_ids):
-        logger.info("skipping %d shard(s) already done", len(shard_ids) - len(todo))
+    shards = ShardRanges(shard_ranges)
+    todo = job.shards_not_done(cfg, shards)
+    if len(todo) < len(shards):
+        logger.info("skipping %d shard(s) already done", len(shards) - len(todo))
     if todo:
         t0 = time.perf_counter()
         if cfg.processes > 1:
             launch_workers(cfg, todo)
         else:
             run_shards_in_process(shared_context(cfg), plan_job(cfg), todo)
-        logger.info("wrote shard(s) %s in %.1f s", todo, time.perf_counter() - t0)
-    missing = [s for s in shard_ids if not is_done(cfg.out, cfg.prefix, s)]
+        logger.info("wrote %r in %.1f s", todo, time.perf_counter() - t0)
+    missing = job.shards_not_done(cfg, shards)
     if missing:
-        raise RuntimeError(f"shard(s) {missing} have no done marker after the run")
-    return [str(manifest_part_path(cfg.out, s)) for s in shard_ids]
+        raise RuntimeError(f"{missing!r} have no done marker after the run")
+    return {"shard_ranges": shards.to_json(), "manifest_dir": str(Path(cfg.out) / MANIFEST_DIR)}
 
 
 # ------------------------------------------------------------------------------------------- flow
 
 
-def split_ranges(shard_ids: list[int], size: int) -> list[list[int]]:
-    """Consecutive ranges of at most `size` shard ids."""
+def split_ranges(shards: ShardRanges, size: int) -> list[ShardRanges]:
+    """Consecutive parts of at most `size` shards (each one a few ranges, whatever `size`)."""
     if size < 1:
         raise ValueError(f"shards_per_task must be >= 1, got {size}")
-    return [shard_ids[i : i + size] for i in range(0, len(shard_ids), size)]
+    return shards.chunks(size)
 
 
-def default_shards_per_task(cfg: AugmentConfig, pending: list[int]) -> int:
+def default_shards_per_task(cfg: AugmentConfig, pending: ShardRanges) -> int:
     """In-process: one shard per task (finest retries). K workers: all pending shards in one launch
     (each launch loads the model K times; a retry resumes from the done markers anyway)."""
     return max(1, len(pending)) if cfg.processes > 1 else 1
@@ -317,33 +325,42 @@ def augment(config: AugmentConfig, shards_per_task: int | None = None, per_run_o
     ref_state = reference_task(cfg)(cfg_json, return_state=True)
     reference = ref_state.result()
     ctx, plan, pending = start_job(cfg)
-    if reference["content_hash"] != ctx.bundle.content_hash:
-        logger.warning("references changed while the flow started; using the ones read last")
-    t1 = time.perf_counter()
-    size = shards_per_task or default_shards_per_task(cfg, pending)
-    ranges = split_ranges(pending, size)
-    logger.info(
-        "%s: %d of %d shard(s) to do in %d task(s) (%s)",
-        cfg.out,
-        len(pending),
-        len(plan.shards),
-        len(ranges),
-        f"{cfg.processes} accelerate workers" if cfg.processes > 1 else "in-process",
-    )
-    futures = [run_shard_range.submit(cfg_json, r) for r in ranges]
-    wait(futures)
-    failed = [f for f in futures if not f.state.is_completed()]
-    if failed:
-        ids = [sid for f, r in zip(futures, ranges, strict=True) if f in failed for sid in r]
-        logger.error("%d task(s) failed (shards %s); re-run the flow to resume", len(failed), ids)
-        failed[0].result()  # raises the task's exception
-    t2 = time.perf_counter()
-    seconds = {"prepare": round(t1 - t0, 3), "generate_filter_write": round(t2 - t1, 3)}
-    return finish_and_publish(cfg, ctx, plan, len(pending), seconds, t0, ref_state, reference)
+    with job.holding_output(cfg):  # a failure from here on gives the folder back (its claim if no sample)
+        if reference["content_hash"] != ctx.bundle.content_hash:
+            logger.warning("references changed while the flow started; using the ones read last")
+        t1 = time.perf_counter()
+        size = shards_per_task or default_shards_per_task(cfg, pending)
+        ranges = split_ranges(pending, size)
+        logger.info(
+            "%s: %d of %d shard(s) to do in %d task(s) (%s)",
+            cfg.out,
+            len(pending),
+            len(plan.shards),
+            len(ranges),
+            f"{cfg.processes} accelerate workers" if cfg.processes > 1 else "in-process",
+        )
+        futures = [run_shard_range.submit(cfg_json, r.to_json()) for r in ranges]
+        wait(futures)
+        failed = [r for f, r in zip(futures, ranges, strict=True) if not f.state.is_completed()]
+        if failed:
+            logger.error(
+                "%d task(s) failed (%s); re-run the flow to resume",
+                len(failed),
+                ShardRanges(part for r in failed for part in r.ranges),
+            )
+            next(f for f in futures if not f.state.is_completed()).result()  # raises the task's exception
+        t2 = time.perf_counter()
+        seconds = {"prepare": round(t1 - t0, 3), "generate_filter_write": round(t2 - t1, 3)}
+        return finish_and_publish(cfg, ctx, plan, len(pending), seconds, t0, ref_state, reference)
 
 
 def finish_and_publish(cfg, ctx, plan, written, seconds, t0, ref_state, reference, **extra) -> dict[str, Any]:
-    """Merge the manifest, write run.json, publish the summary artifact; a small, serialisable result."""
+    """Merge the manifest, write run.json, publish the summary artifact; a small, serialisable result.
+
+    Raises:
+        FinishedShort: after all of that, if the run kept fewer than --n samples (the flow run ends
+            Failed) and `allow_shortfall` does not accept it.
+    """
     summary = job.finish_job(cfg, ctx.model, ctx.bundle, plan, written, seconds)
     summary.seconds["total"] = round(time.perf_counter() - t0, 3)
     result = {
@@ -355,6 +372,7 @@ def finish_and_publish(cfg, ctx, plan, written, seconds, t0, ref_state, referenc
         "config_hash": summary.config_hash,
         "num_kept": summary.num_kept,
         "num_generated": summary.num_generated,
+        "shortfall": summary.shortfall,
         "shards_written": summary.shards_written,
         "shards_skipped": summary.shards_skipped,
         "mmd2_pool": summary.mmd2_pool,
@@ -363,6 +381,7 @@ def finish_and_publish(cfg, ctx, plan, written, seconds, t0, ref_state, referenc
         "seconds": summary.seconds,
     }
     publish_summary(result, reference)
+    job.check_delivered(cfg, summary)
     return result
 
 
@@ -376,6 +395,7 @@ def summary_rows(result: dict[str, Any], reference: dict[str, Any]) -> list[dict
         ("output", result["out"]),
         ("config hash", result["config_hash"]),
         ("samples kept / generated", f"{result['num_kept']} / {result['num_generated']}"),
+        ("samples short of --n", str(result.get("shortfall", 0))),
         ("shards written / already done", f"{result['shards_written']} / {result['shards_skipped']}"),
         ("MMD² pool (before filter)", fmt(pool)),
         ("MMD² kept (after filter)", fmt(kept)),

@@ -36,7 +36,11 @@ def run_flow(cfg, shards_per_task: int | None = None, per_run_output: bool = Fal
 
 def flow_command(ctx: typer.Context, **values: Any) -> None:
     """Run the job as a Prefect flow run (same options and samples as `augment`; retries, caching, UI).
-    Uses PREFECT_API_URL, or a temporary local server."""
+    Uses PREFECT_API_URL, or a temporary local server. Same exit codes as `augment`: a run that kept
+    fewer than --n ends Failed and exits 3 (unless --allow-shortfall)."""
+    from dataclasses import asdict
+
+    from pipeline.job import FinishedShort
     from pipeline.reference import check_references
     from storage.errors import InputError
 
@@ -56,6 +60,10 @@ def flow_command(ctx: typer.Context, **values: Any) -> None:
         run_flow(cfg, shards_per_task=shards_per_task, per_run_output=per_run_output)
     except InputError as exc:
         pipeline_cli.fail(str(exc), as_json=cfg.progress == "json")
+    except FinishedShort as exc:  # the flow run wrote what it kept, then ended Failed
+        for line in pipeline_cli.summary_lines(asdict(exc.summary), how=", Prefect flow run"):
+            typer.echo(line)
+        pipeline_cli.fail(str(exc), pipeline_cli.EXIT_FINISHED_SHORT, as_json=cfg.progress == "json")
 
 
 flow_command.__signature__ = pipeline_cli.job_command_signature(  # type: ignore[attr-defined]
@@ -72,7 +80,7 @@ flow_command.__signature__ = pipeline_cli.job_command_signature(  # type: ignore
 def make_app() -> typer.Typer:
     """The whole `augment` app: the pipeline's commands and `flow`."""
     app = pipeline_cli.make_app()
-    app.command("flow")(flow_command)
+    app.command("flow", epilog=pipeline_cli.EXIT_CODES_EPILOG)(flow_command)
     return app
 
 

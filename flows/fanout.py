@@ -40,9 +40,10 @@ from flows.augment_flow import (
     split_ranges,
     start_job,
 )
+from pipeline import job
 from pipeline.config import AugmentConfig
+from pipeline.plan import ShardRanges
 from storage.run_record import CLAIM_FILE, check_or_claim_output
-from storage.shards import is_done
 
 #: Global concurrency limit that caps how many node runs execute at once.
 NODE_LIMIT = "mmd-augment-nodes"
@@ -51,9 +52,9 @@ NODE_TAG = "mmd-augment-node"
 
 
 @flow(name="augment-node", task_runner=ThreadPoolTaskRunner(max_workers=1))
-def augment_node(config: AugmentConfig, shard_ids: list[int]) -> dict[str, Any]:
-    """Node-level run: these shards of a job the parent has started, with `config.processes`
-    accelerate workers on this node (one per GPU), or in-process for `processes = 1`."""
+def augment_node(config: AugmentConfig, shard_ranges: list[list[int]]) -> dict[str, Any]:
+    """Node-level run: these shards (`[[start, stop], ...]`) of a job the parent has started, with
+    `config.processes` accelerate workers on this node (one per GPU), or in-process for `processes = 1`."""
     cfg = config
     if not (Path(cfg.out) / CLAIM_FILE).exists():
         raise RuntimeError(
@@ -61,26 +62,26 @@ def augment_node(config: AugmentConfig, shard_ids: list[int]) -> dict[str, Any]:
             "the parent flow (mounted at the same path on every node)"
         )
     check_or_claim_output(cfg.out, cfg.config_hash, cfg.hashed_fields())  # same config as the parent?
-    parts = run_shard_range(cfg.model_dump(mode="json"), list(shard_ids))
-    return {"out": cfg.out, "shards": list(shard_ids), "manifest_parts": parts}
+    return {"out": cfg.out, **run_shard_range(cfg.model_dump(mode="json"), shard_ranges)}
 
 
 def _node_run_name() -> str:
     from prefect.runtime import task_run
 
-    ids = list(task_run.parameters.get("shard_ids") or [])
-    return f"node-{ids[0]:06d}-{ids[-1]:06d}" if ids else "node-none"
+    shards = ShardRanges(task_run.parameters.get("shard_ranges") or [])
+    return f"node-{shards[0]:06d}-{shards[-1]:06d}" if shards else "node-none"
 
 
 @task(name="run-node", task_run_name=_node_run_name, retries=1, retry_delay_seconds=30, cache_policy=NO_CACHE)
 def run_node(
     deployment: str,
     config: dict[str, Any],
-    shard_ids: list[int],
+    shard_ranges: list[list[int]],
     limit: str | None = NODE_LIMIT,
     timeout_seconds: float | None = None,
-) -> list[int]:
-    """Run one node-level flow run for these shards and wait for it, holding one slot of `limit`.
+) -> list[list[int]]:
+    """Run one node-level flow run for these shards (`[[start, stop], ...]`) and wait for it, holding one
+    slot of `limit`.
 
     A retry starts a new node run, which skips the shards the failed one finished.
     """
@@ -89,15 +90,16 @@ def run_node(
     with slot:
         run = run_deployment(
             deployment,
-            parameters={"config": config, "shard_ids": list(shard_ids)},
+            parameters={"config": config, "shard_ranges": shard_ranges},
             timeout=timeout_seconds,
             tags=[NODE_TAG],
         )
     state = run.state
+    shards = ShardRanges(shard_ranges)
     if state is None or not state.is_completed():
-        raise RuntimeError(f"node run {run.name} for shards {shard_ids} ended {state.name if state else 'unknown'}")
-    logger.info("node run %s finished shards %s", run.name, shard_ids)
-    return list(shard_ids)
+        raise RuntimeError(f"node run {run.name} for {shards!r} ended {state.name if state else 'unknown'}")
+    logger.info("node run %s finished %r", run.name, shards)
+    return shards.to_json()
 
 
 @flow(name="augment-fanout", task_runner=ThreadPoolTaskRunner(max_workers=64))
@@ -129,20 +131,28 @@ def augment_fanout(
     ref_state = reference_task(cfg)(cfg.model_dump(mode="json"), return_state=True)
     reference = ref_state.result()
     ctx, plan, pending = start_job(cfg)
-    t1 = time.perf_counter()
-    node_cfg = cfg.model_copy(update={"processes": processes_per_node or cfg.processes, "progress": "quiet"})
-    node_json = node_cfg.model_dump(mode="json")
-    ranges = split_ranges(pending, shards_per_node)
-    logger.info("%s: %d pending shard(s) -> %d node run(s) of %s", cfg.out, len(pending), len(ranges), node_deployment)
-    futures = [run_node.submit(node_deployment, node_json, r, concurrency_limit, node_timeout_seconds) for r in ranges]
-    wait(futures)
-    missing = [s for s in pending if not is_done(cfg.out, cfg.prefix, s)]
-    if missing:
-        failed = [f for f in futures if not f.state.is_completed()]
-        logger.error("shards %s are not done; re-run this flow to resume them", missing)
-        if failed:
-            failed[0].result()
-        raise RuntimeError(f"shards {missing} are not done")
-    t2 = time.perf_counter()
-    seconds = {"prepare": round(t1 - t0, 3), "nodes": round(t2 - t1, 3)}
-    return finish_and_publish(cfg, ctx, plan, len(pending), seconds, t0, ref_state, reference, node_runs=len(ranges))
+    with job.holding_output(cfg):  # a failure from here on gives the folder back (its claim if no sample)
+        t1 = time.perf_counter()
+        node_cfg = cfg.model_copy(update={"processes": processes_per_node or cfg.processes, "progress": "quiet"})
+        node_json = node_cfg.model_dump(mode="json")
+        ranges = split_ranges(pending, shards_per_node)
+        logger.info(
+            "%s: %d pending shard(s) -> %d node run(s) of %s", cfg.out, len(pending), len(ranges), node_deployment
+        )
+        futures = [
+            run_node.submit(node_deployment, node_json, r.to_json(), concurrency_limit, node_timeout_seconds)
+            for r in ranges
+        ]
+        wait(futures)
+        missing = job.shards_not_done(cfg, pending)
+        if missing:
+            failed = [f for f in futures if not f.state.is_completed()]
+            logger.error("%r are not done; re-run this flow to resume them", missing)
+            if failed:
+                failed[0].result()
+            raise RuntimeError(f"{missing!r} are not done")
+        t2 = time.perf_counter()
+        seconds = {"prepare": round(t1 - t0, 3), "nodes": round(t2 - t1, 3)}
+        return finish_and_publish(
+            cfg, ctx, plan, len(pending), seconds, t0, ref_state, reference, node_runs=len(ranges)
+        )

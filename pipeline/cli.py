@@ -29,16 +29,32 @@ APP_HELP = (
     "  augment --ref ./xray_samples --n 100000 --out ./synthetic"
 )
 
+#: `augment`'s exit codes (README, "Exit codes"; shown by `augment --help`).
+EXIT_DELIVERED = 0
+EXIT_FAILED = 1
+EXIT_BAD_INPUT = 2
+EXIT_FINISHED_SHORT = 3
+EXIT_INTERRUPTED = 130  # typer's, for KeyboardInterrupt (128 + SIGINT)
+EXIT_CODES = {
+    EXIT_DELIVERED: "delivered: --n samples kept and written (or a short run accepted by --allow-shortfall)",
+    EXIT_FAILED: "failed unexpectedly (a traceback; e.g. a worker process crashed): rerun the same command to resume",
+    EXIT_BAD_INPUT: "bad input or settings: one 'error:' line naming the file or flag and what to do",
+    EXIT_FINISHED_SHORT: "finished short: fewer than --n kept; the samples, manifest and run.json are written",
+    EXIT_INTERRUPTED: "interrupted (Ctrl-C): rerun the same command to resume",
+}
+#: The help's closing paragraph (`\b`: printed as written, not re-wrapped).
+EXIT_CODES_EPILOG = "\b\nExit codes:\n" + "\n".join(f"  {code:>3}  {text}" for code, text in EXIT_CODES.items())
+
 #: Seconds per sample and step of the shipped prior, unguided: 86 ms per sample at 50 DDIM steps
 #: (model card, 2-core CPU).
 SECONDS_PER_SAMPLE_STEP = 0.086 / 50
 
 
-def fail(message: str, code: int = 2, *, as_json: bool = False) -> NoReturn:
-    """Print one line naming the problem on stderr (`error: ...`, or a JSON event line under
-    `--progress json`) and exit (code 2: bad input or settings)."""
+def fail(message: str, code: int = EXIT_BAD_INPUT, *, as_json: bool = False) -> NoReturn:
+    """Print one line naming the problem on stderr (`error: ...`, or a JSON event line with the exit code
+    under `--progress json`) and exit with `code` (`EXIT_CODES`; default 2: bad input or settings)."""
     if as_json:
-        typer.echo(json.dumps({"event": "error", "message": message}), err=True)
+        typer.echo(json.dumps({"event": "error", "message": message, "exit_code": code}), err=True)
     else:
         typer.echo(f"error: {message}", err=True)
     raise typer.Exit(code)
@@ -115,12 +131,13 @@ def dry_run(cfg: AugmentConfig) -> None:
 
 
 def execute(cfg: AugmentConfig) -> None:
-    """Run the job with a progress bar / quiet / JSON logs; input errors end as one line, exit 2."""
+    """Run the job with a progress bar / quiet / JSON logs; input errors end as one line, exit 2; a run
+    that kept fewer than --n prints its summary, then one line, exit 3 (unless --allow-shortfall)."""
     import torch
 
     from storage.errors import InputError
 
-    from .job import run_job
+    from .job import FinishedShort, check_delivered, run_job
 
     bars = []  # the progress bar, opened at the first tick: after the inputs are checked
 
@@ -151,6 +168,10 @@ def execute(cfg: AugmentConfig) -> None:
             bar.close()
     for line in summary_lines(summary.__dict__):
         typer.echo(line)
+    try:
+        check_delivered(cfg, summary)
+    except FinishedShort as exc:
+        fail(str(exc), EXIT_FINISHED_SHORT, as_json=as_json)
 
 
 def job_command_signature(*extra: inspect.Parameter) -> inspect.Signature:
@@ -210,6 +231,7 @@ def make_app() -> typer.Typer:
         no_args_is_help=False,
         invoke_without_command=True,
         help=APP_HELP,
+        epilog=EXIT_CODES_EPILOG,
         rich_markup_mode=None,
     )
     app.callback()(augment)

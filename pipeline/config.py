@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 from pathlib import Path
 from typing import Literal
 
@@ -24,7 +25,9 @@ MAX_STRENGTH = 100.0
 #: Fields that do not change which samples are produced (excluded from the config hash). `ref` is a path:
 #: the references' *content* is what matters, and a run folder records and compares it (`.inputs.json`),
 #: so `refs`, `refs/`, its absolute path or a moved copy all resume the same run.
-RUNTIME_FIELDS = frozenset({"out", "ref", "device", "processes", "progress", "cache_dir"})
+#: `allow_shortfall` only decides what a finished run reports (exit code 3 or 0), so a re-run of a run that
+#: finished short may add it.
+RUNTIME_FIELDS = frozenset({"out", "ref", "device", "processes", "progress", "cache_dir", "allow_shortfall"})
 
 #: Fields set only in a config file (`--config FILE`), on purpose: every other field is a flag of
 #: `augment` and `augment flow` (generated from this class by `pipeline.cli_options`). Empty today.
@@ -41,7 +44,9 @@ class AugmentConfig(BaseModel):
     out: str = Field(description="output folder (shards/, manifest.parquet, run.json)")
     n: int = Field(ge=1, description="number of samples to keep")
     model: str | None = Field(
-        default=None, description="diffusers folder or hub id, or 'pkg.mod:factory'; default: the shipped prior"
+        default=None,
+        description="diffusers folder or hub id, or 'pkg.mod:factory'; default: the shipped prior (a local "
+        "folder is recorded by its absolute path: ./m and /abs/m are the same setting)",
     )
     prefix: str = Field(default="synthetic", pattern=r"^[A-Za-z0-9_-]+$", description="shard file prefix")
     seed: int = Field(default=0, ge=0, description="run seed (sample i's noise comes from (seed, i))")
@@ -174,6 +179,11 @@ class AugmentConfig(BaseModel):
     progress: Literal["bar", "quiet", "json"] = Field(
         default="bar", description="progress bar, quiet, or JSON lines on stderr"
     )
+    allow_shortfall: bool = Field(
+        default=False,
+        description="accept a run that keeps fewer than --n samples (shards whose reserve ran out): exit 0 with "
+        "a warning instead of exit code 3 (finished short)",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> AugmentConfig:
@@ -199,6 +209,19 @@ class AugmentConfig(BaseModel):
         if any(f <= 0 for f in self.bandwidth_factors):
             raise ValueError(f"bandwidth_factors must be positive, got {self.bandwidth_factors}")
         return self
+
+    @field_validator("model")
+    @classmethod
+    def _local_model_by_absolute_path(cls, value: str | None) -> str | None:
+        """A local model folder by its absolute path, so `./m`, `m/` and `/abs/m` are one setting (one
+        config hash: a resume with either is accepted) and every process of a job reads the same folder
+        whatever its working directory. A hub id, an import path, a URL and the shipped prior (None,
+        'shipped') stay as given. Symbolic links are kept (the model's content is checked separately:
+        `.inputs.json` records its id)."""
+        if value is None or value == "shipped" or "://" in value:
+            return value
+        path = os.path.expanduser(value)
+        return os.path.abspath(path) if os.path.exists(path) else value
 
     @field_validator("strength", mode="before")
     @classmethod

@@ -2,10 +2,11 @@
 
     accelerate launch --multi_gpu --num_processes K -m pipeline.distributed JOB.json
 
-JOB.json (`storage.run_record.write_job_spec`) holds the config and the pending shard ids (computed once
-by the parent). Shards are split
-between processes with `PartialState.split_between_processes`; nothing is gathered: every process
-writes its own shards, manifest parts and done markers. On CPU the process group uses gloo.
+JOB.json (`storage.run_record.write_job_spec`) holds the config and the pending shard ids as ranges
+(computed once by the parent; a few integers whatever `--n`). Each process takes its contiguous share
+(`ShardRanges.share`: the ids `PartialState.split_between_processes` would give it from the full list)
+and looks its shards up lazily; nothing is gathered: every process writes its own shards, manifest parts
+and done markers. On CPU the process group uses gloo.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from storage.run_record import read_job_spec
 from .config import AugmentConfig
 from .executors import run_shards_in_process
 from .job import build_context
-from .plan import plan_job
+from .plan import ShardRanges, plan_job
 
 log = logging.getLogger("pipeline.distributed")
 
@@ -42,9 +43,9 @@ def main(argv: list[str] | None = None) -> int:
         ctx = build_context(cfg)
         ctx.worker = f"rank{state.process_index}"
         plan = plan_job(cfg)
-        with state.split_between_processes(list(spec["shards"])) as mine:
-            log.info("shards %s on %s", mine, device)
-            run_shards_in_process(ctx, plan, list(mine))
+        mine = ShardRanges(spec["shard_ranges"]).share(state.process_index, state.num_processes)
+        log.info("%r on %s", mine, device)
+        run_shards_in_process(ctx, plan, mine)
         state.wait_for_everyone()
     finally:
         if torch.distributed.is_available() and torch.distributed.is_initialized():

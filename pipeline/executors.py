@@ -19,14 +19,14 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from storage.run_record import write_job_spec
 from storage.shards import read_marker
 
 from .config import AugmentConfig
-from .plan import JobPlan
+from .plan import JobPlan, ShardRanges
 from .worker import JobContext, ShardResult, run_shard
 
 log = logging.getLogger(__name__)
@@ -50,11 +50,15 @@ def run_shards_in_process(
     return results
 
 
-def launch_workers(cfg: AugmentConfig, shard_ids: Sequence[int], progress: Callable[[int], None] | None = None) -> None:
+def launch_workers(cfg: AugmentConfig, shards: ShardRanges, progress: Callable[[int], None] | None = None) -> None:
     """`accelerate launch` K worker processes on this node (gloo on CPU, NCCL on GPUs) for these shards;
-    `progress` gets the kept count of every shard whose done marker appears."""
+    `progress` gets the kept count of every shard whose done marker appears.
+
+    The workers get the shards as ranges (the job spec's size does not grow with `--n`); each one
+    takes its `ShardRanges.share` and writes it in order.
+    """
     with tempfile.TemporaryDirectory(prefix="augment-") as tmp:
-        spec = write_job_spec(Path(tmp) / "job.json", cfg.model_dump(mode="json"), shard_ids)
+        spec = write_job_spec(Path(tmp) / "job.json", cfg.model_dump(mode="json"), shards.ranges)
         cmd = [
             sys.executable,
             "-m",
@@ -77,26 +81,36 @@ def launch_workers(cfg: AugmentConfig, shard_ids: Sequence[int], progress: Calla
         log.info("launching %d workers: %s", cfg.processes, " ".join(cmd))
         env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
         proc = subprocess.Popen(cmd, env=env)
-        seen: set[int] = set()
+        markers = _MarkerWatch(cfg, shards) if progress is not None else None
         while proc.poll() is None:
             time.sleep(1.0)
-            _report_markers(cfg, shard_ids, seen, progress)
-        _report_markers(cfg, shard_ids, seen, progress)
+            if markers is not None:
+                markers.report(progress)
+        if markers is not None:
+            markers.report(progress)
         if proc.returncode != 0:
             raise RuntimeError(f"worker processes failed with exit code {proc.returncode}; rerun to resume")
 
 
-def _report_markers(
-    cfg: AugmentConfig, shard_ids: Sequence[int], seen: set[int], progress: Callable[[int], None] | None
-) -> None:
-    for sid in shard_ids:
-        if sid in seen:
-            continue
-        marker = read_marker(cfg.out, cfg.prefix, sid)
-        if marker is not None:
-            seen.add(sid)
-            if progress is not None:
+class _MarkerWatch:
+    """The done markers of K workers' shares, followed by one cursor per worker: a worker writes its
+    share in order, so each poll reads a few markers and memory is O(K), not O(shards)."""
+
+    def __init__(self, cfg: AugmentConfig, shards: ShardRanges) -> None:
+        self.cfg = cfg
+        self.cursors = [iter(shards.share(rank, cfg.processes)) for rank in range(cfg.processes)]
+        self.next_ids = [next(c, None) for c in self.cursors]
+
+    def report(self, progress: Callable[[int], None]) -> None:
+        for rank, cursor in enumerate(self.cursors):
+            sid = self.next_ids[rank]
+            while sid is not None:
+                marker = read_marker(self.cfg.out, self.cfg.prefix, sid)
+                if marker is None:
+                    break
                 progress(int(marker.get("count", 0)))
+                sid = next(cursor, None)
+            self.next_ids[rank] = sid
 
 
 def free_port() -> int:

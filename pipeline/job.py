@@ -1,16 +1,20 @@
 """The whole `augment` job as plain functions: prepare, plan, run shards (in-process or K workers), finish.
 
 The shards run on an executor of `pipeline.executors`: in-process (one CPU or GPU), or `accelerate
-launch` of K worker processes on the node, each owning whole shards (`split_between_processes` over
-pending shard ids; no gather of images).
+launch` of K worker processes on the node, each owning whole shards (a contiguous share of the pending
+shards, handed over as ranges; no gather of images).
+
+A finished run that kept fewer than `--n` samples returns its summary like any other; `check_delivered`
+is the verdict the CLI (exit code 3) and the flows (Failed) give it, unless `allow_shortfall`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import platform
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -38,7 +42,7 @@ from .executors import launch_workers, run_shards_in_process
 from .fidelity import make_judge
 from .models.loading import LoadedModel, load_model
 from .pilot import pilot_key, run_pilot
-from .plan import JobPlan, RemainingShards, class_proportions, plan_job
+from .plan import JobPlan, RemainingShards, ShardRanges, class_proportions, plan_job
 from .reference import ReferenceBundle, build_target, check_references, default_cache_dir, prepare_reference
 from .worker import JobContext, ShardResult, model_label_map
 
@@ -71,6 +75,15 @@ class JobSummary:
     reserved: int = 0  # extra samples drawn from reserved indices
     shortfall: int = 0  # planned samples no shard could fill within its cap (0: exactly --n kept)
     label_fidelity: dict | None = None  # kept samples the label judge assigns to their class (labelled runs)
+
+
+class FinishedShort(RuntimeError):
+    """The run finished, and wrote what it kept, the manifest and run.json, but kept fewer than `--n`
+    samples (`check_delivered`; the CLI exits with code 3, a Prefect flow run ends Failed)."""
+
+    def __init__(self, message: str, summary: JobSummary) -> None:
+        super().__init__(message)
+        self.summary = summary
 
 
 def with_sampler(model: LoadedModel, sampler: str) -> LoadedModel:
@@ -127,6 +140,12 @@ def pending_shards(cfg: AugmentConfig, plan: JobPlan) -> RemainingShards:
     return RemainingShards(total, done)
 
 
+def shards_not_done(cfg: AugmentConfig, shards: ShardRanges) -> ShardRanges:
+    """The shards among `shards` whose done marker does not vouch for their bytes, as ranges (the markers
+    are read one at a time; memory grows with the ranges only)."""
+    return ShardRanges.from_ids(sid for sid in shards if not is_done(cfg.out, cfg.prefix, sid))
+
+
 def start_job(cfg: AugmentConfig, model: LoadedModel | None = None) -> tuple[JobContext, JobPlan, RemainingShards]:
     """Validate and encode the references, claim and lock the output folder, clean crashed writes, plan.
 
@@ -171,6 +190,9 @@ def finish_job(
 ) -> JobSummary:
     """Merge the manifest parts (every shard must be done), write run.json, release the folder's lock.
 
+    A run that kept fewer than `--n` samples (`summary.shortfall`) logs a WARNING and returns its summary
+    like any other; `check_delivered` is the verdict (exit code 3 of the CLI).
+
     Raises:
         InputError: the run kept no sample at all (every one rejected); then it removes what it wrote.
     """
@@ -186,7 +208,7 @@ def finish_job(
             cfg.n,
         )
     if summary.num_kept == 0:  # nothing to train on: leave nothing behind, so corrected settings can run
-        reasons = ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in summary.rejected.items())
+        reasons = rejections(summary)
         discard_samples(cfg.out)
         abandon_output(cfg.out, records=RUN_RECORDS)
         raise InputError(
@@ -199,6 +221,41 @@ def finish_job(
     return summary
 
 
+def check_delivered(cfg: AugmentConfig, summary: JobSummary) -> None:
+    """Raise `FinishedShort` if the finished run kept fewer than `--n` samples, unless `allow_shortfall`
+    accepts that (its WARNING is logged by `finish_job` either way). A re-run of a finished job
+    re-reads the same markers, so it reports the same outcome."""
+    if not summary.shortfall or cfg.allow_shortfall:
+        return
+    raise FinishedShort(
+        f"{cfg.out}: finished short: kept {summary.num_kept} of --n {cfg.n} samples ({summary.shortfall} short; "
+        f"rejected: {rejections(summary) or 'none'}; the shards' reserve ran out); the kept samples, "
+        "manifest.parquet and run.json are written. For all of --n, run into a new --out with a wider "
+        "--support-radius, a larger --reserve or a lower --strength; to accept these samples, rerun with "
+        "--allow-shortfall",
+        summary,
+    )
+
+
+def rejections(summary: JobSummary) -> str:
+    """The rejected samples by reason, as words: `71 outside support, 3 rank`."""
+    return ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in summary.rejected.items())
+
+
+@contextlib.contextmanager
+def holding_output(cfg: AugmentConfig) -> Iterator[None]:
+    """The span from `start_job` to `finish_job`, wherever the shards run (`run_job`, the Prefect flows):
+    if it fails, undo this run's claim on `cfg.out` when it wrote no sample (`abandon_output`: a corrected
+    re-run is then accepted); release the folder's lock however it ends."""
+    try:
+        yield
+    except BaseException:
+        abandon_output(cfg.out, records=RUN_RECORDS)  # a run that wrote no sample leaves nothing behind
+        raise
+    finally:
+        release_output(cfg.out)
+
+
 def run_job(
     cfg: AugmentConfig,
     *,
@@ -206,10 +263,13 @@ def run_job(
     progress: Callable[[int], None] | None = None,
     on_shard: Callable[[ShardResult], None] | None = None,
 ) -> JobSummary:
-    """Run (or resume) the whole job: start, run pending shards (in-process or K workers), finish."""
+    """Run (or resume) the whole job: start, run pending shards (in-process or K workers), finish.
+
+    Returns the summary also when the run kept fewer than `--n` (`summary.shortfall`); the CLI and the
+    flows then call `check_delivered`."""
     t0 = time.perf_counter()
     ctx, plan, pending = start_job(cfg, model)
-    try:
+    with holding_output(cfg):
         t1 = time.perf_counter()
         if progress is not None:
             progress(sum(plan.shards[sid].num_kept for sid in pending.excluded))
@@ -220,11 +280,6 @@ def run_job(
         t2 = time.perf_counter()
         seconds = {"prepare": round(t1 - t0, 3), "generate_filter_write": round(t2 - t1, 3)}
         summary = finish_job(cfg, ctx.model, ctx.bundle, plan, len(pending), seconds)
-    except BaseException:
-        abandon_output(cfg.out, records=RUN_RECORDS)  # a run that wrote no sample leaves nothing behind
-        raise
-    finally:
-        release_output(cfg.out)
     summary.seconds["total"] = round(time.perf_counter() - t0, 3)
     return summary
 

@@ -102,63 +102,118 @@ class Shards(Sequence[ShardPlan]):
         return f"Shards(n={self._n}, shard_size={self._shard_size}, keep={self._keep}: {self._len} shard(s))"
 
 
-class RemainingShards(Sequence[int]):
-    """Shard ids `0..total−1` except `excluded` (e.g. the done ones), ascending, as a lazy sequence.
+class ShardRanges(Sequence[int]):
+    """Shard ids as sorted, disjoint half-open ranges `[start, stop)`: a compact, lazy sequence.
 
-    Holds only the excluded ids, so the shards left of a job of any size cost memory in proportion to
-    the work done, not to `n`. Indexing and slicing find positions by bisection; `tolist()` (and so
-    JSON, through `storage._atomic.json_default`) materialises the ids.
+    What a process, a task or a node run is handed (`ranges`, as JSON `[[start, stop], ...]`): its size
+    is the number of ranges (one for a fresh job, about one per process after a crash), never the
+    number of shards, so a job of 10^10 samples hands each process a few integers. Indexing and slicing
+    find positions by bisection; a slice is again a `ShardRanges`; `share` is a process's part.
     """
 
-    __slots__ = ("_excluded", "_excluded_set", "_total")
+    __slots__ = ("_offsets", "_ranges")
 
-    def __init__(self, total: int, excluded: Iterable[int] = ()) -> None:
-        self._total = int(total)
-        self._excluded = tuple(sorted({int(i) for i in excluded if 0 <= int(i) < total}))
-        self._excluded_set = frozenset(self._excluded)
+    def __init__(self, ranges: Iterable[Sequence[int]] = ()) -> None:
+        merged: list[tuple[int, int]] = []
+        for start, stop in sorted((int(a), int(b)) for a, b in ranges):
+            if start < 0:
+                raise ValueError(f"shard ids must be >= 0, got the range [{start}, {stop})")
+            if stop <= start:
+                continue
+            if merged and start <= merged[-1][1]:
+                merged[-1] = (merged[-1][0], max(merged[-1][1], stop))
+            else:
+                merged.append((start, stop))
+        self._ranges = tuple(merged)
+        offsets = [0]
+        for start, stop in merged:
+            offsets.append(offsets[-1] + stop - start)
+        self._offsets = tuple(offsets)  # position of each range's first id; the last one is the length
+
+    @classmethod
+    def from_ids(cls, ids: Iterable[int]) -> ShardRanges:
+        """The ranges of ascending ids (an iterator is read once; memory grows with the ranges only)."""
+        ranges: list[list[int]] = []
+        for i in ids:
+            i = int(i)
+            if ranges and i < ranges[-1][1]:
+                raise ValueError(f"shard ids must ascend: {i} after {ranges[-1][1] - 1}")
+            if ranges and i == ranges[-1][1]:
+                ranges[-1][1] = i + 1
+            else:
+                ranges.append([i, i + 1])
+        return cls(ranges)
 
     @property
-    def excluded(self) -> tuple[int, ...]:
-        return self._excluded
+    def ranges(self) -> tuple[tuple[int, int], ...]:
+        return self._ranges
+
+    def to_json(self) -> list[list[int]]:
+        """`[[start, stop], ...]`: what a job spec, a task or a node run carries."""
+        return [[start, stop] for start, stop in self._ranges]
 
     def __len__(self) -> int:
-        return self._total - len(self._excluded)
+        return self._offsets[-1]
 
     def _id_at(self, position: int) -> int:
-        # the id x at `position` satisfies x = position + #(excluded ids < x); excluded[k] − k is
-        # non-decreasing, so the count is the first k with excluded[k] − k > position
-        skipped = bisect.bisect_right(range(len(self._excluded)), position, key=lambda k: self._excluded[k] - k)
-        return position + skipped
+        k = bisect.bisect_right(self._offsets, position) - 1
+        return self._ranges[k][0] + position - self._offsets[k]
+
+    def _between(self, first: int, last: int) -> ShardRanges:
+        """The ids at positions `first..last-1` (0 <= first <= last <= len), as ranges."""
+        if first >= last:
+            return ShardRanges()
+        k0 = bisect.bisect_right(self._offsets, first) - 1
+        k1 = bisect.bisect_right(self._offsets, last - 1) - 1
+        parts = [list(r) for r in self._ranges[k0 : k1 + 1]]
+        parts[0][0] = self._id_at(first)
+        parts[-1][1] = self._id_at(last - 1) + 1
+        return ShardRanges(parts)
 
     @overload
     def __getitem__(self, key: int) -> int: ...
     @overload
-    def __getitem__(self, key: slice) -> list[int]: ...
-    def __getitem__(self, key: int | slice) -> int | list[int]:
+    def __getitem__(self, key: slice) -> ShardRanges | list[int]: ...
+    def __getitem__(self, key: int | slice) -> int | ShardRanges | list[int]:
         if isinstance(key, slice):
             positions = range(len(self))[key]
-            if positions.step != 1 or not positions:
+            if positions.step != 1:
                 return [self._id_at(p) for p in positions]
-            return list(itertools.islice(self._from(self._id_at(positions.start)), len(positions)))
+            return self._between(positions.start, positions.stop)
         position = int(key)
         if position < 0:
             position += len(self)
         if not 0 <= position < len(self):
-            raise IndexError(f"position {key} out of range ({len(self)} shard(s) remaining)")
+            raise IndexError(f"position {key} out of range ({len(self)} shard(s))")
         return self._id_at(position)
 
-    def _from(self, first: int) -> Iterator[int]:
-        return (i for i in range(first, self._total) if i not in self._excluded_set)
+    def share(self, index: int, count: int) -> ShardRanges:
+        """Part `index` of `count` contiguous parts, the first `len % count` one longer: the same ids
+        `accelerate`'s `split_between_processes` gives process `index` of `count` from the full list."""
+        if not 0 <= index < count:
+            raise ValueError(f"part {index} of {count} does not exist")
+        each, extra = divmod(len(self), count)
+        first = index * each + min(index, extra)
+        return self._between(first, first + each + (1 if index < extra else 0))
+
+    def chunks(self, size: int) -> list[ShardRanges]:
+        """Consecutive parts of at most `size` ids (the units of a task or a node run)."""
+        if size < 1:
+            raise ValueError(f"a part must hold >= 1 shard, got {size}")
+        return [self._between(p, min(p + size, len(self))) for p in range(0, len(self), size)]
 
     def __iter__(self) -> Iterator[int]:
-        return self._from(0)
+        return itertools.chain.from_iterable(range(start, stop) for start, stop in self._ranges)
 
     def __contains__(self, value: object) -> bool:
-        return isinstance(value, int) and 0 <= value < self._total and value not in self._excluded_set
+        if not isinstance(value, int):
+            return False
+        k = bisect.bisect_right(self._ranges, (value, math.inf)) - 1
+        return k >= 0 and self._ranges[k][0] <= value < self._ranges[k][1]
 
     def __eq__(self, other: object) -> bool:
-        if isinstance(other, RemainingShards):
-            return (self._total, self._excluded) == (other._total, other._excluded)
+        if isinstance(other, ShardRanges):
+            return self._ranges == other._ranges
         if isinstance(other, Sequence) and not isinstance(other, str):
             return len(other) == len(self) and all(a == b for a, b in zip(self, other, strict=False))
         return NotImplemented
@@ -166,7 +221,37 @@ class RemainingShards(Sequence[int]):
     __hash__ = None  # type: ignore[assignment]  # equal to lists, which are unhashable
 
     def tolist(self) -> list[int]:
+        """Every id, materialised (small jobs and tests; what is handed around is `to_json`)."""
         return list(self)
+
+    def __repr__(self) -> str:
+        shown = ", ".join(f"{a}-{b - 1}" if b - a > 1 else str(a) for a, b in self._ranges[:3])
+        more = f", ... ({len(self._ranges) - 3} more ranges)" if len(self._ranges) > 3 else ""
+        return f"ShardRanges({len(self)} shard(s): {shown}{more})"
+
+
+class RemainingShards(ShardRanges):
+    """Shard ids `0..total−1` except `excluded` (e.g. the done ones), ascending, as ranges.
+
+    Holds the excluded ids and the ranges between them, so the shards left of a job of any size cost
+    memory in proportion to the work done, not to `n`.
+    """
+
+    __slots__ = ("_excluded", "_total")
+
+    def __init__(self, total: int, excluded: Iterable[int] = ()) -> None:
+        self._total = int(total)
+        self._excluded = tuple(sorted({int(i) for i in excluded if 0 <= int(i) < total}))
+        gaps, start = [], 0
+        for done in self._excluded:
+            if done > start:
+                gaps.append((start, done))
+            start = done + 1
+        super().__init__([*gaps, (start, self._total)])
+
+    @property
+    def excluded(self) -> tuple[int, ...]:
+        return self._excluded
 
     def __repr__(self) -> str:
         return f"RemainingShards({len(self)} of {self._total}, excluding {len(self._excluded)})"

@@ -9,6 +9,9 @@
 claim the output folder, clean crashed writes, list the pending shards) and writes the job spec that
 `pipeline.distributed` reads. `finish` checks that every shard is done and is `pipeline.job.finish_job`
 (merge the manifest, write run.json). Re-running `prepare` after a crash lists only what is missing.
+The spec holds the pending shards as ranges (`pipeline.plan.ShardRanges`): its size does not grow with
+`--n`, and each worker computes its own share. Exit codes as `augment`'s: 0 delivered, 2 bad input or
+settings, 3 `finish` found the run kept fewer than `--n` samples (unless `allow_shortfall`).
 No Prefect here: the same steps the `augment` flow runs as tasks (one of the executors next to
 `pipeline.executors`).
 """
@@ -24,17 +27,17 @@ from pydantic import ValidationError
 
 from storage.errors import InputError
 from storage.run_record import read_job_spec, write_job_spec
-from storage.shards import is_done
 
 from . import job
+from .cli import EXIT_BAD_INPUT, EXIT_DELIVERED, EXIT_FINISHED_SHORT
 from .config import AugmentConfig
-from .plan import plan_job
+from .plan import ShardRanges, plan_job
 
 
-def prepare(cfg: AugmentConfig, spec: str | Path) -> list[int]:
+def prepare(cfg: AugmentConfig, spec: str | Path) -> ShardRanges:
     """Start the job here and write the spec for the workers; returns the pending shard ids."""
     _, plan, pending = job.start_job(cfg)
-    write_job_spec(spec, cfg.model_dump(mode="json"), pending, prepared_at=time.time())
+    write_job_spec(spec, cfg.model_dump(mode="json"), pending.ranges, prepared_at=time.time())
     print(f"{cfg.out}: {len(pending)} of {len(plan.shards)} shard(s) pending; spec written to {spec}")
     return pending
 
@@ -44,11 +47,11 @@ def finish(spec: str | Path) -> job.JobSummary:
     data = read_job_spec(spec)
     cfg = AugmentConfig.model_validate(data["config"])
     plan = plan_job(cfg)
-    missing = [s.shard_id for s in plan.shards if not is_done(cfg.out, cfg.prefix, s.shard_id)]
+    missing = job.shards_not_done(cfg, ShardRanges([(0, len(plan.shards))]))
     if missing:
-        raise SystemExit(f"{cfg.out}: shard(s) {missing} not done; run `prepare` again and relaunch the workers")
+        raise SystemExit(f"{cfg.out}: {missing!r} not done; run `prepare` again and relaunch the workers")
     ctx = job.build_context(cfg)
-    summary = job.finish_job(cfg, ctx.model, ctx.bundle, plan, len(data["shards"]), {})
+    summary = job.finish_job(cfg, ctx.model, ctx.bundle, plan, len(ShardRanges(data["shard_ranges"])), {})
     print(f"kept {summary.num_kept} of {summary.num_generated} samples in {summary.out}")
     return summary
 
@@ -66,11 +69,15 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "prepare":
             prepare(AugmentConfig.from_file(args.config), args.spec)
         else:
-            finish(args.spec)
+            summary = finish(args.spec)
+            job.check_delivered(AugmentConfig.model_validate(read_job_spec(args.spec)["config"]), summary)
     except (InputError, ValidationError) as exc:
         print(f"error: {str(exc).splitlines()[0]}", file=sys.stderr)
-        return 2
-    return 0
+        return EXIT_BAD_INPUT
+    except job.FinishedShort as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_FINISHED_SHORT
+    return EXIT_DELIVERED
 
 
 if __name__ == "__main__":

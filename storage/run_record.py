@@ -16,7 +16,8 @@ join a run another process started and holds.
 
 `check_or_record_inputs` does the same for what the settings do not name: the references' content and
 the model (`.inputs.json`). The job spec (`write_job_spec`/`read_job_spec`) is what
-`accelerate launch -m pipeline.distributed SPEC` reads on every machine: the config and the shard ids.
+`accelerate launch -m pipeline.distributed SPEC` reads on every machine: the config and the shard ids
+(as ranges).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import os
 import shutil
 import socket
 import time
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -386,13 +388,18 @@ def check_or_record_inputs(out_dir: str | os.PathLike[str], inputs: dict[str, An
         )
 
 
-def write_job_spec(path: str | os.PathLike[str], config: dict[str, Any], shards: list[int], **extra: Any) -> Path:
-    """Write the job spec worker processes read (`config`: the config as JSON; `shards`: ids to do)."""
-    return atomic_write_json(path, {"config": config, "shards": [int(s) for s in shards], **extra})
+def write_job_spec(
+    path: str | os.PathLike[str], config: dict[str, Any], shard_ranges: Iterable[Sequence[int]], **extra: Any
+) -> Path:
+    """Write the job spec worker processes read (`config`: the config as JSON; `shard_ranges`: the shard
+    ids to do as half-open `[start, stop)` ranges, so the spec's size does not grow with the job's)."""
+    ranges = [[int(start), int(stop)] for start, stop in shard_ranges]
+    return atomic_write_json(path, {"config": config, "shard_ranges": ranges, **extra})
 
 
 def read_job_spec(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """The job spec written by `write_job_spec`: a dict with `config` (dict) and `shards` (list of ids).
+    """The job spec written by `write_job_spec`: a dict with `config` (dict) and `shard_ranges` (a list of
+    `[start, stop)` pairs of shard ids).
 
     Raises:
         InputError: the file is missing, unreadable, or not a job spec.
@@ -401,6 +408,12 @@ def read_job_spec(path: str | os.PathLike[str]) -> dict[str, Any]:
     if not path.is_file():
         raise InputError(f"{path}: no such job spec (write it with `prepare` first)")
     spec = _read_json(path)
-    if not isinstance(spec.get("config"), dict) or not isinstance(spec.get("shards"), list):
-        raise InputError(f"{path}: not a job spec (needs 'config' and 'shards')")
+    ranges = spec.get("shard_ranges")
+    pairs = isinstance(ranges, list) and all(
+        isinstance(r, list) and len(r) == 2 and all(isinstance(i, int) and i >= 0 for i in r) for r in ranges
+    )
+    if not isinstance(spec.get("config"), dict) or not pairs:
+        raise InputError(
+            f"{path}: not a job spec of this version (needs 'config' and 'shard_ranges'); write it again with `prepare`"
+        )
     return spec

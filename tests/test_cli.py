@@ -68,6 +68,7 @@ CLI_VALUES = {
     "dtype": "float32",
     "processes": "2",
     "progress": "quiet",
+    "allow_shortfall": True,
 }
 
 

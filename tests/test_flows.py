@@ -3,7 +3,9 @@
 Covered: the reference cache hit across runs, a shard task that fails once and succeeds on retry
 (skipping the shard it had finished), a re-run that skips done shards, byte-identical output from the
 flow, from `augment flow` and from `pipeline.job.run_job`, and the fan-out parent flow under a
-global concurrency limit (node runs executed in-process instead of through a worker).
+global concurrency limit (node runs executed in-process instead of through a worker); issue 21: a flow
+that finishes short ends Failed after writing (exit 3 from `augment flow`), a flow that fails mid-run
+gives its output folder back, and shard tasks are handed ranges, not lists of every shard.
 """
 
 from __future__ import annotations
@@ -17,7 +19,14 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from tiny_models import TINY_SUPPORT_RADIUS, save_tiny_dit, shard_bytes, tiny_job_config, write_reference_folder
+from tiny_models import (
+    TINY_SUPPORT_RADIUS,
+    save_tiny_dit,
+    shard_bytes,
+    short_run_settings,
+    tiny_job_config,
+    write_reference_folder,
+)
 from typer.testing import CliRunner
 
 import pipeline.executors
@@ -237,11 +246,11 @@ def test_fanout_caps_concurrent_node_runs_and_finishes_the_job(harness, tiny, tm
         with lock:
             running[0] += 1
             peak[0] = max(peak[0], running[0])
-            started.append((name, parameters["shard_ids"], tags))
+            started.append((name, parameters["shard_ranges"], tags))
         try:
             state = fanout.augment_node(
                 config=AugmentConfig.model_validate(parameters["config"]),
-                shard_ids=parameters["shard_ids"],
+                shard_ranges=parameters["shard_ranges"],
                 return_state=True,
             )
         finally:
@@ -259,7 +268,7 @@ def test_fanout_caps_concurrent_node_runs_and_finishes_the_job(harness, tiny, tm
     )
     assert result["node_runs"] == 3 and result["num_kept"] == 20
     assert peak[0] == 1  # the limit of 1 serialised the three node runs
-    assert sorted(s for _, ids, _ in started for s in ids) == [0, 1, 2]
+    assert sorted(ranges for _, ranges, _ in started) == [[[0, 1]], [[1, 2]], [[2, 3]]]  # ranges, not id lists
     assert all(name == "augment-node/test" and tags == [fanout.NODE_TAG] for name, _, tags in started)
     assert shard_bytes(out) == reference_run["shards"]
 
@@ -277,6 +286,88 @@ def test_bad_references_fail_the_flow_at_once_without_retries_or_output(harness,
 
 
 def test_node_run_refuses_an_unclaimed_output_folder(harness, tiny, tmp_path):
-    state = fanout.augment_node(config=tiny_job_config(tiny, tmp_path / "nowhere"), shard_ids=[0], return_state=True)
+    state = fanout.augment_node(
+        config=tiny_job_config(tiny, tmp_path / "nowhere"), shard_ranges=[[0, 1]], return_state=True
+    )
     assert state.is_failed()
     assert not (tmp_path / "nowhere" / "shards").exists()
+
+
+@pytest.mark.slow
+def test_a_flow_that_finishes_short_ends_failed_after_writing_unless_allowed(harness, tiny, tmp_path):
+    """Issue 21: kept fewer than --n -> the flow run writes what it kept, run.json and its artifact, then
+    ends Failed (`FinishedShort`); `augment flow` exits 3; allow_shortfall completes it."""
+    from pipeline.job import FinishedShort
+
+    short = short_run_settings(tiny, tmp_path / "probe", kept=3)
+    out = tmp_path / "short"
+    state = augment(config=tiny_job_config(tiny, out, **short), return_state=True)
+    assert state.is_failed()
+    with pytest.raises(FinishedShort, match="finished short: kept 3 of --n 8 samples"):
+        state.result()
+    assert json.loads((out / "run.json").read_text())["summary"]["shortfall"] == 5
+    with get_client(sync_client=True) as client:
+        artifacts = client.read_artifacts(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id]))
+        )
+    table = next(a for a in artifacts if a.type == "table")
+    metrics = {row["metric"]: row["value"] for row in json.loads(table.data)}
+    assert metrics["samples kept / generated"] == "3 / 8" and metrics["samples short of --n"] == "5"
+
+    from flows.cli import app
+
+    settings = tmp_path / "short.json"
+    settings.write_text(json.dumps({k: v for k, v in short.items() if k != "n"}))
+    args = ["--ref", tiny["refs"], "--n", "8", "--out", str(out), "--model", tiny["dit"], "--cache-dir", tiny["cache"]]
+    args += ["--batch-size", "6", "--steps", "4", "--progress", "quiet", "--config", str(settings)]
+    result = CliRunner().invoke(app, ["flow", *args])  # a re-run of the finished-short job: the same verdict
+    assert result.exit_code == 3, (result.output, result.exception)
+    assert "kept 3 of 8 samples" in result.output and "error: " in result.output
+    allowed = augment(config=tiny_job_config(tiny, out, **short, allow_shortfall=True), return_state=True)
+    assert allowed.is_completed() and allowed.result()["shortfall"] == 5
+
+
+@pytest.mark.slow
+def test_a_flow_that_fails_mid_run_gives_the_folder_back_for_a_corrected_rerun(harness, tiny, tmp_path, monkeypatch):
+    """A failure between the job's start and its finish (a shard task failing for good) releases the
+    output folder's lock and, as nothing was written, its claim: the corrected settings then run there
+    from another process (the CLI), as after a failed CLI run."""
+    import os
+    import subprocess
+    import sys
+
+    def broken(ctx, shard, progress=None):
+        raise RuntimeError("injected: the node lost its GPU")
+
+    monkeypatch.setattr(pipeline.executors, "run_shard", broken)
+    monkeypatch.setattr(augment_flow, "run_shard_range", augment_flow.run_shard_range.with_options(retries=0))
+    out = tmp_path / "out"
+    state = augment(config=tiny_job_config(tiny, out, n=4, shard_size=4, strength=0.5), return_state=True)
+    assert state.is_failed() and "injected" in str(state.result(raise_on_failure=False))
+    assert not out.exists() or not any(out.iterdir())  # no claim, no records left behind
+
+    corrected = ["--ref", tiny["refs"], "--n", "4", "--out", str(out), "--model", tiny["dit"], "--steps", "4"]
+    corrected += ["--shard-size", "4", "--strength", "0.01", "--cache-dir", tiny["cache"], "--progress", "quiet"]
+    corrected += ["--support-radius", str(TINY_SUPPORT_RADIUS)]
+    repo = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "PYTHONPATH": str(repo)}
+    rerun = subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", *corrected], cwd=repo, env=env, capture_output=True, text=True
+    )
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    assert "kept 4 of" in rerun.stdout
+
+
+def test_shard_tasks_are_handed_ranges_whose_size_does_not_grow_with_n():
+    """All pending shards of a 10^10-sample job in one task (K workers): its parameter is two ranges; a
+    small job split into tasks of 2 gets the same shards as before, each once."""
+    from pipeline.plan import RemainingShards, plan_job
+
+    huge = AugmentConfig(ref="r", out="o", n=10**10, processes=8)
+    pending = RemainingShards(len(plan_job(huge).shards), [0, 4, 5])
+    (only,) = augment_flow.split_ranges(pending, augment_flow.default_shards_per_task(huge, pending))
+    assert only.to_json() == [[1, 4], [6, 10**7]]
+    small = RemainingShards(10, [0, 4, 5])
+    parts = augment_flow.split_ranges(small, 2)
+    assert [list(p) for p in parts] == [[1, 2], [3, 6], [7, 8], [9]]
+    assert [p.to_json() for p in parts][1] == [[3, 4], [6, 7]]

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.config import AugmentConfig
-from pipeline.plan import RemainingShards, ShardPlan, plan_job, shard_plan
+from pipeline.plan import RemainingShards, ShardPlan, ShardRanges, plan_job, shard_plan
 
 
 def _eager_plan(n: int, shard_size: int, keep: float) -> list[ShardPlan]:
@@ -94,3 +94,61 @@ def test_a_dry_run_of_ten_billion_samples_is_immediate(tmp_path):
     assert "10000000 shard(s); 11120000000 samples generated, 10000000000 kept" in result.output
     assert elapsed < 2.0, elapsed
     assert not (tmp_path / "out").exists()
+
+
+def _accelerate_split(ids: list[int], index: int, count: int) -> list[int]:
+    """What `PartialState.split_between_processes(ids)` gave process `index` of `count` (accelerate's code)."""
+    from types import SimpleNamespace
+
+    from accelerate import PartialState
+
+    split = PartialState.split_between_processes.__wrapped__  # the generator under the context manager
+    return next(split(SimpleNamespace(num_processes=count, process_index=index), ids))
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_each_process_computes_the_share_split_between_processes_gave_it_from_the_full_list(seed):
+    import random
+
+    rng = random.Random(seed)
+    total = rng.randint(1, 30)
+    done = rng.sample(range(total), rng.randint(0, total - 1))
+    pending = RemainingShards(total, done)
+    handed = ShardRanges(pending.to_json())  # what a job spec carries, read back by each process
+    for count in (1, 2, 3, 4, 7):
+        shares = [list(handed.share(index, count)) for index in range(count)]
+        if count > 1:
+            assert shares == [_accelerate_split(pending.tolist(), index, count) for index in range(count)]
+        assert [sid for share in shares for sid in share] == sorted(set(range(total)) - set(done))  # union, disjoint
+
+
+def test_what_a_process_is_handed_does_not_grow_with_n():
+    """10^7 shards (n = 10^10) pending, fresh or resumed after K workers each did part of its share:
+    the ranges are one, or about one per worker, and each share is computed in O(1)."""
+    fresh = RemainingShards(10**7)
+    assert fresh.to_json() == [[0, 10**7]] and len(fresh) == 10**7
+    workers = 4
+    done = [sid for w in range(workers) for sid in fresh.share(w, workers)[:3]]  # each worker did its first 3
+    resumed = RemainingShards(10**7, done)
+    assert len(resumed.to_json()) == workers
+    tracemalloc.start()
+    shares = [ShardRanges(resumed.to_json()).share(w, workers) for w in range(workers)]
+    first_ids = [next(iter(s)) for s in shares]
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 100_000, peak
+    assert sum(len(s) for s in shares) == len(resumed) and first_ids[0] == 3
+    assert all(len(s.to_json()) <= 2 for s in shares)
+
+
+def test_shard_ranges_merge_slice_and_refuse_what_is_not_ascending():
+    ranges = ShardRanges([(5, 8), (0, 2), (2, 3), (9, 9)])
+    assert ranges.to_json() == [[0, 3], [5, 8]] and list(ranges) == [0, 1, 2, 5, 6, 7]
+    assert ranges[2:5].to_json() == [[2, 3], [5, 7]] and ranges[::2] == [0, 2, 6]
+    assert 6 in ranges and 4 not in ranges and ranges[-1] == 7
+    assert [c.to_json() for c in ranges.chunks(4)] == [[[0, 3], [5, 6]], [[6, 8]]]
+    assert ShardRanges.from_ids(iter([0, 1, 2, 5, 6, 7])) == ranges
+    with pytest.raises(ValueError, match="ascend"):
+        ShardRanges.from_ids([3, 1])
+    with pytest.raises(ValueError, match=">= 0"):
+        ShardRanges([(-1, 2)])

@@ -294,3 +294,94 @@ def test_a_config_file_that_is_not_an_object_of_settings_gets_one_line(tmp_path,
         f"error: --config {config}: must hold an object of settings (names to values), not {' '.join(text.split())}"
     ]
     assert not (tmp_path / "out").exists()
+
+
+# ------------------------------------------------------------------ issue 21: what the last round left alone
+
+
+def test_a_resume_is_accepted_whichever_way_the_model_folder_is_named(tiny, tmp_path, monkeypatch):
+    """`--model ./dit` resumes a run made with `--model /abs/dit` (and `dit/`, `../x/dit`): one setting."""
+    model = tmp_path / "models" / "dit"
+    shutil.copytree(tiny["dit"], model)
+    (tmp_path / "elsewhere").mkdir()
+    out = tmp_path / "out"
+
+    def run(spec: str):
+        args = _cli_args(tiny, out)
+        args[args.index("--model") + 1] = spec
+        result = CliRunner().invoke(app, args)
+        assert result.exit_code == 0, (spec, result.output)
+        return result.output
+
+    assert "1 shard(s) written" in run(str(model))
+    monkeypatch.chdir(tmp_path / "models")
+    for spec in ("./dit", "dit", "dit/"):
+        assert "0 shard(s) written, 1 already done" in run(spec), spec
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    assert "0 shard(s) written, 1 already done" in run("../models/dit")
+    assert json.loads((out / "run.json").read_text())["config"]["model"] == str(model)
+
+
+def test_only_a_local_model_folder_is_named_by_its_absolute_path(tmp_path, monkeypatch):
+    from pipeline.config import AugmentConfig
+
+    (tmp_path / "m").mkdir()
+    monkeypatch.chdir(tmp_path)
+    base = dict(ref="r", out="o", n=1)
+    relative, absolute = AugmentConfig(**base, model="./m"), AugmentConfig(**base, model=str(tmp_path / "m"))
+    assert relative.config_hash == absolute.config_hash and relative.model == str(tmp_path / "m")
+    for spec in (None, "shipped", "org/name", "pkg.mod:factory", "s3://bucket/m", "./missing"):
+        assert AugmentConfig(**base, model=spec).model == spec  # hub ids, import paths, URLs: as written
+    assert AugmentConfig(**base).config_hash == AugmentConfig(**base, model=None).config_hash  # the shipped default
+
+
+def test_workers_are_handed_ranges_of_shards_whatever_n(tiny, tmp_path, monkeypatch):
+    """`launch_workers` writes a job spec of a few integers for 10^7 pending shards (n = 10^10), and
+    reports the done markers of every worker's share (one cursor per worker, not a list of shards)."""
+    import pipeline.executors
+    from pipeline.plan import RemainingShards, ShardRanges
+    from storage.shards import marker_path
+
+    specs, counts = [], []
+
+    class Workers:
+        """Stands in for `accelerate launch`: reads the spec, then each rank writes its share's markers."""
+
+        def __init__(self, cmd, env=None):
+            self.spec = json.loads(Path(cmd[-1]).read_text())
+            specs.append((len(Path(cmd[-1]).read_bytes()), self.spec))
+            self.returncode, self.polls = None, 0
+
+        def poll(self):
+            self.polls += 1
+            if self.polls == 1 and len(ShardRanges(self.spec["shard_ranges"])) < 100:
+                cfg = self.spec["config"]
+                for rank in range(cfg["processes"]):
+                    for sid in ShardRanges(self.spec["shard_ranges"]).share(rank, cfg["processes"]):
+                        path = marker_path(cfg["out"], cfg["prefix"], sid)
+                        path.parent.mkdir(parents=True, exist_ok=True)
+                        path.write_text(json.dumps({"count": sid + 1}))
+                return None
+            self.returncode = 0
+            return 0
+
+    monkeypatch.setattr(pipeline.executors.subprocess, "Popen", Workers)
+    small = tiny_job_config(tiny, tmp_path / "small", n=40, shard_size=4, processes=3)
+    pipeline.executors.launch_workers(small, RemainingShards(10, [0, 4, 5]), counts.append)
+    huge = tiny_job_config(tiny, tmp_path / "huge", n=10**10, shard_size=1000, processes=8)
+    pipeline.executors.launch_workers(huge, RemainingShards(10**7, [0, 4, 5]), counts.append)
+    (small_size, small_spec), (huge_size, huge_spec) = specs
+    assert small_spec["shard_ranges"] == [[1, 4], [6, 10]] and huge_spec["shard_ranges"] == [[1, 4], [6, 10**7]]
+    assert huge_size - small_size < 100, (small_size, huge_size)  # a few more digits, nothing per shard
+    assert sorted(counts) == [sid + 1 for sid in (1, 2, 3, 6, 7, 8, 9)]  # every marker reported, once
+
+
+def test_the_static_cluster_spec_of_ten_billion_samples_is_a_few_integers(tiny, tmp_path):
+    from pipeline.static_cluster import prepare
+
+    cfg = tiny_job_config(tiny, tmp_path / "out", n=10**10, shard_size=1000, guidance="none")
+    pending = prepare(cfg, tmp_path / "spec.json")
+    spec = json.loads((tmp_path / "spec.json").read_text())
+    assert len(pending) == 10**7 and spec["shard_ranges"] == [[0, 10**7]]
+    assert (tmp_path / "spec.json").stat().st_size < 10_000
+    release_output(cfg.out)

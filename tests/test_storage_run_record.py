@@ -157,11 +157,15 @@ def test_inputs_are_recorded_then_checked(tmp_path):
 def test_job_spec_round_trip_and_bad_specs(tmp_path):
     from storage import read_job_spec, write_job_spec
 
-    path = write_job_spec(tmp_path / "spec.json", {"n": 4}, [3, 5], prepared_at=1.5)
-    assert read_job_spec(path) == {"config": {"n": 4}, "shards": [3, 5], "prepared_at": 1.5}
+    path = write_job_spec(tmp_path / "spec.json", {"n": 4}, [(3, 4), (5, 9)], prepared_at=1.5)
+    assert read_job_spec(path) == {"config": {"n": 4}, "shard_ranges": [[3, 4], [5, 9]], "prepared_at": 1.5}
     assert [p.name for p in tmp_path.iterdir()] == ["spec.json"]  # no temporary file left
     with pytest.raises(InputError, match="no such job spec"):
         read_job_spec(tmp_path / "missing.json")
-    (tmp_path / "other.json").write_text('{"config": {}}')
+    for name, text in [("other", '{"config": {}}'), ("old", '{"config": {}, "shards": [3, 5]}')]:
+        (tmp_path / f"{name}.json").write_text(text)
+        with pytest.raises(InputError, match="not a job spec of this version"):
+            read_job_spec(tmp_path / f"{name}.json")
+    (tmp_path / "bad.json").write_text('{"config": {}, "shard_ranges": [[3]]}')
     with pytest.raises(InputError, match="not a job spec"):
-        read_job_spec(tmp_path / "other.json")
+        read_job_spec(tmp_path / "bad.json")

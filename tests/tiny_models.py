@@ -137,3 +137,20 @@ def tiny_job_config(tiny: dict, out: Path, **overrides):
 def shard_bytes(out: Path) -> dict[str, bytes]:
     """Every shard of a run folder, by name: for byte-identity checks."""
     return {p.name: p.read_bytes() for p in sorted((Path(out) / "shards").glob("*.tar"))}
+
+
+def short_run_settings(tiny: dict, probe_out: Path, kept: int = 3) -> dict:
+    """Settings (for `tiny_job_config`) of a job that finishes short: 8 samples planned in one shard, no
+    reserve, and a support radius only the `kept` nearest of them meet (measured on a probe run of the
+    same samples, so the job keeps exactly `kept` and falls 8 - kept short)."""
+    import json
+
+    import pyarrow.parquet as pq
+
+    from pipeline.job import run_job
+
+    settings = dict(n=8, shard_size=8, keep=1.0, reserve=0.0, guidance="none")
+    run_job(tiny_job_config(tiny, probe_out, **settings))
+    bandwidth = json.loads((probe_out / "run.json").read_text())["reference"]["bandwidth"]
+    nearest = sorted(pq.read_table(probe_out / "manifest.parquet")["nearest_reference_distance"].to_pylist())
+    return {**settings, "support_radius": (nearest[kept - 1] + nearest[kept]) / 2 / bandwidth}
