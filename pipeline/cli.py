@@ -119,15 +119,49 @@ def dry_run(cfg: AugmentConfig) -> None:
     """Check the references and print the plan, without loading the model or writing anything."""
     from storage.errors import InputError
 
+    from .pilot import describe_pilot
     from .plan import plan_job
-    from .reference import check_references
+    from .reference import check_references, listed_bundle, split_holdout
 
     try:
-        check_references(cfg)
+        refs = check_references(cfg)
+        bundle = split_holdout(listed_bundle(refs), cfg.holdout, cfg.seed)  # what the job guides with
     except InputError as exc:
         fail(str(exc), as_json=cfg.progress == "json")
+    typer.echo(f"references: {len(refs)} images, {refs.source}")
     typer.echo(plan_job(cfg).describe(seconds_per_sample=seconds_per_sample_estimate(cfg)))
+    typer.echo(describe_pilot(cfg, bundle))
+    if cfg.reach_check:
+        typer.echo(
+            f"reach check: at the start, {cfg.reach_samples} unguided samples at {min(cfg.steps, cfg.reach_steps)} "
+            "steps are compared with the references and the job stops (exit 2) if the model cannot draw them "
+            "(--dry-run --check-reach runs it now; --no-reach-check skips it)"
+        )
+    else:
+        typer.echo("reach check: off (--no-reach-check)")
     typer.echo(f"config hash {cfg.config_hash}; output {cfg.out}")
+
+
+def dry_run_reach(cfg: AugmentConfig) -> None:
+    """`--dry-run --check-reach`: load the model, encode the references (into the cache, as the job does) and
+    run the reach check now; one line and exit 2 when the model cannot draw them (unless --force)."""
+    from storage.errors import InputError
+
+    from .job import build_context
+    from .reach import shares_text
+
+    try:
+        record = build_context(cfg, check_reach=True, pilot=False).reach
+    except InputError as exc:
+        fail(str(exc), as_json=cfg.progress == "json")
+    if record["verdict"] == "off":
+        typer.echo("reach check: off (--no-reach-check)")
+        return
+    forced = " (going on: --force)" if record["verdict"] == "nil" else ""
+    typer.echo(
+        f"reach check: {record['verdict']}{forced}: the model draws {record['model']}; {shares_text(record)} "
+        f"({record['seconds']:.1f} s)"
+    )
 
 
 def execute(cfg: AugmentConfig) -> None:
@@ -190,20 +224,33 @@ def augment(ctx: typer.Context, **values: Any) -> None:
     if ctx.invoked_subcommand is not None:
         return
     is_dry_run = values.pop("dry_run")
+    check_reach_now = values.pop("check_reach")
     config_file = values.pop("config")
     if config_file is None and all(v is None for v in values.values()):
         typer.echo(ctx.get_help())  # bare `augment`: the help
         raise typer.Exit()
     cfg = build_config(config_file, values)
     setup_logging(cfg.progress)
+    if check_reach_now and not is_dry_run:
+        fail("--check-reach goes with --dry-run (a job runs the reach check at its start unless --no-reach-check)")
     if is_dry_run:
         dry_run(cfg)
+        if check_reach_now:
+            dry_run_reach(cfg)
     else:
         execute(cfg)
 
 
 augment.__signature__ = job_command_signature(  # type: ignore[attr-defined]
     keyword_option("dry_run", bool, False, "--dry-run", help="Check the references, print the plan and exit."),
+    keyword_option(
+        "check_reach",
+        bool,
+        False,
+        "--check-reach",
+        help="With --dry-run: also load the model and run the reach check now (seconds; caches the references' "
+        "encoding as the job would).",
+    ),
     keyword_option("version", bool, False, "--version", help="Print the version and exit."),
 )
 

@@ -27,7 +27,11 @@ MAX_STRENGTH = 100.0
 #: so `refs`, `refs/`, its absolute path or a moved copy all resume the same run.
 #: `allow_shortfall` only decides what a finished run reports (exit code 3 or 0), so a re-run of a run that
 #: finished short may add it.
-RUNTIME_FIELDS = frozenset({"out", "ref", "device", "processes", "progress", "cache_dir", "allow_shortfall"})
+RUNTIME_FIELDS = frozenset(
+    {"out", "ref", "device", "processes", "progress", "cache_dir", "allow_shortfall"}
+    # the reach check only decides whether the job starts: `--force` or other thresholds resume the same run
+    | {"reach_check", "reach_samples", "reach_steps", "reach_refuse_share", "reach_warn_share", "force"}
+)
 
 #: Fields set only in a config file (`--config FILE`), on purpose: every other field is a flag of
 #: `augment` and `augment flow` (generated from this class by `pipeline.cli_options`). Empty today.
@@ -172,6 +176,35 @@ class AugmentConfig(BaseModel):
     save_latents: bool = Field(default=False, description="store latent.npy in each sample")
     keep_rejected: bool = Field(default=False, description="also write the rejected samples (audit shards)")
 
+    # reach check (before the job: can the model draw the references at all?)
+    reach_check: bool = Field(
+        default=True,
+        description="before the job, draw a small unguided batch and compare it with the references; stop "
+        "(exit 2) when the model cannot draw them (README, What a run does)",
+    )
+    reach_samples: int = Field(default=32, ge=8, le=1024, description="unguided samples the reach check draws")
+    reach_steps: int = Field(
+        default=10, ge=1, le=1000, description="sampling steps of the reach check (at most --steps)"
+    )
+    reach_refuse_share: float = Field(
+        default=0.05,
+        ge=0.0,
+        lt=1.0,
+        description="the reach check stops the job when, in the latent or in the feature space, at most this share "
+        "of its samples fall inside the references' support and at most this share of the references have a "
+        "sample near them",
+    )
+    reach_warn_share: float = Field(
+        default=0.5,
+        ge=0.0,
+        le=1.0,
+        description="the reach check warns when fewer than this share of its samples fall inside the references' "
+        "support (latent or feature space)",
+    )
+    force: bool = Field(
+        default=False, description="go on when the reach check finds that the model cannot draw the references"
+    )
+
     # runtime only (not hashed)
     device: str = Field(default="auto", description="auto | cpu | cuda | cuda:1 ...")
     dtype: DTypeName = Field(default="auto", description="model dtype (auto: float32 on CPU, bf16/fp16 on GPU)")
@@ -208,6 +241,10 @@ class AugmentConfig(BaseModel):
             )
         if any(f <= 0 for f in self.bandwidth_factors):
             raise ValueError(f"bandwidth_factors must be positive, got {self.bandwidth_factors}")
+        if self.reach_refuse_share > self.reach_warn_share:
+            raise ValueError(
+                f"reach_refuse_share ({self.reach_refuse_share}) must be <= reach_warn_share ({self.reach_warn_share})"
+            )
         return self
 
     @field_validator("model")

@@ -24,6 +24,7 @@ from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler,
 from storage.errors import InputError
 from storage.manifest import forget_shards_without_part, manifest_rows, merge_manifest
 from storage.pilot import PILOT_FILE, load_pilot, pilot_cache_path, save_pilot
+from storage.reach import REACH_FILE, load_reach, save_reach
 from storage.references import refuse_output_inside
 from storage.run_record import (
     INPUTS_FILE,
@@ -43,13 +44,14 @@ from .fidelity import make_judge
 from .models.loading import LoadedModel, load_model
 from .pilot import pilot_key, run_pilot
 from .plan import JobPlan, RemainingShards, ShardRanges, class_proportions, plan_job
+from .reach import reach_or_stop
 from .reference import ReferenceBundle, build_target, check_references, default_cache_dir, prepare_reference
 from .worker import JobContext, ShardResult, model_label_map
 
 log = logging.getLogger(__name__)
 
 #: What a run writes at its start besides the claim: removed again if it fails before its first sample.
-RUN_RECORDS = (INPUTS_FILE, PILOT_FILE)
+RUN_RECORDS = (INPUTS_FILE, PILOT_FILE, REACH_FILE)
 
 SCHEDULERS = {
     "ddim": DDIMScheduler,
@@ -92,10 +94,15 @@ def with_sampler(model: LoadedModel, sampler: str) -> LoadedModel:
     return model
 
 
-def build_context(cfg: AugmentConfig, model: LoadedModel | None = None) -> JobContext:
+def build_context(
+    cfg: AugmentConfig, model: LoadedModel | None = None, *, check_reach: bool = False, pilot: bool = True
+) -> JobContext:
     """Load the model, prepare the reference bundle (validating the references) and the MMD target.
 
-    The references are checked before the model is loaded: an input error comes first, and alone.
+    The references are checked before the model is loaded: an input error comes first, and alone. With
+    `check_reach` (the job's start, not its workers) the reach check runs next (`pipeline.reach`: an
+    InputError when the model cannot draw the references), before the pilot (`--strength auto`; skipped
+    without `pilot`, e.g. for a dry run's reach check).
     """
     refuse_output_inside(cfg.ref, cfg.out)
     if model is None:
@@ -111,7 +118,9 @@ def build_context(cfg: AugmentConfig, model: LoadedModel | None = None) -> JobCo
         log.info("classes %s steered by %s", bundle.class_names, how)
     judge = make_judge(cfg.model, bundle.latents, bundle.labels, bundle.class_names)
     ctx = JobContext(cfg, model, bundle, target, props, labels_map, judge=judge)
-    if cfg.strength == "auto":
+    if check_reach:
+        ctx.reach = reach_or_stop(ctx)
+    if cfg.strength == "auto" and pilot:
         ctx.pilot = resolve_pilot(ctx)
     return ctx
 
@@ -150,13 +159,16 @@ def start_job(cfg: AugmentConfig, model: LoadedModel | None = None) -> tuple[Job
     """Validate and encode the references, claim and lock the output folder, clean crashed writes, plan.
 
     Returns the context, the plan and the ids of the shards still to do. Bad references fail here,
-    before anything is written to `cfg.out`; so does an output folder that cannot be written or that
-    another run is writing to. This process holds the folder's lock until `finish_job` (or its exit).
+    before anything is written to `cfg.out`, and so does a model that cannot draw them (the reach check);
+    so does an output folder that cannot be written or that another run is writing to. This process holds
+    the folder's lock until `finish_job` (or its exit).
     """
-    ctx = build_context(cfg, model)
+    ctx = build_context(cfg, model, check_reach=True)
     claim_output(cfg.out, cfg.config_hash, cfg.hashed_fields())
     try:
         record_inputs(cfg.out, ctx.bundle)
+        if ctx.reach is not None:
+            save_reach(cfg.out, ctx.reach)  # for run.json, which `finish_job` may write in another process
         if ctx.pilot is not None and load_pilot(Path(cfg.out) / PILOT_FILE, ctx.pilot["key"]) is None:
             save_pilot(Path(cfg.out) / PILOT_FILE, ctx.pilot)  # pins the choice for resumes and workers
         clean_partial(cfg.out)
@@ -411,6 +423,7 @@ def run_record(cfg: AugmentConfig, model: LoadedModel, bundle: ReferenceBundle, 
         },
         "plan": {"shards": len(plan.shards), "generated": plan.num_generated, "kept": plan.num_kept},
         "pilot": pinned_pilot(cfg, bundle),
+        "reach": load_reach(cfg.out),
         "label_fidelity": summary.label_fidelity,
         "summary": asdict(summary),
         "versions": {

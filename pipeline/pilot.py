@@ -350,11 +350,54 @@ def class_tv(judged: torch.Tensor, proportions: torch.Tensor) -> float:
 # ------------------------------------------------------------------------------------------ running
 
 
+def pilot_seed(cfg: AugmentConfig) -> int:
+    """The pilot's seed (its split of the references and its samples), from the run seed."""
+    return derive_seed("pilot", cfg.seed) & 0x7FFFFFFF
+
+
+def split_for_pilot(bundle: Any, fraction: float, seed: int) -> tuple[Any, torch.Tensor | None, str | None]:
+    """(guide part, held-out mask over `bundle.files`, None) for a `reference.ReferenceBundle`; or (None, None,
+    reason) when there are too few references to guide with and hold out MIN_PILOT_REFERENCES each."""
+    from .reference import split_holdout
+
+    try:
+        guide = split_holdout(bundle, fraction, seed)
+    except ValueError:
+        guide = None
+    held_mask = torch.tensor([f in set(guide.heldout_files) for f in bundle.files]) if guide else None
+    if guide is None or int(held_mask.sum()) < MIN_PILOT_REFERENCES:
+        return (
+            None,
+            None,
+            (
+                f"too few references for a pilot ({len(bundle.files)}; it needs {MIN_PILOT_REFERENCES} to guide and "
+                f"{MIN_PILOT_REFERENCES} held out at pilot_holdout={fraction}): fallback strength"
+            ),
+        )
+    return guide, held_mask, None
+
+
+def describe_pilot(cfg: AugmentConfig, bundle: Any) -> str:
+    """The plan's line about the strength for these references (`--dry-run`; no model needed: only the
+    bundle's files and labels are read)."""
+    if cfg.guidance == "none":
+        return "strength: guidance is none, no strength to choose"
+    if cfg.strength != "auto":
+        return f"strength {cfg.strength:g} (given: no pilot)"
+    _, held_mask, reason = split_for_pilot(bundle, cfg.pilot_holdout, pilot_seed(cfg))
+    if reason is not None:
+        return f"strength auto: the pilot will be skipped: {reason} {FALLBACK_STRENGTH:g}"
+    return (
+        f"strength auto: a pilot chooses it at the start ({cfg.pilot_samples} samples per candidate strength, "
+        f"scored against {int(held_mask.sum())} held-out references)"
+    )
+
+
 def run_pilot(ctx: Any) -> dict[str, Any]:
     """Run the search for a `worker.JobContext` whose config says strength 'auto'; returns the record
     (JSON-ready): key, chosen, reason, baseline, candidates, notes, dropped constraints, whether the range
     was extended and which bound chose (if one did), feature space, counts, seconds, cost."""
-    from .reference import build_target, split_holdout
+    from .reference import build_target
     from .worker import JobContext, generate
 
     cfg: AugmentConfig = ctx.cfg
@@ -374,17 +417,9 @@ def run_pilot(ctx: Any) -> dict[str, Any]:
     }
     if cfg.guidance == "none":
         return dict(base_record, chosen=0.0, reason="guidance is none: no strength to choose", candidates=[])
-    seed = derive_seed("pilot", cfg.seed) & 0x7FFFFFFF
-    try:
-        guide = split_holdout(bundle, cfg.pilot_holdout, seed)
-    except ValueError:
-        guide = None
-    held_mask = torch.tensor([f in set(guide.heldout_files) for f in bundle.files]) if guide else None
-    if guide is None or int(held_mask.sum()) < MIN_PILOT_REFERENCES:
-        reason = (
-            f"too few references for a pilot ({len(bundle.files)}; it needs {MIN_PILOT_REFERENCES} to guide and "
-            f"{MIN_PILOT_REFERENCES} held out at pilot_holdout={cfg.pilot_holdout}): fallback strength"
-        )
+    seed = pilot_seed(cfg)
+    guide, held_mask, reason = split_for_pilot(bundle, cfg.pilot_holdout, seed)
+    if reason is not None:
         log.warning("strength auto: %s %g", reason, FALLBACK_STRENGTH)
         return dict(base_record, chosen=FALLBACK_STRENGTH, reason=reason, candidates=[])
     model = ctx.model
@@ -504,11 +539,14 @@ __all__ = [
     "choose",
     "class_tv",
     "class_tv_standard_error",
+    "describe_pilot",
     "feature_space",
     "is_feasible",
     "pilot_key",
+    "pilot_seed",
     "pilot_settings",
     "run_pilot",
     "scoring_garbage_meaningless",
     "search",
+    "split_for_pilot",
 ]

@@ -22,7 +22,7 @@ from guidance import (
 from guidance.kernels import CubicPolynomialKernel, median_pairwise_distance
 from storage.bundle import bundle_dir, load_bundle, save_bundle
 from storage.errors import InputError
-from storage.references import read_references
+from storage.references import References, read_references
 
 from .config import AugmentConfig
 from .models.loading import LoadedModel
@@ -47,6 +47,7 @@ class ReferenceBundle:
     files: list[str]
     reused: bool = False
     heldout_files: list[str] = field(default_factory=list)  # not used for guidance (evaluation only)
+    source: str = ""  # what the files are before conversion ("128×128 grayscale"), for messages
 
     @property
     def num_classes(self) -> int | None:
@@ -64,16 +65,32 @@ def prepare_reference(cfg: AugmentConfig, model: LoadedModel) -> ReferenceBundle
     return split_holdout(_encoded_references(cfg, model), cfg.holdout, cfg.seed)
 
 
-def check_references(cfg: AugmentConfig) -> None:
+def check_references(cfg: AugmentConfig) -> References:
     """Validate the references before the model is loaded, so input errors come first (and alone).
 
     Reads and decodes every file as `prepare_reference` will (at a tiny size: the model's input size
-    is not known yet); a reference too small for the model is found later, once it is.
+    is not known yet); a reference too small for the model is found later, once it is. Returns them
+    (files, labels, `source`; the images at that tiny size).
 
     Raises:
         InputError: one line naming the folder or the first bad file.
     """
-    read_references(cfg.ref, channels=3, size=(2, 2), min_count=MIN_REFERENCES)
+    return read_references(cfg.ref, channels=3, size=(2, 2), min_count=MIN_REFERENCES)
+
+
+def listed_bundle(refs: References) -> ReferenceBundle:
+    """The references' files, labels and classes as a bundle without latents (for planning before the model
+    is loaded: `--dry-run`); `split_holdout` applies to it as to an encoded one."""
+    return ReferenceBundle(
+        latents=torch.zeros(len(refs.files), 0),
+        labels=refs.labels,
+        class_names=refs.class_names,
+        bandwidth=0.0,
+        content_hash=refs.content_hash,
+        model_id="",
+        files=refs.files,
+        source=refs.source,
+    )
 
 
 def split_holdout(bundle: ReferenceBundle, fraction: float, seed: int) -> ReferenceBundle:
@@ -126,6 +143,7 @@ def _encoded_references(cfg: AugmentConfig, model: LoadedModel) -> ReferenceBund
             model_id=model.model_id,
             files=refs.files,
             reused=True,
+            source=refs.source,
         )
     latents = model.encode(refs.images, batch_size=cfg.batch_size).cpu()
     bandwidth = float(median_pairwise_distance(latents.flatten(1)))
@@ -150,6 +168,7 @@ def _encoded_references(cfg: AugmentConfig, model: LoadedModel) -> ReferenceBund
         content_hash=refs.content_hash,
         model_id=model.model_id,
         files=refs.files,
+        source=refs.source,
     )
 
 

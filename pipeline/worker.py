@@ -79,6 +79,7 @@ class JobContext:
     worker: str = "main"  # which process wrote a shard (recorded in its done marker)
     judge: LabelJudge | None = None  # labelled runs: who says which class a sample shows
     pilot: dict[str, Any] | None = None  # `--strength auto`: the pilot's record (its "chosen" strength)
+    reach: dict[str, Any] | None = None  # the reach check's record (`pipeline.reach`), when it ran
 
     @property
     def strength(self) -> float:

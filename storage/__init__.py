@@ -42,6 +42,9 @@ _EXPORTS = {
     "load_pilot": "storage.pilot",
     "pilot_cache_path": "storage.pilot",
     "save_pilot": "storage.pilot",
+    "REACH_FILE": "storage.reach",
+    "load_reach": "storage.reach",
+    "save_reach": "storage.reach",
     "INPUTS_FILE": "storage.run_record",
     "check_or_claim_output": "storage.run_record",
     "check_or_record_inputs": "storage.run_record",
@@ -56,6 +59,7 @@ __all__ = [
     "InputError",
     "MANIFEST_SCHEMA",
     "PILOT_FILE",
+    "REACH_FILE",
     "References",
     "atomic_open",
     "atomic_write_bytes",
@@ -69,6 +73,7 @@ __all__ = [
     "is_done",
     "load_bundle",
     "load_pilot",
+    "load_reach",
     "manifest_part_path",
     "mark_done",
     "marker_path",
@@ -81,6 +86,7 @@ __all__ = [
     "read_run_record",
     "save_bundle",
     "save_pilot",
+    "save_reach",
     "shard_name",
     "shard_path",
     "write_job_spec",
@@ -102,6 +108,7 @@ if TYPE_CHECKING:
         write_manifest_part,
     )
     from storage.pilot import PILOT_FILE, load_pilot, pilot_cache_path, save_pilot
+    from storage.reach import REACH_FILE, load_reach, save_reach
     from storage.references import References, read_references
     from storage.run_record import (
         INPUTS_FILE,

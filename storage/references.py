@@ -80,7 +80,10 @@ class References:
             caches on those separately.
         report: human-readable lines about what was found and converted.
         warnings: the lines of `report` a user should see even in a quiet run (valid input that may
-            not be what was meant, e.g. images in sub-sub-folders labelled with their top-level class).
+            not be what was meant, e.g. images in sub-sub-folders labelled with their top-level class,
+            or resizing and cropping that change the images the model sees).
+        source: what the files are before conversion, e.g. "128×128 grayscale" or "2 sizes (16×16,
+            32×32), grayscale and RGB" (for messages).
     """
 
     images: torch.Tensor
@@ -91,6 +94,7 @@ class References:
     content_hash: str
     report: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    source: str = ""
 
     def __len__(self) -> int:
         return len(self.files)
@@ -299,6 +303,7 @@ def read_references(
         ignored,
         blobs,
         report_notes,
+        warnings_,
     )
     return References(
         images=tensor,
@@ -309,6 +314,7 @@ def read_references(
         content_hash=content_hash,
         report=report,
         warnings=warnings_,
+        source=_describe_source([decoded[rel] for rel in images]),
     )
 
 
@@ -737,7 +743,9 @@ def _report(
     ignored: list[str],
     blobs: dict[str, bytes],
     notes: list[str],
+    warns: list[str],
 ) -> list[str]:
+    """The report's lines; those a user should see even in a quiet run are also appended to `warns`."""
     height, width = size
     target = "grayscale" if channels == 1 else "RGB"
     if class_names is not None:
@@ -775,10 +783,14 @@ def _report(
     for d in items:
         if d.resized:
             resized_from[d.size] += 1
-    if resized_from:
+    if resized_from:  # resampling changes what the model sees: a warning, naming both sizes and the channels
         n_resized = sum(resized_from.values())
-        froms = _listing([f"{w}x{h}" for (w, h) in sorted(resized_from)])
-        lines.append(f"{_plural(n_resized, 'image')} resized from {froms} to {width}x{height}{mixed}")
+        some = "" if n_resized == len(items) else f" (from {_sizes(resized_from)})"
+        lines.append(
+            f"references are {_describe_source(items)}; the model draws {width}×{height} {target}: resizing "
+            f"{_plural(n_resized, 'image')}{some}"
+        )
+        warns.append(lines[-1])
     elif mixed:
         lines.append(f"input sizes vary{mixed}")
     n_crop = sum(d.cropped for d in items)
@@ -788,6 +800,7 @@ def _report(
             f"{_plural(n_crop, 'image')} center-cropped to the model's aspect ratio "
             f"{width // g}:{height // g} (width:height) before resizing"
         )
+        warns.append(lines[-1])
 
     digests: dict[str, list[str]] = defaultdict(list)
     for rel in files:
@@ -801,6 +814,20 @@ def _report(
     if ignored:
         lines.append(f"{_plural(len(ignored), 'hidden or system file')} ignored: {_listing(ignored)}")
     return lines
+
+
+def _sizes(sizes: Counter | dict[tuple[int, int], int]) -> str:
+    return _listing([f"{w}×{h}" for (w, h) in sorted(sizes)])
+
+
+def _describe_source(items: list[_Decoded]) -> str:
+    """What decoded files were before conversion: "128×128 grayscale", "3 sizes (16×16, 32×32, 48×32),
+    grayscale and RGB" (sizes as width×height, after EXIF orientation)."""
+    sizes = Counter(d.size for d in items)
+    size = _sizes(sizes) if len(sizes) == 1 else f"{len(sizes)} sizes ({_sizes(sizes)})"
+    kinds = sorted({d.kind for d in items})
+    colour = kinds[0] if len(kinds) == 1 else ", ".join(kinds[:-1]) + " and " + kinds[-1]
+    return f"{size}{',' if len(sizes) > 1 else ''} {colour}"
 
 
 #: Public name of `_is_hidden` (used by flows/ for the reference cache key).

@@ -121,8 +121,25 @@ def test_mixed_sizes_are_resized_cropped_and_reported(tmp_path):
     refs = read_references(str(tmp_path), channels=1, size=SIZE)
     assert refs.images.shape == (3, 1, 16, 16)
     assert refs.images.min() >= -1 and refs.images.max() <= 1
-    assert "2 images resized from 32x32, 48x32 to 16x16 (mixed sizes: 16x16, 32x32, 48x32)" in refs.report
-    assert any(line.startswith("1 image center-cropped") for line in refs.report)
+    resized = (
+        "references are 3 sizes (16×16, 32×32, 48×32), grayscale; the model draws 16×16 grayscale: "
+        "resizing 2 images (from 32×32, 48×32)"
+    )
+    assert resized in refs.report
+    cropped = [line for line in refs.report if line.startswith("1 image center-cropped")]
+    assert refs.warnings == [resized, *cropped] and len(cropped) == 1  # both change what the model sees
+
+
+def test_resizing_is_a_warning_naming_both_sizes_and_the_channels(tmp_path):
+    for i in range(3):
+        save(tmp_path / f"x{i}.png", gray(ramp(128, 128) // (i + 1)))
+    refs = read_references(str(tmp_path), channels=1, size=(32, 32))
+    line = "references are 128×128 grayscale; the model draws 32×32 grayscale: resizing 3 images"
+    assert refs.warnings == [line] and line in refs.report and refs.source == "128×128 grayscale"
+    rgb = read_references(str(tmp_path), channels=3, size=(16, 16))
+    assert rgb.warnings == ["references are 128×128 grayscale; the model draws 16×16 RGB: resizing 3 images"]
+    same = read_references(str(tmp_path), channels=1, size=(128, 128))
+    assert same.warnings == [] and same.source == "128×128 grayscale"  # nothing resized: nothing to warn about
 
 
 def test_non_square_model_size(tmp_path):
@@ -139,7 +156,10 @@ def test_exif_orientation_is_applied(tmp_path):
     save(tmp_path / "b.png", gray(0))
     refs = read_references(str(tmp_path), channels=1, size=SIZE)
     assert "1 image rotated as their EXIF orientation says" in refs.report
-    assert "1 image resized from 16x32 to 16x16 (mixed sizes: 16x16, 16x32)" in refs.report
+    assert (
+        "references are 2 sizes (16×16, 16×32), grayscale; the model draws 16×16 grayscale: resizing 1 image "
+        "(from 16×32)"
+    ) in refs.report
 
 
 def test_class_folders_give_sorted_labels(tmp_path):

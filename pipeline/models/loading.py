@@ -87,6 +87,13 @@ class LoadedModel:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     dtype: torch.dtype = torch.float32
     extras: dict[str, Any] = field(default_factory=dict)
+    description: str = ""  # what it draws ("handwritten digits"); "" when unknown
+
+    @property
+    def draws(self) -> str:
+        """What the model draws, for messages: "32×32 handwritten digits (grayscale)", "512×512 images (RGB)"."""
+        colour = {1: "grayscale", 3: "RGB"}.get(self.image_channels, f"{self.image_channels} channels")
+        return f"{self.image_size}×{self.image_size} {self.description or 'images'} ({colour})"
 
     @property
     def scaling_factor(self) -> float:
@@ -161,6 +168,7 @@ def _load_shipped(device: torch.device, dtype: torch.dtype, path: str | Path | N
         device=device,
         dtype=dtype,
         extras={"classifier": prior.classifier, "info": info},
+        description=str(info.get("description", "")),
     )
 
 

@@ -10,7 +10,8 @@ Folder layout (`SHIPPED_MODEL_DIR`, every part in a diffusers-style format, load
     scheduler/    DDIMScheduler.save_pretrained: the training noise schedule, epsilon prediction
     classifier/   config.json + model.safetensors of `DigitClassifier` (evaluation features)
     split.json    the held-out evaluation split
-    shipped.json  latent shape, null class id, number of classes, image size, channels, model id
+    shipped.json  latent shape, null class id, number of classes, image size, channels, model id, and
+                  `description`: what it draws ("handwritten digits"), named with its size in messages
     README.md     the model card
 
 Image convention everywhere: float tensors in [-1, 1], shape [n, C, H, W]. Latents are
@@ -260,6 +261,16 @@ class ShippedPrior:
         return self.vae.decode(latents / self.scaling_factor).sample.clamp(-1, 1)
 
 
+def _training_subject(path: Path) -> str:
+    """What a prior without a `description` in shipped.json draws, from the training data split.json names
+    (priors assembled before that field existed): "handwritten digits" for MNIST, else ""."""
+    try:
+        source = str(json.loads((path / "split.json").read_text()).get("source", ""))
+    except (OSError, ValueError, AttributeError):
+        return ""
+    return "handwritten digits" if "mnist" in source.lower() else ""
+
+
 def load_shipped(
     path: str | Path = SHIPPED_MODEL_DIR, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
 ) -> ShippedPrior:
@@ -271,6 +282,7 @@ def load_shipped(
     if not (path / "shipped.json").is_file():
         raise FileNotFoundError(f"{path} is not a shipped-model folder (no shipped.json)")
     info = json.loads((path / "shipped.json").read_text())
+    info.setdefault("description", _training_subject(path))
     # the dtype at load (diffusers keeps a model's float32 modules), not a cast after it
     vae = AutoencoderKL.from_pretrained(path / "vae", local_files_only=True, dtype=dtype)
     unet = InternalGuidanceUNet.from_pretrained(path).to(dtype)

@@ -50,6 +50,8 @@ def assemble(cfg: TrainConfig, split: Split, work: Path, out: Path) -> None:
     latent_size = cfg.image_size // 2 ** (len(cfg.vae_channels) - 1)
     shipped = {
         "model_id": cfg.model_id,
+        # what the model draws, for messages (with image_size and channels): the reach check names it
+        "description": "handwritten digits" if data.source == "mnist" else f"images like those in {data.source}",
         "latent_shape": [cfg.latent_channels, latent_size, latent_size],
         "num_classes": data.num_classes,
         "null_class_id": data.num_classes,
