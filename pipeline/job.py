@@ -109,6 +109,11 @@ def build_context(
         check_references(cfg)
         model = load_model(cfg.model, cfg.device, cfg.dtype)
     model = with_sampler(model, cfg.sampler)
+    if cfg.ig_scale != 1.0 and not model.denoiser.supports_internal_guidance:
+        raise InputError(
+            f"--ig-scale {cfg.ig_scale:g}: Internal Guidance needs a model with an Internal-Guidance head, and"
+            f" {model.model_id} has none; use --ig-scale 1"
+        )
     bundle = prepare_reference(cfg, model)
     target = build_target(cfg, bundle, model.device)
     props = class_proportions(bundle.labels, bundle.num_classes or 0, cfg.class_balance)
