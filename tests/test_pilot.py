@@ -7,8 +7,6 @@ import math
 from pathlib import Path
 
 import pytest
-
-V3_KNOWN = "fails on the v3 prior (its classifier reads references v1 could not); see the issue 21 note"
 import torch
 import webdataset as wds
 from tiny_models import save_tiny_dit, tiny_job_config, write_reference_folder
@@ -288,7 +286,7 @@ def test_the_eval_report_shows_the_pilot():
     assert pilot_section(None) == ""
 
 
-@pytest.mark.xfail(reason=V3_KNOWN, strict=False)
+@pytest.mark.xfail(reason="fails on the v3 prior; see the issue 21 note", strict=False)
 def test_the_shipped_classifier_scores_the_pilot_only_where_it_reads_the_references():
     from pipeline.pilot import feature_space
     from storage.references import read_references

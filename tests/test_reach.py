@@ -11,8 +11,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-V3_KNOWN = "fails on the v3 prior (its classifier reads references v1 could not); see the issue 21 note"
 import torch
 from PIL import Image
 from typer.testing import CliRunner
@@ -193,7 +191,7 @@ def test_weak_reach_is_a_warning_with_the_numbers(digit_ctx, caplog):
     assert "only weakly" in warning and f"{record['latent']['support']:.0%} fall inside" in warning
 
 
-@pytest.mark.skip(reason=V3_KNOWN + " (runs past the 600 s timeout)")
+@pytest.mark.skip(reason="fails on the v3 prior (runs past the timeout); see the issue 21 note")
 def test_xray_like_references_stop_the_job_with_one_line_saying_what_to_do(data, shipped, tmp_path, caplog):
     out = tmp_path / "out"
     args = ["--ref", data["xray"], "--n", "100000", "--out", str(out), "--cache-dir", data["cache"], *FAST_REACH_FLAGS]
@@ -210,7 +208,7 @@ def test_xray_like_references_stop_the_job_with_one_line_saying_what_to_do(data,
     assert any(r.levelname == "WARNING" and resize in r.getMessage() for r in caplog.records)
 
 
-@pytest.mark.xfail(reason=V3_KNOWN, strict=False)
+@pytest.mark.xfail(reason="fails on the v3 prior; see the issue 21 note", strict=False)
 def test_force_goes_on_and_a_dry_run_can_check_reach(data, shipped, tmp_path, caplog):
     out = tmp_path / "out"
     base = ["--ref", data["xray"], "--n", "4", "--out", str(out), "--cache-dir", data["cache"], *FAST_REACH_FLAGS]
