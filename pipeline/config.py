@@ -192,7 +192,8 @@ class AugmentConfig(BaseModel):
         lt=1.0,
         description="the reach check stops the job when, in the latent or in the feature space, at most this share "
         "of its samples fall inside the references' support and at most this share of the references have a "
-        "sample near them",
+        "sample near them, or when in both spaces at most this share of the references have a sample near them "
+        "and fewer than --reach-warn-share of the samples fall inside the support",
     )
     reach_warn_share: float = Field(
         default=0.5,

@@ -18,15 +18,20 @@ the job, `check_reach`:
    - `nil` when, in either space, *both* shares are at most `reach_refuse_share` (default 0.05: at most
      1 of 32 samples and 1 in 20 references): the model draws nothing like the references. The job stops
      with exit 2 and one line that says what the model draws, what the references are, and what to do
-     (`--model`, or `--force` to go on);
+     (`--model`, or `--force` to go on). Also `nil` when *no* space has a sample near any reference
+     (every coverage at most `reach_refuse_share`) and most samples fall outside the support in every
+     space (every support share below `reach_warn_share`): a prior whose classifier reads anything (the
+     shipped v3 classifier trained on broadly augmented digits gives X-ray-like images 0.87 confidence)
+     puts a few samples inside a loose support, yet none near a reference;
    - `weak` when a support share is below `reach_warn_share` (default 0.5: the filter would reject half
      the samples, or they decode to images outside the references' support): a WARNING with the numbers;
    - `ok` otherwise. Coverage alone never warns: 32 samples cannot come near every one of hundreds of
      references, and the digit classifier's tight class clusters give near-zero coverage even to good
      unconditional digits.
 
-Both measures must fail in one space before the job is refused, so a model of the right domain is not
-turned away by one noisy measure: refusing is for the case where the job could only produce garbage.
+Both measures must fail (in one space, or across both) before the job is refused, so a model of the right
+domain is not turned away by one noisy measure: refusing is for the case where the job could only produce
+garbage.
 Its record goes to `<out>/reach.json` and `run.json` (`reach`).
 """
 
@@ -117,9 +122,13 @@ def measure(
 
 
 def verdict(spaces: list[SpaceReach], refuse_share: float, warn_share: float) -> str:
-    """ "nil" if in some space both shares are at most `refuse_share`; "weak" if a support share is below
-    `warn_share`; else "ok" (see the module doc)."""
+    """ "nil" if in some space both shares are at most `refuse_share`, or if no space covers the references
+    (every coverage at most `refuse_share`) while every support share is below `warn_share`; "weak" if a
+    support share is below `warn_share`; else "ok" (see the module doc)."""
     if any(s.is_nil(refuse_share) for s in spaces):
+        return "nil"
+    measured = [s for s in spaces if s.support is not None]
+    if measured and all(s.coverage <= refuse_share and s.support < warn_share for s in measured):
         return "nil"
     if any(s.support is not None and s.support < warn_share for s in spaces):
         return "weak"

@@ -108,6 +108,7 @@ def test_only_nil_reach_by_both_measures_in_one_space_refuses():
     assert verdict([space(0.0, 0.0), space(0.9, 0.5)], 0.05, 0.5) == "nil"  # latent nil: refuse
     assert verdict([space(0.9, 0.5), space(0.03, 0.05)], 0.05, 0.5) == "nil"  # feature space nil: refuse
     assert verdict([space(0.0, 0.2), space(0.9, 0.0)], 0.05, 0.5) == "weak"  # one measure each: warn only
+    assert verdict([space(0.31, 0.0), space(0.12, 0.0)], 0.05, 0.5) == "nil"  # no reference near a sample, anywhere
     assert verdict([space(0.9, 0.0), space(1.0, 0.0)], 0.05, 0.5) == "ok"  # coverage alone never warns
     assert verdict([space(None, 0.0), space(1.0, 0.3)], 0.05, 0.5) == "ok"  # coinciding references: no verdict
     assert verdict([space(0.49, 0.3), space(1.0, 0.3)], 0.05, 0.5) == "weak"
@@ -191,7 +192,6 @@ def test_weak_reach_is_a_warning_with_the_numbers(digit_ctx, caplog):
     assert "only weakly" in warning and f"{record['latent']['support']:.0%} fall inside" in warning
 
 
-@pytest.mark.skip(reason="fails on the v3 prior (runs past the timeout); see the issue 21 note")
 def test_xray_like_references_stop_the_job_with_one_line_saying_what_to_do(data, shipped, tmp_path, caplog):
     out = tmp_path / "out"
     args = ["--ref", data["xray"], "--n", "100000", "--out", str(out), "--cache-dir", data["cache"], *FAST_REACH_FLAGS]
@@ -208,7 +208,6 @@ def test_xray_like_references_stop_the_job_with_one_line_saying_what_to_do(data,
     assert any(r.levelname == "WARNING" and resize in r.getMessage() for r in caplog.records)
 
 
-@pytest.mark.xfail(reason="fails on the v3 prior; see the issue 21 note", strict=False)
 def test_force_goes_on_and_a_dry_run_can_check_reach(data, shipped, tmp_path, caplog):
     out = tmp_path / "out"
     base = ["--ref", data["xray"], "--n", "4", "--out", str(out), "--cache-dir", data["cache"], *FAST_REACH_FLAGS]
