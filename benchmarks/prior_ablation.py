@@ -80,8 +80,6 @@ def main(argv: list[str] | None = None) -> list[dict]:
     results = []
     for name, _, flags in arms:
         extra = shlex.split(flags)
-        if args.smoke:
-            extra = ["--smoke", *extra]
         results.append(run_arm(args.work, args.out, name, extra, args.steps, args.preset))
     lines = ["| arm | flags | UNet steps | minutes | class accuracy, no CFG | null recognised | largest class share |"]
     lines.append("|---|---|---|---|---|---|---|")

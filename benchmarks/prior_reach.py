@@ -27,7 +27,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from pipeline.evaluation import metrics as M
@@ -118,7 +117,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.smoke:
         args.samples, args.steps, args.k, args.domains = 20, 3, 3, ["thick", "subset"]
         args.cfg_samples = min(args.cfg_samples, 10)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     judge = load_shipped(args.judge or args.new).classifier
     if judge is None:
         raise SystemExit(f"{args.judge or args.new}: no classifier/ to judge with")
@@ -160,5 +158,4 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    np.set_printoptions(precision=3)
     main()

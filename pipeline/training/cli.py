@@ -164,18 +164,16 @@ def main(argv: list[str] | None = None) -> int:
             if (info := done_info(work, stage)) is not None:
                 print(f"[{stage}] already done, skipping")
                 stages[stage] = info
-                if stage == args.until:
-                    return 0
-                continue
-            if stage == "classifier" and split.data.num_classes == 0:
-                continue  # unlabelled folder: no classifier, class metrics are skipped
-            if stage == "latents":
-                info = encode_latents(cfg, split, work, device)
+            elif stage == "classifier" and split.data.num_classes == 0:
+                pass  # unlabelled folder: no classifier, class metrics are skipped
             else:
-                ckpt = Checkpointer(work, stage, args.ckpt_minutes * 60, interrupt, device)
-                info = fns[stage](cfg, split, work, ckpt, device)
-            mark_done(work, stage, info)
-            stages[stage] = info
+                if stage == "latents":
+                    info = encode_latents(cfg, split, work, device)
+                else:
+                    ckpt = Checkpointer(work, stage, args.ckpt_minutes * 60, interrupt, device)
+                    info = fns[stage](cfg, split, work, ckpt, device)
+                mark_done(work, stage, info)
+                stages[stage] = info
             if stage == args.until:
                 print(f"stopped after the {stage} stage (--until); results in {work}")
                 return 0
