@@ -121,6 +121,7 @@ def dry_run(cfg: AugmentConfig) -> None:
 
     from .pilot import describe_pilot
     from .plan import plan_job
+    from .pseudo import describe_pseudo
     from .reference import check_references, listed_bundle, split_holdout
 
     try:
@@ -129,6 +130,9 @@ def dry_run(cfg: AugmentConfig) -> None:
     except InputError as exc:
         fail(str(exc), as_json=cfg.progress == "json")
     typer.echo(f"references: {len(refs)} images, {refs.source}")
+    pseudo = describe_pseudo(cfg, labelled=refs.labels is not None)
+    if pseudo is not None:
+        typer.echo(pseudo)
     typer.echo(plan_job(cfg).describe(seconds_per_sample=seconds_per_sample_estimate(cfg)))
     typer.echo(describe_pilot(cfg, bundle))
     if cfg.reach_check:

@@ -7,7 +7,7 @@ import json
 import math
 import os
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -21,6 +21,10 @@ DTypeName = Literal["auto", "float32", "float16", "bfloat16"]
 #: The largest guidance strength accepted. With `per_sample` normalisation a strength of 1 already moves x̂0
 #: by its whole length at every step; far larger values (1e30) only overflow to NaN.
 MAX_STRENGTH = 100.0
+
+#: `pilot_samples auto`: the fewest and most samples per candidate strength.
+PILOT_MIN_SAMPLES = 64
+PILOT_MAX_SAMPLES = 512
 
 #: Fields that do not change which samples are produced (excluded from the config hash). `ref` is a path:
 #: the references' *content* is what matters, and a run folder records and compares it (`.inputs.json`),
@@ -120,10 +124,29 @@ class AugmentConfig(BaseModel):
     class_balance: Literal["reference", "uniform"] = Field(
         default="reference", description="class proportions of the samples: as in the references, or uniform"
     )
+    pseudo_classes: bool = Field(
+        default=True,
+        description="unlabelled references on a class-conditional model: give each reference the class a judge "
+        "reads in it and sample class-conditionally in the references' class proportions; off, or no judge reads "
+        "them: the null class",
+    )
+    pseudo_labels: bool = Field(
+        default=False,
+        description="with pseudo-classes: write each sample's pseudo-class in its json and the manifest, marked as "
+        "a pseudo-label (without it the output stays unlabelled; the manifest's pseudo_class column keeps it)",
+    )
 
     # strength pilot (--strength auto)
-    pilot_samples: int = Field(
-        default=64, ge=8, description="samples the strength pilot generates per candidate strength"
+    pilot_samples: Annotated[int, Field(ge=8)] | Literal["auto"] = Field(
+        default="auto",
+        description="samples the strength pilot generates per candidate strength; auto: pilot_budget of the job's "
+        f"samples shared by the ladder's candidates, {PILOT_MIN_SAMPLES} to {PILOT_MAX_SAMPLES} each",
+    )
+    pilot_budget: float = Field(
+        default=0.05,
+        gt=0.0,
+        le=1.0,
+        description="pilot_samples auto: the fraction of the job's generated samples the pilot may spend",
     )
     pilot_holdout: float = Field(
         default=0.3,
@@ -131,27 +154,24 @@ class AugmentConfig(BaseModel):
         lt=1.0,
         description="fraction of the references the pilot holds out of guidance to score candidates against",
     )
-    pilot_start: float = Field(
-        default=0.0025, gt=0.0, description="first candidate strength of the pilot (then doubled, then refined)"
-    )
+    pilot_start: float = Field(default=0.01, gt=0.0, description="the weakest candidate strength of the pilot")
     pilot_max_strength: float = Field(
-        default=0.16,
-        gt=0.0,
-        description="the pilot doubles up to this strength; if the best candidate is the largest it allows, it "
-        "says so and doubles on up to pilot_hard_max_strength",
-    )
-    pilot_hard_max_strength: float = Field(
         default=1.28,
         gt=0.0,
         le=MAX_STRENGTH,
-        description="the pilot never tries a larger strength (if its choice is this cap, the record says the cap "
-        "chose)",
+        description="the strongest candidate strength of the pilot (its ladder: pilot_start x pilot_factor^k up to "
+        "this)",
     )
-    pilot_min_strength: float = Field(
-        default=0.0003,
-        gt=0.0,
-        description="when the first candidate is infeasible (or the best), the pilot halves down to this "
-        "strength, never below",
+    pilot_factor: float = Field(
+        default=2.0, gt=1.0, le=16.0, description="ratio of consecutive candidate strengths of the pilot's ladder"
+    )
+    pilot_rule: Literal["strongest", "weakest", "lowest"] = Field(
+        default="strongest",
+        description="which feasible candidate the pilot chooses: the strongest or weakest whose held-out MMD² is "
+        "within one (paired bootstrap) standard error of the lowest, or the lowest itself",
+    )
+    pilot_bootstrap: int = Field(
+        default=200, ge=20, le=10000, description="bootstrap draws of the pilot's standard errors"
     )
 
     # filter and output
@@ -230,15 +250,6 @@ class AugmentConfig(BaseModel):
         if self.pilot_start > self.pilot_max_strength:
             raise ValueError(
                 f"pilot_start ({self.pilot_start}) must be <= pilot_max_strength ({self.pilot_max_strength})"
-            )
-        if self.pilot_max_strength > self.pilot_hard_max_strength:
-            raise ValueError(
-                f"pilot_max_strength ({self.pilot_max_strength}) must be <= pilot_hard_max_strength "
-                f"({self.pilot_hard_max_strength})"
-            )
-        if self.pilot_min_strength > self.pilot_start:
-            raise ValueError(
-                f"pilot_min_strength ({self.pilot_min_strength}) must be <= pilot_start ({self.pilot_start})"
             )
         if any(f <= 0 for f in self.bandwidth_factors):
             raise ValueError(f"bandwidth_factors must be positive, got {self.bandwidth_factors}")

@@ -22,6 +22,10 @@ from .evaluation.metrics import knn_predict
 #: Neighbours of the k-NN vote.
 KNN_K = 5
 
+#: The shipped classifier "reads" images when its accuracy on them (labelled) or its mean top-class probability
+#: (unlabelled) is at least this: its features then score the pilot, its readings give pseudo-classes.
+READABLE = 0.8
+
 
 @dataclass
 class LabelJudge:

@@ -44,6 +44,7 @@ from .fidelity import make_judge
 from .models.loading import LoadedModel, load_model
 from .pilot import pilot_key, run_pilot
 from .plan import JobPlan, RemainingShards, ShardRanges, class_proportions, plan_job
+from .pseudo import assign_pseudo_classes
 from .reach import reach_or_stop
 from .reference import ReferenceBundle, build_target, check_references, default_cache_dir, prepare_reference
 from .worker import JobContext, ShardResult, model_label_map
@@ -114,13 +115,15 @@ def build_context(
             f"--ig-scale {cfg.ig_scale:g}: Internal Guidance needs a model with an Internal-Guidance head, and"
             f" {model.model_id} has none; use --ig-scale 1"
         )
-    bundle = prepare_reference(cfg, model)
+    # unlabelled references on a class-conditional model: the classes a judge reads in them (`pipeline.pseudo`)
+    bundle, _ = assign_pseudo_classes(prepare_reference(cfg, model), model, cfg)
     target = build_target(cfg, bundle, model.device)
     props = class_proportions(bundle.labels, bundle.num_classes or 0, cfg.class_balance)
     labels_map = model_label_map(bundle.class_names, model.num_classes)
     if bundle.class_names is not None:
         how = "model labels " + str(labels_map) if labels_map else "the product kernel only (model not told)"
-        log.info("classes %s steered by %s", bundle.class_names, how)
+        kind = "pseudo-classes" if bundle.pseudo_labels else "classes"
+        log.info("%s %s steered by %s", kind, bundle.class_names, how)
     judge = make_judge(cfg.model, bundle.latents, bundle.labels, bundle.class_names)
     ctx = JobContext(cfg, model, bundle, target, props, labels_map, judge=judge)
     if check_reach:
@@ -214,7 +217,8 @@ def finish_job(
         InputError: the run kept no sample at all (every one rejected); then it removes what it wrote.
     """
     merge_manifest(cfg.out, expected_shards=range(len(plan.shards)))
-    summary = summarize(cfg, plan, written, len(plan.shards) - written, seconds)
+    pseudo_names = bundle.class_names if bundle.pseudo_labels else None
+    summary = summarize(cfg, plan, written, len(plan.shards) - written, seconds, pseudo_class_names=pseudo_names)
     pilot = pinned_pilot(cfg, bundle)
     summary.strength = cfg.strength if pilot is None else pilot["chosen"]
     if summary.shortfall:
@@ -318,10 +322,19 @@ def _kept_progress(plan: JobPlan, progress: Callable[[int], None] | None) -> Cal
     return tick
 
 
-def summarize(cfg: AugmentConfig, plan: JobPlan, written: int, skipped: int, seconds: dict) -> JobSummary:
+def summarize(
+    cfg: AugmentConfig,
+    plan: JobPlan,
+    written: int,
+    skipped: int,
+    seconds: dict,
+    *,
+    pseudo_class_names: list[str] | None = None,
+) -> JobSummary:
     """Counts from the manifest; MMD² (V-statistic, latent space) of pool and kept set, mean over shards.
-    Streams the manifest and the markers: memory does not grow with `n`."""
-    counts = _ManifestCounts()
+    Streams the manifest and the markers: memory does not grow with `n`. `pseudo_class_names`: a
+    pseudo-class run's classes (what its manifest's `judged_label` ids name), for its label fidelity."""
+    counts = _ManifestCounts(pseudo_class_names)
     for batch in manifest_rows(Path(cfg.out) / "manifest.parquet", counts.COLUMNS):
         counts.add(batch)
     pool, kept = _Mean(), _Mean()
@@ -346,7 +359,7 @@ def summarize(cfg: AugmentConfig, plan: JobPlan, written: int, skipped: int, sec
         rejected=dict(sorted(counts.rejected.items())),
         reserved=counts.reserved,
         shortfall=shortfall,
-        label_fidelity=label_fidelity(counts.per_class, judges),
+        label_fidelity=label_fidelity(counts.per_class, judges, pseudo=counts.pseudo),
     )
 
 
@@ -369,12 +382,14 @@ class _Mean:
 class _ManifestCounts:
     """What the summary counts in the manifest, accumulated batch by batch (memory flat in `n`)."""
 
-    COLUMNS = ("kept", "rejected_reason", "reserved", "label", "class_name", "judged_label")
+    COLUMNS = ("kept", "rejected_reason", "reserved", "label", "class_name", "judged_label", "pseudo_class")
 
-    def __init__(self) -> None:
+    def __init__(self, pseudo_class_names: list[str] | None = None) -> None:
         self.rows = self.kept = self.reserved = 0
         self.rejected: dict[str, int] = {}
         self.per_class: dict[str, dict] = {}  # kept, labelled and judged: agreed / judged per class
+        self.pseudo_class_names = pseudo_class_names  # a pseudo-class run's classes (judged_label ids index them)
+        self.pseudo = False  # the classes judged are pseudo-classes
 
     def add(self, batch: dict[str, list]) -> None:
         self.rows += len(batch["kept"])
@@ -383,18 +398,27 @@ class _ManifestCounts:
         for reason in batch["rejected_reason"]:
             if reason is not None:
                 self.rejected[reason] = self.rejected.get(reason, 0) + 1
-        for k, lab, name, judged in zip(
-            batch["kept"], batch["label"], batch["class_name"], batch["judged_label"], strict=True
-        ):
-            if k and lab is not None and judged is not None:
-                entry = self.per_class.setdefault(name, {"agreed": 0, "judged": 0})
-                entry["agreed"] += int(lab == judged)
-                entry["judged"] += 1
+        names = self.pseudo_class_names
+        columns = (batch[c] for c in ("kept", "label", "class_name", "judged_label", "pseudo_class"))
+        for k, lab, name, judged, pseudo in zip(*columns, strict=True):
+            if not k or judged is None:
+                continue
+            if lab is not None:
+                agreed = lab == judged
+            elif pseudo is not None and names is not None:  # pseudo-classes, output unlabelled
+                name, agreed = pseudo, 0 <= judged < len(names) and names[judged] == pseudo
+            else:
+                continue
+            self.pseudo = self.pseudo or pseudo is not None
+            entry = self.per_class.setdefault(name, {"agreed": 0, "judged": 0})
+            entry["agreed"] += int(agreed)
+            entry["judged"] += 1
 
 
-def label_fidelity(per_class: dict[str, dict], judges: set[str]) -> dict | None:
+def label_fidelity(per_class: dict[str, dict], judges: set[str], *, pseudo: bool = False) -> dict | None:
     """Kept samples the label judge assigns to their target class, overall and per class (None: the run is
-    unlabelled or nothing was judged). `per_class`: class name -> {"agreed", "judged"}."""
+    unlabelled or nothing was judged). `per_class`: class name -> {"agreed", "judged"}. `pseudo`: the
+    classes are pseudo-classes (`pipeline.pseudo`), said so by `"pseudo": true`."""
     if not per_class:
         return None
     for entry in per_class.values():
@@ -402,13 +426,14 @@ def label_fidelity(per_class: dict[str, dict], judges: set[str]) -> dict | None:
     agreed = sum(e["agreed"] for e in per_class.values())
     judged = sum(e["judged"] for e in per_class.values())
     ordered = sorted(judges)
-    return {
+    record = {
         "judge": ordered[0] if len(ordered) == 1 else ordered,
         "agreed": agreed,
         "judged": judged,
         "rate": agreed / judged,
         "per_class": dict(sorted(per_class.items())),
     }
+    return dict(record, pseudo=True) if pseudo else record
 
 
 def run_record(cfg: AugmentConfig, model: LoadedModel, bundle: ReferenceBundle, plan: JobPlan, summary) -> dict:
@@ -423,9 +448,10 @@ def run_record(cfg: AugmentConfig, model: LoadedModel, bundle: ReferenceBundle, 
             "heldout_files": bundle.heldout_files,
             "content_hash": bundle.content_hash,
             "count": len(bundle.latents),
-            "class_names": bundle.class_names,
+            "class_names": None if bundle.pseudo_labels else bundle.class_names,  # pseudo-classes: below
             "bandwidth": bundle.bandwidth,
         },
+        "pseudo_classes": bundle.pseudo_classes,
         "plan": {"shards": len(plan.shards), "generated": plan.num_generated, "kept": plan.num_kept},
         "pilot": pinned_pilot(cfg, bundle),
         "reach": load_reach(cfg.out),

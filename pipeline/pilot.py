@@ -5,9 +5,12 @@ between domains. Before the job, the pilot:
 
 1. splits the references (stratified, seeded) into a *guide* part (what the pilot steers towards) and a
    *held-out* part (`pilot_holdout`, what it scores against);
-2. generates one small batch (`pilot_samples`, the job's sampler, steps, classes and batch coupling) per
-   candidate strength, every candidate from the same seeds (common random numbers: differences between
-   candidates come from the strength, not from the noise), plus the unguided baseline (s = 0);
+2. generates one batch per candidate strength of a geometric ladder (`pilot_start` × `pilot_factor`^k up to
+   `pilot_max_strength`: 0.01, 0.02, ... 1.28 by default), plus the unguided baseline (s = 0), with the
+   job's sampler, steps, classes and batch coupling, every candidate from the same seeds (common random
+   numbers: differences between candidates come from the strength, not from the noise). Its size
+   (`pilot_samples`, 'auto' by default) grows with the job: `pilot_budget` (5%) of the job's samples shared
+   by the batches, 64 to 512 per candidate, so a 100,000-sample job buys a far less noisy pilot;
 3. scores each candidate by alignment to the held-out part in a feature space *other than the guided
    latent space* (the shipped digit classifier's penultimate features for the shipped prior when the
    classifier can read the references, else the decoded images downsampled to at most 32×32 pixels; see
@@ -26,20 +29,22 @@ between domains. Before the job, the pilot:
      Where that scoring-space rule flags more than half of the *unguided* samples it means nothing there
      (decoded pixels of a domain the prior cannot draw): it is dropped, said so in the record and the log,
      and garbage is judged by the latent-support rule alone;
-5. searches (`search`): doubles from `pilot_start` while candidates stay feasible and improve. When the
-   first candidate is infeasible, or the best of the doubling, it halves instead (down to
-   `pilot_min_strength`) while candidates are infeasible or improve. When the doubling is stopped by
-   `pilot_max_strength` rather than by the data (the best is the largest allowed), the record and the log
-   say so and the doubling goes on up to `pilot_hard_max_strength`. It then refines around the best (×√2
-   on either side not yet tried, within the bounds), as training-free guidance searches do, and keeps
-   the feasible candidate with the lowest MMD² if it beats unguided (else 0: guidance off, said so in the
-   record). If the choice sits at a bound the search reached without the data stopping it (the hard cap,
-   or the floor), the reason says the bound, not the data, chose.
+5. scores every candidate of the ladder (`search`: no early stop on one worse value; only after two
+   consecutive infeasible candidates are the stronger ones skipped), with a paired bootstrap of the held-out
+   MMD² (`bootstrap_mmd2`: samples and held-out references resampled with the same counts for every
+   candidate), and chooses by `pilot_rule` (`choose`): by default the *strongest* feasible candidate whose
+   MMD² is within one standard error (of its difference to the lowest) of the lowest. MMD² on a few dozen
+   held-out references is flat within noise over a wide range of strengths; the lowest of equal values
+   flips with the seed, while the strongest of the statistically equal ones is stable, and moves the
+   job's samples furthest toward the target the fidelity constraints allow (measured: docs/results.md,
+   decision suite). Guidance is off (0) when no feasible candidate beats unguided; when the choice is the
+   strongest strength of the ladder, the record says the cap, not the data, chose it.
 
 Its record (candidates, scores, constraints, choice, cost) goes to `run.json` and the eval report; it is
-cached per references, model and settings (`storage.pilot`); what the search did beyond doubling and
-refining (halving, extending the range, a dropped constraint, a bound that chose) is in its `notes`. The
-search and the choice are pure functions (`search`, `choose`, `is_feasible`) tested on constructed cases.
+cached per references, model and settings (`storage.pilot`); what the search did beyond scoring the ladder
+(a skipped top, a dropped constraint) is in its `notes`, what each rule would have chosen in `choices`. The
+search, the bootstrap and the choice are pure functions (`search`, `bootstrap_mmd2`, `choose`, `is_feasible`)
+tested on constructed cases.
 """
 
 from __future__ import annotations
@@ -55,10 +60,10 @@ from typing import Any
 
 import torch
 
-from guidance import RBFKernel, mmd2, nearest_reference_distance
+from guidance import RBFKernel, nearest_reference_distance
 from guidance.kernels import median_pairwise_distance
 
-from .config import AugmentConfig
+from .config import PILOT_MAX_SAMPLES, PILOT_MIN_SAMPLES, AugmentConfig
 from .evaluation.features import (
     FeatureExtractor,
     classifier_extractor,
@@ -68,16 +73,18 @@ from .evaluation.features import (
     shipped_classifier_available,
 )
 from .evaluation.metrics import garbage, nearest_neighbour_distances, prdc
+from .fidelity import READABLE  # the shipped classifier's features score the pilot only where it reads the refs
 from .plan import ShardPlan, assign_classes, primary_count
 from .seeding import derive_seed
 
 log = logging.getLogger(__name__)
 
-PILOT_VERSION = 2  # 2: halving, range extension, class-TV noise tolerance, meaningless garbage dropped
+PILOT_VERSION = 3  # 3: the whole ladder scored, paired bootstrap standard errors, a rule that accounts for them
 
 #: Config fields the pilot's outcome does not depend on (besides the runtime-only ones).
 IRRELEVANT_FIELDS = frozenset(
     {"n", "shard_size", "prefix", "keep", "save_latents", "keep_rejected", "reserve", "label_filter", "strength"}
+    | {"pseudo_labels"}
 )
 
 #: Constraint margins (see the module doc).
@@ -95,8 +102,6 @@ FALLBACK_STRENGTH = 0.01  # the sweep's best on the two example domains (docs/re
 
 #: Largest side of the downsampled-pixel feature space (models without the shipped classifier).
 PIXEL_FEATURE_SIZE = 32
-#: The shipped classifier's features score the pilot only if it reads the held-out references this well.
-READABLE = 0.8
 
 
 @dataclass
@@ -116,6 +121,9 @@ class Candidate:
     violations: list[str] = field(default_factory=list)
     outside: float | None = None  # the part of `garbage` outside the guide references' support (latent space)
     far: float | None = None  # the part of `garbage` far from every reference in the scoring space
+    mmd2_se: float | None = None  # bootstrap standard error of `mmd2`
+    gap_se: float | None = None  # bootstrap standard error of mmd2 − the lowest feasible mmd2 (paired)
+    within_se: bool | None = None  # feasible, and mmd2 within `gap_se` of the lowest
 
 
 def class_tv_standard_error(n: int) -> float:
@@ -156,15 +164,112 @@ def is_feasible(c: Candidate, base: Candidate, n: int) -> list[str]:
     return out
 
 
-def choose(candidates: list[Candidate], base: Candidate) -> tuple[float, str]:
-    """(strength, reason): the feasible candidate with the lowest MMD², if below unguided; else 0."""
+def ladder(start: float, max_strength: float, factor: float) -> list[float]:
+    """The candidate strengths: start × factor^k for k = 0, 1, ... up to `max_strength` (inclusive, up to
+    float rounding)."""
+    out, s = [], float(start)
+    while s <= max_strength * (1 + 1e-9):
+        out.append(s)
+        s *= factor
+    return out
+
+
+def samples_per_candidate(cfg: AugmentConfig, candidates: int) -> int:
+    """`pilot_samples`, or for 'auto' `pilot_budget` of the job's generated samples shared by the unguided
+    baseline and the `candidates` strengths, clamped to [PILOT_MIN_SAMPLES, PILOT_MAX_SAMPLES]: a small job
+    keeps a small pilot, a large one buys the pilot less noise."""
+    if cfg.pilot_samples != "auto":
+        return int(cfg.pilot_samples)
+    share = int(cfg.pilot_budget * primary_count(cfg) / (candidates + 1))
+    return max(PILOT_MIN_SAMPLES, min(PILOT_MAX_SAMPLES, share))
+
+
+def bootstrap_weights(n: int, m: int, draws: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Multinomial resampling counts ([draws, n] over samples, [draws, m] over held-out references), float64.
+    Shared by every candidate: sample i of every candidate comes from the same seed (common random numbers),
+    so resampling i resamples the same noise in each, and the differences between candidates are paired."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.multinomial(torch.full((n,), 1.0 / n), n * draws, replacement=True, generator=g).view(draws, n)
+    v = torch.multinomial(torch.full((m,), 1.0 / m), m * draws, replacement=True, generator=g).view(draws, m)
+    count = lambda idx, size: torch.zeros(draws, size, dtype=torch.float64).scatter_add_(  # noqa: E731
+        1, idx, torch.ones_like(idx, dtype=torch.float64)
+    )
+    return count(w, n), count(v, m)
+
+
+def _weighted_within(k: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """Σ_{i≠j} w_i w_j k_ij / Σ_{i≠j} w_i w_j for each row of weights w [B, n] (k [n, n]): the U-statistic
+    mean of a kernel block under resampling counts (pairs of one point with itself never count)."""
+    diag = torch.diagonal(k)
+    num = ((w @ k) * w).sum(1) - (w * w * diag).sum(1)
+    den = w.sum(1) ** 2 - (w * w).sum(1)
+    return num / den
+
+
+def _weighted_cross(k: torch.Tensor, w: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Σ_ir w_i v_r k_ir / (Σ w · Σ v) for each row of weights w [B, n], v [B, m] (k [n, m])."""
+    return ((w @ k) * v).sum(1) / (w.sum(1) * v.sum(1))
+
+
+def bootstrap_mmd2(
+    features: list[torch.Tensor], held: torch.Tensor, kernel: Any, draws: int, seed: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(MMD²_u of each feature set against `held` [C], paired bootstrap replicates [C, draws]).
+
+    MMD²_u = mean_{i≠j} k(x_i,x_j) + mean_{r≠r'} k(y_r,y_r') − 2 mean k(x_i,y_r) (Gretton et al. 2012, eq. 3);
+    each replicate reweights samples and references by multinomial counts shared by every set (all sets have
+    as many samples, index i drawn from the same seed), so `replicates[a] − replicates[b]` is the bootstrap
+    distribution of the difference a − b. With unit weights the replicate is MMD²_u exactly.
+    """
+    n, m = len(features[0]), len(held)
+    w, v = bootstrap_weights(n, m, draws, seed)
+    ones_w, ones_v = torch.ones(1, n, dtype=torch.float64), torch.ones(1, m, dtype=torch.float64)
+    held = held.double()
+    k_yy = kernel.matrix(held, held).double()
+    yy, yy_1 = _weighted_within(k_yy, v), _weighted_within(k_yy, ones_v)
+    values, replicates = [], []
+    for x in features:
+        if len(x) != n:
+            raise ValueError(f"every candidate needs the same number of samples ({n}), got {len(x)}")
+        x = x.double()
+        k_xx, k_xy = kernel.matrix(x, x).double(), kernel.matrix(x, held).double()
+        values.append(_weighted_within(k_xx, ones_w) + yy_1 - 2 * _weighted_cross(k_xy, ones_w, ones_v))
+        replicates.append(_weighted_within(k_xx, w) + yy - 2 * _weighted_cross(k_xy, w, v))
+    return torch.cat(values), torch.stack(replicates)
+
+
+def choose(
+    candidates: list[Candidate],
+    base: Candidate,
+    replicates: dict[float, torch.Tensor] | None = None,
+    rule: str = "lowest",
+) -> tuple[float, str]:
+    """(strength, reason) by `rule` among the feasible candidates (s > 0), guidance off (0) when none is
+    feasible or the lowest held-out MMD² does not beat unguided:
+
+    - lowest: the lowest MMD²;
+    - strongest / weakest: the strongest / weakest candidate whose MMD² is within one standard error of the
+      lowest, the standard error of the *difference* to the lowest from the paired bootstrap `replicates`
+      (strength -> [draws]). Candidates equal within noise then do not flip the choice with the seed.
+
+    Sets each candidate's `gap_se` and `within_se` (feasible ones)."""
     feasible = [c for c in candidates if c.strength > 0 and c.feasible]
     if not feasible:
         return 0.0, "no candidate strength met the constraints: guidance off"
     best = min(feasible, key=lambda c: (c.mmd2, c.strength))
     if best.mmd2 >= base.mmd2:
         return 0.0, f"no feasible candidate beat unguided (MMD² {base.mmd2:.4g}): guidance off"
-    return best.strength, f"lowest MMD² among {len(feasible)} feasible candidate(s)"
+    if rule == "lowest" or replicates is None:
+        return best.strength, f"lowest MMD² among {len(feasible)} feasible candidate(s)"
+    for c in feasible:
+        c.gap_se = float((replicates[c.strength] - replicates[best.strength]).std())
+        c.within_se = c.mmd2 - best.mmd2 <= c.gap_se
+    close = [c for c in feasible if c.within_se]
+    pick = max(close, key=lambda c: c.strength) if rule == "strongest" else min(close, key=lambda c: c.strength)
+    return pick.strength, (
+        f"the {rule} of {len(close)} feasible candidate(s) within one standard error of the lowest MMD² "
+        f"({best.mmd2:.4g} at s={best.strength:g})"
+    )
 
 
 @dataclass
@@ -175,30 +280,32 @@ class Search:
     candidates: list[Candidate]  # in the order tried
     chosen: float
     reason: str
-    notes: list[str] = field(default_factory=list)  # what it did beyond doubling and refining, in words
+    notes: list[str] = field(default_factory=list)  # what it did beyond scoring the ladder, in words
     dropped: list[str] = field(default_factory=list)  # constraints dropped as meaningless
-    extended: bool = False  # the doubling went past max_strength
+    choices: dict[str, float] = field(default_factory=dict)  # what each rule would choose from these scores
     bound_chose: str | None = None  # the bound (setting name) that chose the strength, None: the data chose
 
 
+#: The ladder stops after this many consecutive infeasible candidates (stronger ones break constraints too).
+INFEASIBLE_RUN = 2
+
+
 def search(
-    evaluate: Callable[[float], Candidate],
-    start: float,
-    max_strength: float,
+    evaluate: Callable[[float], tuple[Candidate, torch.Tensor]],
+    strengths: list[float],
     n: int,
+    held: torch.Tensor,
+    kernel: Any,
     *,
-    min_strength: float | None = None,
-    hard_max_strength: float | None = None,
+    rule: str = "strongest",
+    draws: int = 200,
+    seed: int = 0,
 ) -> Search:
-    """Double from `start` while candidates stay feasible and improve on the best so far; halve instead
-    (down to `min_strength`, default `start`: no halving) when the first candidate is infeasible or the best;
-    when `max_strength` rather than the data stops the doubling, go on up to `hard_max_strength` (default
-    `max_strength`: no extension); then try ×√2 on either side of the best, and `choose`."""
-    lo = start if min_strength is None else min(min_strength, start)
-    hi = max_strength
-    cap = max(max_strength, hard_max_strength if hard_max_strength is not None else max_strength)
-    below, above = 1 - 1e-9, 1 + 1e-9
-    base = evaluate(0.0)
+    """Score the unguided baseline and every strength of the ladder (ascending; no early stop on a worse
+    value, only after INFEASIBLE_RUN consecutive infeasible candidates), each from the same seeds;
+    `evaluate(s)` returns the candidate's scores and its samples' features. MMD² values and their standard
+    errors come from `bootstrap_mmd2` against the `held` features; `choose` by `rule`."""
+    base, base_feats = evaluate(0.0)
     base.feasible, base.violations = True, []
     result = Search(base, [], 0.0, "")
     if scoring_garbage_meaningless(base):
@@ -208,77 +315,35 @@ def search(
             f"{MEANINGLESS_GARBAGE:.0%}): meaningless in this space, dropped; garbage is judged by the "
             "latent-support rule alone"
         )
-    tried: dict[float, Candidate] = {}
-
-    def run(s: float) -> Candidate:
-        key = round(s, 12)
-        if key not in tried:
-            c = evaluate(s)
-            c.violations = is_feasible(c, base, n)
-            c.feasible = not c.violations
-            tried[key] = c
-        return tried[key]
-
-    best: Candidate | None = None
-    top_reached = False  # a bound, not the data, stopped the doubling at `cap`
-    s = start
-    while True:
-        if s > hi * above:
-            if hi < cap and best is not None:
-                result.extended = True
-                result.notes.append(
-                    f"the best candidate ({best.strength:g}) is the largest pilot_max_strength ({hi:g}) allows: "
-                    f"doubling on up to pilot_hard_max_strength ({cap:g})"
-                )
-                hi = cap
-                continue
-            top_reached = best is not None
-            break
-        c = run(s)
-        if not c.feasible or (best is not None and c.mmd2 >= best.mmd2):
-            break
-        best = c
-        s *= 2
-    bottom_reached = False  # the floor, not the data, stopped the halving
-    first = tried[round(start, 12)]
-    if lo < start and (best is None or best is first):
-        if not first.feasible:
+    feats, infeasible_run = [base_feats], 0
+    for i, s in enumerate(sorted(strengths)):
+        c, f = evaluate(s)
+        c.violations = is_feasible(c, base, n)
+        c.feasible = not c.violations
+        result.candidates.append(c)
+        feats.append(f)
+        infeasible_run = 0 if c.feasible else infeasible_run + 1
+        if infeasible_run >= INFEASIBLE_RUN and i + 1 < len(strengths):
             result.notes.append(
-                f"the first candidate ({start:g}) broke a constraint ({first.violations[0]}): halving down to "
-                f"pilot_min_strength ({lo:g})"
+                f"{INFEASIBLE_RUN} consecutive candidates broke constraints (up to s={s:g}): the stronger ones "
+                f"({', '.join(f'{t:g}' for t in sorted(strengths)[i + 1 :])}) were not tried"
             )
-        s = start / 2
-        while True:
-            if s < lo * below:
-                bottom_reached = True
-                break
-            c = run(s)
-            if c.feasible and (best is None or c.mmd2 < best.mmd2):
-                best = c
-            elif c.feasible or best is not None:  # no better, or infeasible below a feasible one
-                break
-            s /= 2
-        if best is None:
-            result.notes.append(f"no strength from {start:g} down to {lo:g} met the constraints")
-    if best is not None:
-        for s in (best.strength / math.sqrt(2), best.strength * math.sqrt(2)):
-            if lo * below <= s <= hi * above:
-                run(s)
-    result.candidates = list(tried.values())
-    result.chosen, result.reason = choose(result.candidates, base)
-    strengths = [c.strength for c in result.candidates]
-    if result.chosen > 0 and top_reached and result.chosen == max(strengths):
-        result.bound_chose = "pilot_hard_max_strength" if cap > max_strength else "pilot_max_strength"
-        result.reason += (
-            f"; it is the largest strength the pilot may try ({result.bound_chose} {cap:g}): the cap, not the "
-            "data, chose it"
-        )
-    elif result.chosen > 0 and bottom_reached and result.chosen == min(strengths):
-        result.bound_chose = "pilot_min_strength"
-        result.reason += (
-            f"; it is the smallest strength the pilot may try (pilot_min_strength {lo:g}): the floor, not the "
-            "data, chose it"
-        )
+            break
+    values, reps = bootstrap_mmd2(feats, held, kernel, draws, seed)
+    everyone = [base, *result.candidates]
+    for c, value, rep in zip(everyone, values.tolist(), reps, strict=True):
+        c.mmd2, c.mmd2_se = value, float(rep.std())
+    replicates = {c.strength: rep for c, rep in zip(everyone, reps, strict=True)}
+    for other in ("lowest", "weakest", "strongest"):
+        result.choices[other] = choose(result.candidates, base, replicates, other)[0]
+    result.chosen, result.reason = choose(result.candidates, base, replicates, rule)
+    tried = [c.strength for c in result.candidates]
+    if result.chosen > 0 and result.chosen == max(strengths) and len(tried) > 1:
+        result.bound_chose = "pilot_max_strength"
+        result.reason += f"; it is the strongest the pilot tries ({max(strengths):g}): the cap, not the data, chose it"
+    elif result.chosen > 0 and result.chosen == result.choices["lowest"] == min(strengths) and len(tried) > 1:
+        result.bound_chose = "pilot_start"
+        result.reason += f"; it is the weakest the pilot tries ({min(strengths):g}): the floor, not the data, chose it"
     return result
 
 
@@ -299,6 +364,7 @@ def pilot_key(cfg: AugmentConfig, reference_hash: str, model_id: str, files: lis
         "model": model_id,
         "files": files,
         "settings": pilot_settings(cfg),
+        "samples": samples_per_candidate(cfg, len(ladder(cfg.pilot_start, cfg.pilot_max_strength, cfg.pilot_factor))),
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
@@ -387,32 +453,37 @@ def describe_pilot(cfg: AugmentConfig, bundle: Any) -> str:
     _, held_mask, reason = split_for_pilot(bundle, cfg.pilot_holdout, pilot_seed(cfg))
     if reason is not None:
         return f"strength auto: the pilot will be skipped: {reason} {FALLBACK_STRENGTH:g}"
+    strengths = ladder(cfg.pilot_start, cfg.pilot_max_strength, cfg.pilot_factor)
     return (
-        f"strength auto: a pilot chooses it at the start ({cfg.pilot_samples} samples per candidate strength, "
-        f"scored against {int(held_mask.sum())} held-out references)"
+        f"strength auto: a pilot chooses it at the start ({len(strengths)} candidate strengths "
+        f"{strengths[0]:g}-{strengths[-1]:g} and unguided, {samples_per_candidate(cfg, len(strengths))} samples "
+        f"each, scored against {int(held_mask.sum())} held-out references; rule: {cfg.pilot_rule})"
     )
 
 
 def run_pilot(ctx: Any) -> dict[str, Any]:
     """Run the search for a `worker.JobContext` whose config says strength 'auto'; returns the record
-    (JSON-ready): key, chosen, reason, baseline, candidates, notes, dropped constraints, whether the range
-    was extended and which bound chose (if one did), feature space, counts, seconds, cost."""
+    (JSON-ready): key, chosen, reason, what each rule would choose, baseline, candidates (with standard
+    errors), notes, dropped constraints, which bound chose (if one did), feature space, counts, seconds, cost."""
     from .reference import build_target
     from .worker import JobContext, generate
 
     cfg: AugmentConfig = ctx.cfg
     bundle = ctx.bundle
     t0 = time.perf_counter()
+    strengths = ladder(cfg.pilot_start, cfg.pilot_max_strength, cfg.pilot_factor)
+    n = samples_per_candidate(cfg, len(strengths))
     base_record = {
         "version": PILOT_VERSION,
         "requested": "auto",
         "settings": {
-            "samples": cfg.pilot_samples,
+            "samples": n,
+            "samples_setting": cfg.pilot_samples,
+            "budget": cfg.pilot_budget,
             "holdout": cfg.pilot_holdout,
-            "start": cfg.pilot_start,
-            "max_strength": cfg.pilot_max_strength,
-            "min_strength": cfg.pilot_min_strength,
-            "hard_max_strength": cfg.pilot_hard_max_strength,
+            "ladder": strengths,
+            "rule": cfg.pilot_rule,
+            "bootstrap": cfg.pilot_bootstrap,
         },
     }
     if cfg.guidance == "none":
@@ -434,12 +505,11 @@ def run_pilot(ctx: Any) -> dict[str, Any]:
     bandwidth = float(median_pairwise_distance(held_feats))
     ref_feats = torch.cat([held_feats, extract(features, model.decode(guide.latents.to(model.device)))])
     kernel = RBFKernel(bandwidth)
-    n = cfg.pilot_samples
     pilot_cfg = cfg.model_copy(update={"seed": seed, "strength": 0.0})
     labels = assign_classes(pilot_cfg, ShardPlan(0, 0, n, n), ctx.proportions)
     k = max(1, min(PRDC_K, n - 1, len(held_feats) - 1))
 
-    def evaluate(strength: float) -> Candidate:
+    def evaluate(strength: float) -> tuple[Candidate, torch.Tensor]:
         t = time.perf_counter()
         sub = JobContext(
             replace_cfg(pilot_cfg, strength),
@@ -461,7 +531,7 @@ def run_pilot(ctx: Any) -> dict[str, Any]:
             tv = class_tv(ctx.judge(latents, images), ctx.proportions)
         c = Candidate(
             strength=strength,
-            mmd2=float(mmd2(feats, held_feats, kernel, unbiased=True)),
+            mmd2=math.nan,  # set by `search` from all candidates' features at once, with its standard error
             precision=quality["precision"],
             recall=quality["recall"],
             coverage=quality["coverage"],
@@ -473,9 +543,8 @@ def run_pilot(ctx: Any) -> dict[str, Any]:
             far=float(far.double().mean()),
         )
         log.info(
-            "pilot s=%g: MMD² %.4g, precision %.3f, coverage %.3f, garbage %.3f (outside %.3f, far %.3f)%s (%.1f s)",
+            "pilot s=%g: precision %.3f, coverage %.3f, garbage %.3f (outside %.3f, far %.3f)%s (%.1f s)",
             strength,
-            c.mmd2,
             c.precision,
             c.coverage,
             c.garbage,
@@ -484,33 +553,35 @@ def run_pilot(ctx: Any) -> dict[str, Any]:
             "" if tv is None else f", class TV {tv:.3f}",
             c.seconds,
         )
-        return c
+        return c, feats
 
     found = search(
-        evaluate,
-        cfg.pilot_start,
-        cfg.pilot_max_strength,
-        n,
-        min_strength=cfg.pilot_min_strength,
-        hard_max_strength=cfg.pilot_hard_max_strength,
+        evaluate, strengths, n, held_feats, kernel, rule=cfg.pilot_rule, draws=cfg.pilot_bootstrap, seed=seed
     )
     for note in found.notes:
         log.warning("strength auto: %s", note)
-    baseline, candidates, chosen, reason = found.baseline, found.candidates, found.chosen, found.reason
+    for c in [found.baseline, *found.candidates]:
+        log.info(
+            "pilot s=%g: held-out MMD² %.4g ± %.2g%s",
+            c.strength,
+            c.mmd2,
+            c.mmd2_se,
+            "" if c.feasible else f" (infeasible: {c.violations[0]})",
+        )
     seconds = time.perf_counter() - t0
-    generated = n * (1 + len(candidates))
+    generated = n * (1 + len(found.candidates))
     record = dict(
         base_record,
-        chosen=chosen,
-        reason=reason,
+        chosen=found.chosen,
+        reason=found.reason,
+        choices=found.choices,
         feature_space=features.description,
         guide_references=len(guide.files),
         heldout_references=int(held_mask.sum()),
-        baseline=asdict(baseline),
-        candidates=[asdict(c) for c in candidates],
+        baseline=asdict(found.baseline),
+        candidates=[asdict(c) for c in found.candidates],
         notes=found.notes,
         dropped_constraints=found.dropped,
-        extended=found.extended,
         bound_chose=found.bound_chose,
         samples_generated=generated,
         seconds=round(seconds, 3),
@@ -518,10 +589,11 @@ def run_pilot(ctx: Any) -> dict[str, Any]:
         cost_fraction_of_job=generated / primary_count(cfg),
     )
     log.info(
-        "strength auto: chose %g (%s) from %d candidates in %.1f s, %d samples (%.1f%% of this job's)",
-        chosen,
-        reason,
-        len(candidates),
+        "strength auto: chose %g (%s) from %d candidates of %d samples in %.1f s, %d samples (%.1f%% of this job's)",
+        found.chosen,
+        found.reason,
+        len(found.candidates),
+        n,
         seconds,
         generated,
         100 * record["cost_fraction_of_job"],
@@ -536,6 +608,9 @@ def replace_cfg(cfg: AugmentConfig, strength: float) -> AugmentConfig:
 __all__ = [
     "Candidate",
     "Search",
+    "bootstrap_mmd2",
+    "ladder",
+    "samples_per_candidate",
     "choose",
     "class_tv",
     "class_tv_standard_error",

@@ -48,6 +48,9 @@ class ReferenceBundle:
     reused: bool = False
     heldout_files: list[str] = field(default_factory=list)  # not used for guidance (evaluation only)
     source: str = ""  # what the files are before conversion ("128×128 grayscale"), for messages
+    # unlabelled references given the classes a judge reads in them (`pipeline.pseudo`; never cached)
+    pseudo_labels: bool = False
+    pseudo_classes: dict | None = None  # that step's record for run.json (None: it did not apply)
 
     @property
     def num_classes(self) -> int | None:

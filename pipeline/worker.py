@@ -441,6 +441,10 @@ def run_shard(ctx: JobContext, shard: ShardPlan, progress: Progress | None = Non
     kept_samples: list[dict[str, Any]] = []
     rejected_samples: list[dict[str, Any]] = []
     written = {int(j) for j in write_idx}
+    # pseudo-classes (`pipeline.pseudo`): the output stays unlabelled unless --pseudo-labels; the manifest's
+    # `pseudo_class` keeps the class either way
+    pseudo = bundle.pseudo_labels
+    shown = not pseudo or cfg.pseudo_labels
     for j, index in enumerate(pool.indices):
         label = int(labels[j]) if labels is not None else None
         class_name = bundle.class_names[label] if label is not None else None
@@ -452,9 +456,9 @@ def run_shard(ctx: JobContext, shard: ShardPlan, progress: Progress | None = Non
             "index": index,
             "shard": shard.shard_id,
             "seed": seeds[j],
-            "label": label,
-            "class_name": class_name,
-            "condition": class_name,
+            "label": label if shown else None,
+            "class_name": class_name if shown else None,
+            "condition": class_name if shown else None,
             "mmd_contribution": float(pool.scores[j]),
             # 5 significant digits: latents agree across process/thread counts only to float32 rounding
             "nearest_reference_distance": float(f"{float(pool.nearest[j]):.5g}"),
@@ -466,12 +470,19 @@ def run_shard(ctx: JobContext, shard: ShardPlan, progress: Progress | None = Non
             "config_hash": cfg.config_hash,
             "model_id": model.model_id,
         }
+        if pseudo:
+            row["pseudo_class"] = class_name
         rows.append(row)
         if j not in written:
             continue
         meta = dict(row, guidance=guidance_meta)
+        if pseudo and shown:
+            meta["pseudo_label"] = True
+        elif pseudo:  # unlabelled output: no class of any kind in the sample
+            del meta["pseudo_class"]
+            meta["judged_label"] = None
         sample: dict[str, Any] = {"__key__": row["key"], "png": to_png(pool.images[j]), "json": meta}
-        if label is not None:
+        if label is not None and shown:
             sample["cls"] = label
         if cfg.save_latents:
             sample["latent.npy"] = np.ascontiguousarray(latents[j].numpy())

@@ -50,6 +50,9 @@ MANIFEST_SCHEMA = pa.schema(
         pa.field("label", pa.int64(), nullable=True),
         pa.field("class_name", pa.string(), nullable=True),
         pa.field("condition", pa.string(), nullable=True),
+        # unlabelled references given pseudo-classes (`pipeline.pseudo`): the class the sample was made as, for
+        # audit; `label`/`class_name` hold it too only with --pseudo-labels; null for other runs
+        pa.field("pseudo_class", pa.string(), nullable=True),
         pa.field("mmd_contribution", pa.float64(), nullable=False),
         # latent distance to the nearest reference; > 3 x the median reference distance = outside the support
         pa.field("nearest_reference_distance", pa.float64(), nullable=True),
@@ -57,7 +60,8 @@ MANIFEST_SCHEMA = pa.schema(
         pa.field("rank_in_shard", pa.int64(), nullable=False),
         # why a sample was not kept: outside_support | label (the judge saw another class) | rank; null = kept
         pa.field("rejected_reason", pa.string(), nullable=True),
-        # labelled runs: the class the label judge assigns (the run's class id; -1 = none of the run's classes)
+        # labelled runs: the class the label judge assigns (the run's class id; -1 = none of the run's classes;
+        # pseudo-class runs: an index into run.json's pseudo_classes.class_names)
         pa.field("judged_label", pa.int64(), nullable=True),
         # drawn from the shard's reserved indices to replace rejected samples
         pa.field("reserved", pa.bool_(), nullable=True),

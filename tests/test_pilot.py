@@ -12,8 +12,18 @@ import webdataset as wds
 from tiny_models import save_tiny_dit, tiny_job_config, write_reference_folder
 
 import pipeline.job
+from guidance import RBFKernel, mmd2
 from pipeline.job import run_job
-from pipeline.pilot import Candidate, choose, class_tv, class_tv_standard_error, is_feasible, search
+from pipeline.pilot import (
+    Candidate,
+    bootstrap_mmd2,
+    class_tv,
+    class_tv_standard_error,
+    is_feasible,
+    ladder,
+    samples_per_candidate,
+    search,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -24,52 +34,154 @@ def _candidate(
     return Candidate(s, mmd2, precision, 0.8, coverage, garbage, spread, class_tv, 0.0, outside=outside, far=far)
 
 
-def _bowl(best: float, collapse_above: float = math.inf):
-    """MMD² a parabola in log2(s) with its minimum at `best`; above `collapse_above` coverage collapses and
-    MMD² keeps falling (what a collapse onto one shape looks like to MMD alone)."""
+def _features(mean: torch.Tensor, n: int, seed: int) -> torch.Tensor:
+    """n samples N(mean, I): the same seed gives the same noise for every mean (common random numbers)."""
+    return mean + torch.randn(n, len(mean), generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
+D = 4
+TARGET = torch.tensor([1.5] + [0.0] * (D - 1), dtype=torch.float64)
+
+
+def _held(seed: int, m: int = 40) -> torch.Tensor:
+    return _features(TARGET, m, 10_000 + seed)
+
+
+def _kernel() -> RBFKernel:
+    return RBFKernel(math.sqrt(2 * D))  # about the median distance of N(·, I) samples in D dimensions
+
+
+def _problem(mean_of, seed: int, n: int = 64, collapse_above: float = math.inf):
+    """evaluate(s) -> (candidate, features): samples N(mean_of(s), I) from one seed for every s; above
+    `collapse_above` the candidate's coverage collapses (infeasible). MMD² is set by `search`."""
     tried = []
 
-    def evaluate(s: float) -> Candidate:
+    def evaluate(s: float):
         tried.append(s)
-        if s == 0:
-            return _candidate(0.0, 1.0)
-        if s > collapse_above:
-            return _candidate(s, 0.001, coverage=0.3)
-        return _candidate(s, 0.02 + 0.01 * math.log2(s / best) ** 2)
+        coverage = 0.3 if s > collapse_above else 0.9
+        return _candidate(s, math.nan, coverage=coverage), _features(mean_of(s), n, seed)
 
     return evaluate, tried
 
 
-def test_search_doubles_then_refines_and_picks_the_known_best():
-    evaluate, tried = _bowl(best=0.02)
-    found = search(evaluate, start=0.0025, max_strength=0.16, n=64)
-    base, candidates = found.baseline, found.candidates
-    assert tried[0] == 0.0 and tried[1:5] == [0.0025, 0.005, 0.01, 0.02]  # doubling from the start
-    assert 0.04 in tried  # the first worse candidate ends the doubling
-    assert 0.08 not in tried
-    assert any(math.isclose(s, 0.02 / math.sqrt(2)) for s in tried)  # refinement around the best
-    assert any(math.isclose(s, 0.02 * math.sqrt(2)) for s in tried)
-    chosen, reason = choose(candidates, base)
-    assert chosen == pytest.approx(0.02) and "feasible" in reason
-    assert (found.chosen, found.reason) == (chosen, reason) and found.bound_chose is None and not found.notes
+def _saturating(s: float) -> torch.Tensor:
+    """The samples reach the target from s ≈ 0.16 on: MMD² is flat (equal within noise) above it."""
+    return TARGET * (1 - math.exp(-s / 0.03))
 
 
-def test_a_collapse_that_mmd_calls_better_is_not_chosen():
-    evaluate, _ = _bowl(best=0.08, collapse_above=0.03)
-    found = search(evaluate, start=0.0025, max_strength=0.16, n=64)
-    base, candidates = found.baseline, found.candidates
-    collapsed = [c for c in candidates if c.strength > 0.03]
-    assert collapsed and all(not c.feasible and "coverage" in c.violations[0] for c in collapsed)
-    chosen, _ = choose(candidates, base)
-    assert 0.0025 <= chosen <= 0.03  # the best *feasible* strength, not the lowest MMD²
+def _bowl_at(best: float):
+    """The samples are nearest the target at `best`, and move away fast on either side (in log2 s)."""
+    return lambda s: (
+        TARGET * (0.0 if s == 0 else 1.0)
+        + torch.tensor([0.0, 1.2 * math.log2(s / best) if s > 0 else 3.0] + [0.0] * (D - 2), dtype=torch.float64)
+    )
+
+
+LADDER = ladder(0.01, 1.28, 2.0)
+
+
+def test_the_ladder_is_geometric_and_includes_its_bounds():
+    assert LADDER == pytest.approx([0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28])
+    assert ladder(0.01, 0.05, 2.0) == pytest.approx([0.01, 0.02, 0.04])
+    assert ladder(0.1, 0.1, 2.0) == [0.1]
+
+
+def test_the_pilots_size_grows_with_the_job_and_stays_within_budget():
+    from pipeline.config import AugmentConfig
+    from pipeline.plan import primary_count
+
+    def cfg(n: int, **kw) -> AugmentConfig:
+        return AugmentConfig(ref="refs", out="out", n=n, **kw)
+
+    assert samples_per_candidate(cfg(256), len(LADDER)) == 64  # a small job keeps a small pilot
+    assert samples_per_candidate(cfg(100_000), len(LADDER)) == 512  # a large one buys less noise, up to a cap
+    mid = samples_per_candidate(cfg(30_000), len(LADDER))
+    assert 64 < mid < 512
+    assert samples_per_candidate(cfg(256, pilot_samples=16), len(LADDER)) == 16  # given: as given
+    for n in (10_000, 20_000, 100_000, 1_000_000):  # the floor: at most 10% of a job of 10,000 samples or more
+        c = cfg(n)
+        assert (1 + len(LADDER)) * samples_per_candidate(c, len(LADDER)) <= 0.1 * primary_count(c)
+
+
+def test_the_bootstrap_with_unit_weights_is_the_unbiased_mmd2():
+    held = _held(0)
+    sets = [_features(TARGET * t, 50, 3) for t in (0.0, 0.5, 1.0)]
+    values, replicates = bootstrap_mmd2(sets, held, _kernel(), draws=50, seed=0)
+    for x, v in zip(sets, values, strict=True):
+        assert float(v) == pytest.approx(float(mmd2(x, held, _kernel(), unbiased=True)), rel=1e-9, abs=1e-12)
+    assert replicates.shape == (3, 50)
+
+
+def test_the_bootstrap_standard_error_matches_the_spread_over_independent_draws():
+    """The closed check: the spread of MMD²_u over fresh samples and fresh references, against the bootstrap
+    standard error computed from one draw of each."""
+    shifted = TARGET * 0.6
+    values = [float(mmd2(_features(shifted, 64, 100 + r), _held(r), _kernel(), unbiased=True)) for r in range(300)]
+    spread = float(torch.tensor(values).std())
+    ses = []
+    for r in range(20):
+        _, rep = bootstrap_mmd2([_features(shifted, 64, 500 + r)], _held(50 + r), _kernel(), draws=300, seed=r)
+        ses.append(float(rep.std()))
+    assert 0.7 < sum(ses) / len(ses) / spread < 1.4
+
+
+def test_paired_replicates_give_the_difference_of_close_candidates_a_small_standard_error():
+    held = _held(1)
+    a, b = _features(TARGET * 0.9, 64, 7), _features(TARGET * 0.95, 64, 7)  # same seeds: common random numbers
+    _, rep = bootstrap_mmd2([a, b], held, _kernel(), draws=300, seed=0)
+    assert float((rep[0] - rep[1]).std()) < 0.5 * float(rep[0].std())
+
+
+def test_the_choice_does_not_flip_with_the_seed_where_candidates_are_equal_within_noise():
+    """MMD² flat from s = 0.16 up, collapse above 0.4: the strongest within one standard error is the same
+    strength for every seed, the lowest value is not (that is the noise the old pilot chose by)."""
+    strongest, lowest = [], []
+    for seed in range(8):
+        evaluate, _ = _problem(_saturating, seed, collapse_above=0.4)
+        found = search(evaluate, LADDER, 64, _held(seed), _kernel(), rule="strongest", seed=seed)
+        strongest.append(found.chosen)
+        lowest.append(found.choices["lowest"])
+        assert found.choices["strongest"] == found.chosen
+    assert len(set(lowest)) > 1 and max(lowest) / min(lowest) >= 2
+    assert max(strongest) / min(strongest) <= 2 and max(strongest) <= 0.32  # never a collapsed candidate
+
+
+def test_a_clear_minimum_is_chosen_by_every_rule():
+    for seed in range(3):
+        evaluate, tried = _problem(_bowl_at(0.08), seed)
+        found = search(evaluate, LADDER, 64, _held(seed), _kernel(), rule="strongest", seed=seed)
+        assert tried == [0.0, *LADDER]  # every candidate scored: no early stop on a worse value
+        assert found.choices == {"lowest": 0.08, "weakest": 0.08, "strongest": 0.08}
+        assert found.chosen == 0.08 and found.bound_chose is None
+        best = next(c for c in found.candidates if c.strength == 0.08)
+        assert best.within_se and best.gap_se == 0.0 and best.mmd2_se > 0
+        assert [c.strength for c in found.candidates if c.within_se] == [0.08]
+
+
+def test_a_collapse_that_mmd_calls_better_is_not_chosen_and_stops_the_ladder():
+    def mean_of(s: float) -> torch.Tensor:
+        return _bowl_at(0.08)(min(s, 0.04)) if s <= 0.03 else TARGET  # past 0.03: MMD² best of all, but collapsed
+
+    evaluate, tried = _problem(mean_of, 0, collapse_above=0.03)
+    found = search(evaluate, LADDER, 64, _held(0), _kernel(), rule="strongest")
+    assert tried == [0.0, 0.01, 0.02, 0.04, 0.08]  # two infeasible in a row: the stronger ones are skipped
+    assert "0.16, 0.32, 0.64, 1.28" in found.notes[0] and "were not tried" in found.notes[0]
+    assert all(not c.feasible and "coverage" in c.violations[0] for c in found.candidates if c.strength > 0.03)
+    assert found.chosen in (0.01, 0.02)
+
+
+def test_a_choice_at_the_top_of_the_ladder_says_the_cap_chose():
+    evaluate, _ = _problem(_saturating, 0)
+    found = search(evaluate, LADDER, 64, _held(0), _kernel(), rule="strongest")
+    assert found.chosen == 1.28 and found.bound_chose == "pilot_max_strength"
+    assert "the cap, not the data, chose it" in found.reason
 
 
 def test_guidance_off_when_no_candidate_beats_unguided():
-    def evaluate(s: float) -> Candidate:
-        return _candidate(s, 0.5 + s)
-
-    found = search(evaluate, start=0.01, max_strength=0.16, n=64)
+    evaluate, _ = _problem(lambda s: TARGET + (0.0 if s == 0 else 1.0 + s), 0)  # unguided on the target, guided off it
+    found = search(evaluate, LADDER, 64, _held(0), _kernel())
     assert found.chosen == 0.0 and "guidance off" in found.reason
+    assert set(found.choices.values()) == {0.0}
 
 
 def test_constraints_name_what_they_violate():
@@ -121,66 +233,6 @@ def test_a_class_histogram_off_the_plan_by_sampling_noise_is_feasible():
     assert is_feasible(_candidate(0.0025, 0.5, class_tv=0.258), base, n=1024)[0].startswith("class histogram")
 
 
-def _too_strong_above(limit: float, best: float):
-    """A bowl with its minimum at `best`, every strength above `limit` breaking the class histogram."""
-    tried = []
-
-    def evaluate(s: float) -> Candidate:
-        tried.append(s)
-        if s == 0:
-            return _candidate(0.0, 1.0, class_tv=0.1)
-        return _candidate(s, 0.02 + 0.01 * math.log2(s / best) ** 2, class_tv=0.6 if s > limit else 0.1)
-
-    return evaluate, tried
-
-
-def test_an_infeasible_first_candidate_makes_the_search_halve():
-    evaluate, tried = _too_strong_above(0.002, best=0.001)
-    found = search(evaluate, start=0.0025, max_strength=0.16, n=64, min_strength=0.0003)
-    assert tried[:4] == [0.0, 0.0025, 0.00125, 0.000625]  # halving; 0.000625 is worse: it stops there
-    assert (
-        0.0003 < found.chosen < 0.002
-        and found.chosen == min((c for c in found.candidates if c.feasible), key=lambda c: c.mmd2).strength
-    )
-    assert "first candidate (0.0025) broke a constraint (class histogram" in found.notes[0]
-    assert found.bound_chose is None
-    # without a floor below the start (the old search) the same case turns guidance off
-    evaluate, tried = _too_strong_above(0.002, best=0.001)
-    assert search(evaluate, start=0.0025, max_strength=0.16, n=64).chosen == 0.0 and tried == [0.0, 0.0025]
-
-
-def test_the_search_halves_no_further_than_the_floor_and_says_when_the_floor_chose():
-    evaluate, tried = _too_strong_above(0.0, best=1.0)  # every strength infeasible
-    found = search(evaluate, start=0.0025, max_strength=0.16, n=64, min_strength=0.0003)
-    assert tried == [0.0, 0.0025, 0.00125, 0.000625, 0.0003125]
-    assert found.chosen == 0.0 and "guidance off" in found.reason and "down to 0.0003" in found.notes[-1]
-    evaluate, tried = _too_strong_above(1.0, best=1e-6)  # ever better towards 0: the floor chooses
-    found = search(evaluate, start=0.0025, max_strength=0.16, n=64, min_strength=0.0003)
-    assert min(tried[1:]) == 0.0003125 and found.chosen == 0.0003125
-    assert found.bound_chose == "pilot_min_strength" and "the floor, not the data, chose it" in found.reason
-
-
-def test_a_best_at_the_largest_allowed_strength_extends_the_range():
-    evaluate, tried = _bowl(best=0.5)
-    found = search(evaluate, start=0.0025, max_strength=0.16, n=64, hard_max_strength=1.28)
-    assert found.extended and "the largest pilot_max_strength (0.16) allows" in found.notes[0]
-    assert 0.32 in tried and 0.64 in tried and 1.28 in tried  # 1.28 is worse than 0.64: the data stopped it
-    assert found.chosen == pytest.approx(0.64 / math.sqrt(2)) and found.bound_chose is None
-    # without the extension the bound chooses, and the reason says so
-    evaluate, tried = _bowl(best=0.5)
-    capped = search(evaluate, start=0.0025, max_strength=0.16, n=64)
-    assert max(tried) == 0.16 and capped.chosen == 0.16 and not capped.extended
-    assert capped.bound_chose == "pilot_max_strength" and "the cap, not the data, chose it" in capped.reason
-
-
-def test_a_best_still_at_the_hard_cap_is_the_caps_choice():
-    evaluate, tried = _bowl(best=100.0)
-    found = search(evaluate, start=0.0025, max_strength=0.16, n=64, hard_max_strength=1.28)
-    assert max(tried) == 1.28 and found.chosen == 1.28 and found.extended
-    assert found.bound_chose == "pilot_hard_max_strength"
-    assert "pilot_hard_max_strength 1.28" in found.reason and "the cap, not the data" in found.reason
-
-
 def test_a_garbage_rule_that_flags_most_unguided_samples_is_dropped_for_the_latent_support_one():
     meaningless = _candidate(0.0, 1.0, garbage=0.93, outside=0.02, far=0.92)
     assert is_feasible(_candidate(0.01, 0.1, garbage=0.99, outside=0.03, far=0.98), meaningless, n=64) == []
@@ -190,18 +242,18 @@ def test_a_garbage_rule_that_flags_most_unguided_samples_is_dropped_for_the_late
     bad = is_feasible(_candidate(0.01, 0.1, garbage=0.3, outside=0.02, far=0.28), meaningful, n=64)
     assert len(bad) == 1 and bad[0].startswith("garbage 0.300")
 
-    def evaluate(s: float) -> Candidate:
-        far = 0.92 if s == 0 else 0.97
-        return _candidate(s, 1.0 if s == 0 else 0.5 + s, garbage=far + 0.01, outside=0.01, far=far)
+    def garbage_problem(far_unguided: float, far_guided: float):
+        def evaluate(s: float):
+            far = far_unguided if s == 0 else far_guided
+            c = _candidate(s, math.nan, garbage=far + 0.01, outside=0.01, far=far)
+            return c, _features(_bowl_at(0.04)(s), 64, 0)
 
-    found = search(evaluate, start=0.0025, max_strength=0.16, n=64)
+        return evaluate
+
+    found = search(garbage_problem(0.92, 0.97), LADDER, 64, _held(0), _kernel())
     assert found.dropped == ["garbage in the scoring space"] and "flags 92% of the unguided" in found.notes[0]
-    assert found.chosen == 0.0025  # the scoring-space rule would have refused every candidate
-
-    def evaluate_meaningful(s: float) -> Candidate:
-        return _candidate(s, 1.0 if s == 0 else 0.5 + s, garbage=0.1, outside=0.01, far=0.09)
-
-    assert search(evaluate_meaningful, start=0.0025, max_strength=0.16, n=64).dropped == []
+    assert found.chosen == 0.04  # the scoring-space rule would have refused every candidate
+    assert search(garbage_problem(0.09, 0.09), LADDER, 64, _held(0), _kernel()).dropped == []
 
 
 def test_the_pilot_bounds_are_ordered():
@@ -210,11 +262,11 @@ def test_the_pilot_bounds_are_ordered():
     from pipeline.config import AugmentConfig
 
     base = {"ref": "refs", "out": "out", "n": 1}
-    with pytest.raises(ValidationError, match="pilot_min_strength .* must be <= pilot_start"):
-        AugmentConfig(**base, pilot_min_strength=0.01)
-    with pytest.raises(ValidationError, match="pilot_max_strength .* must be <= pilot_hard_max_strength"):
-        AugmentConfig(**base, pilot_hard_max_strength=0.1)
-    assert AugmentConfig(**base, pilot_hard_max_strength=0.16).pilot_hard_max_strength == 0.16
+    with pytest.raises(ValidationError, match="pilot_start .* must be <= pilot_max_strength"):
+        AugmentConfig(**base, pilot_start=2.0)
+    with pytest.raises(ValidationError, match="pilot_samples"):
+        AugmentConfig(**base, pilot_samples=4)
+    assert AugmentConfig(**base, pilot_samples="auto").pilot_samples == "auto"
 
 
 @pytest.fixture(scope="module")
@@ -237,14 +289,17 @@ def test_strength_auto_records_its_choice_in_run_json_and_resumes_from_it(tiny, 
     assert record["config"]["strength"] == "auto"
     assert pilot["chosen"] == summary.strength == record["summary"]["strength"]
     assert pilot["baseline"]["strength"] == 0.0 and len(pilot["candidates"]) >= 2
-    assert [c["strength"] for c in pilot["candidates"]][:2] == [0.0025, 0.005]
+    assert [c["strength"] for c in pilot["candidates"]] == [0.01, 0.02]  # the whole ladder
     assert pilot["heldout_references"] == 12 and pilot["guide_references"] == 28
     assert pilot["samples_generated"] == 8 * (1 + len(pilot["candidates"]))
     assert pilot["seconds"] > 0 and 0 < pilot["cost_fraction_of_job"]
     assert "pixels" in pilot["feature_space"]
-    assert pilot["settings"]["hard_max_strength"] == cfg.pilot_hard_max_strength
+    assert pilot["settings"]["ladder"] == [0.01, 0.02] and pilot["settings"]["samples"] == 8
+    assert set(pilot["choices"]) == {"lowest", "weakest", "strongest"}
+    assert pilot["choices"][cfg.pilot_rule] == pilot["chosen"]
+    assert all(c["mmd2_se"] > 0 for c in pilot["candidates"])
     assert isinstance(pilot["notes"], list) and isinstance(pilot["dropped_constraints"], list)
-    assert pilot["bound_chose"] in (None, "pilot_min_strength", "pilot_hard_max_strength")
+    assert pilot["bound_chose"] in (None, "pilot_start", "pilot_max_strength")
     assert all(0 <= c["outside"] <= c["garbage"] and 0 <= c["far"] <= c["garbage"] for c in pilot["candidates"])
     assert (pilot["baseline"]["far"] > 0.5) == (pilot["dropped_constraints"] == ["garbage in the scoring space"])
     assert json.loads((out / "pilot.json").read_text())["key"] == pilot["key"]

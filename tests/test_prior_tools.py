@@ -52,3 +52,15 @@ def test_prior_ablation_smoke_trains_each_arm_from_the_same_stages(tmp_path: Pat
     assert [r["arm"] for r in rows] == ["recipe", "uniform t"]
     assert all(r["step"] == 4 and 0.0 <= r["class_accuracy"] <= 1.0 for r in rows)
     assert rows[1]["flags"] == ["--timestep-sampling", "uniform"]
+
+
+def test_pilot_stability_smoke_runs_the_pilot_per_seed_and_tables_the_choices() -> None:
+    import pilot_stability
+
+    results = pilot_stability.main(["--smoke"])
+    (row,) = results
+    assert [r["seed"] for r in row["runs"]] == [0, 1]
+    assert all(r["chosen"] is not None and r["chosen"] >= 0 for r in row["runs"])
+    assert all(set(r["choices"]) == {"lowest", "weakest", "strongest"} for r in row["runs"])
+    assert row["within_factor_2"] == (row["ratio"] is not None and row["ratio"] <= 2)
+    assert "| latent |" in pilot_stability.table(results)

@@ -40,7 +40,7 @@ def test_part_has_the_fixed_schema(tmp_path):
     assert table.column("label").null_count == 3 and table.column("condition").null_count == 3
     assert table.column("seed").to_pylist() == [7200, 7201, 7202]
     assert [f.name for f in table.schema] == [
-        "key", "index", "shard", "seed", "label", "class_name", "condition",
+        "key", "index", "shard", "seed", "label", "class_name", "condition", "pseudo_class",
         "mmd_contribution", "nearest_reference_distance", "kept", "rank_in_shard", "rejected_reason",
         "judged_label", "reserved", "config_hash", "model_id",
     ]  # fmt: skip
