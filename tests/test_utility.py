@@ -143,3 +143,79 @@ def test_utility_tables_are_added_to_an_existing_eval_report(folders, tmp_path):
     record = json.loads((run / "eval.json").read_text())
     assert record["utility"]["settings"]["n_synthetic"] == 40
     assert set(record["utility"]["arms"]) == {"a_real", "b_real_plus_synthetic", "c_synthetic"}
+
+
+# --------------------------------------------------------------------------------------------------------
+# Training recipes of the decision suite (tiny random data, a few steps)
+# --------------------------------------------------------------------------------------------------------
+
+
+def _tiny(n: int, seed: int, classes=("a", "b", "c")):
+    import torch
+
+    from pipeline.evaluation.utility import LabelledImages
+
+    gen = torch.Generator().manual_seed(seed)
+    return LabelledImages(
+        torch.rand(n, 1, 16, 16, generator=gen) * 2 - 1, torch.arange(n) % len(classes), list(classes)
+    )
+
+
+def test_random_affine_keeps_shape_and_changes_images():
+    import torch
+
+    from pipeline.evaluation.utility import random_affine
+
+    x = torch.full((4, 1, 32, 32), -1.0)
+    x[:, :, 8:24, 14:18] = 1.0  # a bar on a black background
+    y = random_affine(x, torch.Generator().manual_seed(0))
+    assert y.shape == x.shape and y.dtype == x.dtype
+    assert all((y[i] - x[i]).abs().max() > 0.1 for i in range(4))  # every image moved
+    assert not torch.allclose(y[0], y[1])  # each image its own map
+    assert y.min() >= -1.0 - 1e-6 and y.max() <= 1.0 + 1e-6 and y[:, :, 0, 0].eq(-1).all()  # background kept
+    same = random_affine(x, torch.Generator().manual_seed(0), rotation=0, translation=0, scale=(1, 1), shear=0)
+    assert torch.allclose(same, x, atol=1e-5)  # the identity map is the identity
+    again = random_affine(x, torch.Generator().manual_seed(0))
+    assert torch.equal(again, y)  # seeded
+
+
+def test_balanced_sampler_draws_half_real_half_synthetic():
+    import torch
+
+    from pipeline.evaluation.utility import batch_sampler
+
+    real, syn = _tiny(10, 0), _tiny(90, 1)
+    gen = torch.Generator().manual_seed(0)
+    draw = batch_sampler(real, syn, 64, real_share=0.5)
+    for _ in range(5):
+        x, y, is_real = draw(gen)
+        assert x.shape == (64, 1, 16, 16) and len(y) == 64
+        assert int(is_real.sum()) == 32  # exactly half from the references
+    uniform = batch_sampler(real, syn, 64)
+    share = torch.cat([uniform(gen)[2] for _ in range(50)]).double().mean()
+    assert 0.05 < float(share) < 0.16  # uniform over the union: ~10% references
+    alone = batch_sampler(real, None, 8)
+    assert alone(gen)[2].all()
+    # affine: only the references are transformed, the synthetic samples are used as they are
+    aug = batch_sampler(real, syn, 32, real_share=0.5, affine=True)
+    gen_a, gen_b = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    xa, _, ra = aug(gen_a)
+    xb, _, _ = batch_sampler(real, syn, 32, real_share=0.5)(gen_b)
+    assert torch.equal(xa[~ra], xb[~ra]) and not torch.allclose(xa[ra], xb[ra])
+
+
+def test_recipes_train_and_return_accuracies():
+    from pipeline.evaluation.utility import RECIPES, train_and_test, train_recipe
+
+    real, syn, test = _tiny(12, 0), _tiny(24, 1), _tiny(15, 2)
+    for recipe in RECIPES:
+        for affine in (False, True):
+            out = train_recipe(recipe, real, syn, test, seed=0, steps=3, batch_size=8, affine=affine)
+            assert 0.0 <= out["accuracy"] <= 1.0 and set(out["per_class"]) <= set(real.classes)
+            assert out["steps"] == (4 if recipe == "finetune" else 3)  # fine-tuning adds 1/3 more steps
+    # the mix of the references alone is today's train_and_test, step for step
+    assert train_recipe("mix", real, None, test, seed=1, steps=4, batch_size=8) == dict(
+        train_and_test(real, test, seed=1, steps=4, batch_size=8), steps=4
+    )
+    with pytest.raises(ValueError, match="unknown recipe"):
+        train_recipe("nope", real, syn, test, seed=0, steps=1)
