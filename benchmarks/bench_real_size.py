@@ -6,7 +6,7 @@ text encoder; the values are written below, nothing is downloaded) with random w
 at the same batch, steps, resolution and CFG scale (DDIM, η = 0):
 
   job/none, job/latent (the default guidance), job/posterior (and any --modes, e.g. noisy)
-        our job's loop: `pipeline.sampling.sample_latents` through the project's `UNet2DConditionAdapter`,
+        our job's loop: `pipeline.models.sampling.sample_latents` through the project's `UNet2DConditionAdapter`,
         then the job's VAE decode (`LoadedModel.decode`), guided toward encoded references by the job's
         target and settings (`build_target`, `make_guidance`, default strength);
   stock, stock+callback
@@ -51,13 +51,13 @@ from PIL import Image
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from guidance.kernels import median_pairwise_distance
-from pipeline.adapters import DiTAdapter, UNet2DConditionAdapter
+from pipeline.checks.reference import ReferenceBundle, build_target
 from pipeline.config import AugmentConfig
-from pipeline.diffusers_callback import MMDGuidanceCallback, encode_references
+from pipeline.integrations.diffusers_callback import MMDGuidanceCallback, encode_references
+from pipeline.models.adapters import DiTAdapter, UNet2DConditionAdapter
+from pipeline.models.generation import make_guidance
 from pipeline.models.loading import LoadedModel, resolve_device, resolve_dtype
-from pipeline.reference import ReferenceBundle, build_target
-from pipeline.sampling import sample_latents
-from pipeline.worker import make_guidance
+from pipeline.models.sampling import sample_latents
 
 REPO = Path(__file__).resolve().parent.parent
 

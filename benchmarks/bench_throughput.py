@@ -21,11 +21,11 @@ from pathlib import Path
 import torch
 
 from guidance import MMDGuidance, MMDTarget, RBFKernel, StrengthSchedule, mmd2
+from pipeline.checks.pilot import FALLBACK_STRENGTH
 from pipeline.config import AugmentConfig
-from pipeline.job import run_job, with_sampler
+from pipeline.jobs.job import run_job, with_sampler
 from pipeline.models.loading import load_model
-from pipeline.pilot import FALLBACK_STRENGTH
-from pipeline.sampling import sample_latents
+from pipeline.models.sampling import sample_latents
 from storage.references import read_references
 
 REPO = Path(__file__).resolve().parent.parent

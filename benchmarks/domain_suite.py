@@ -73,9 +73,7 @@ from PIL import Image
 from pydantic import ValidationError
 
 from pipeline.config import AugmentConfig
-from pipeline.evaluation import metrics as M
 from pipeline.evaluation.domains import DOMAINS, make_domain
-from pipeline.evaluation.features import classifier_extractor, extract, load_shipped_classifier
 from pipeline.evaluation.report import grids_figure
 from pipeline.evaluation.run_eval import compare_sets
 from pipeline.evaluation.utility import (
@@ -86,7 +84,9 @@ from pipeline.evaluation.utility import (
     train_and_test,
     train_recipe,
 )
-from pipeline.job import run_job
+from pipeline.jobs.job import run_job
+from pipeline.measures import metrics as M
+from pipeline.measures.features import classifier_extractor, extract, load_shipped_classifier
 from pipeline.models.prior_data import load_mnist_arrays, mnist_split, pad_mnist
 from storage.eval_io import read_samples
 
@@ -1243,7 +1243,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    logging.getLogger("pipeline.pilot").setLevel(logging.INFO)
+    logging.getLogger("pipeline.checks.pilot").setLevel(logging.INFO)
     if args.decision:
         # the evaluation's small-sample caveats (power, KID subsets, FD rank) would repeat on every run
         logging.getLogger("pipeline.evaluation.run_eval").setLevel(logging.ERROR)

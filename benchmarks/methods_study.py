@@ -37,15 +37,15 @@ from guidance import (
     nearest_reference_distance,
 )
 from guidance.kernels import median_pairwise_distance
+from pipeline.checks.reference import ReferenceBundle, outside_support, split_holdout
 from pipeline.config import AugmentConfig
-from pipeline.evaluation import metrics as M
-from pipeline.job import with_sampler
+from pipeline.jobs.job import with_sampler
+from pipeline.jobs.worker import select_kept
+from pipeline.measures import metrics as M
 from pipeline.models.loading import LoadedModel, load_model
+from pipeline.models.sampling import sample_latents
 from pipeline.plan import class_proportions
-from pipeline.reference import ReferenceBundle, split_holdout
-from pipeline.sampling import sample_latents
 from pipeline.seeding import sample_seed
-from pipeline.worker import outside_support, select_kept
 from storage.references import read_references
 
 REPO = Path(__file__).resolve().parent.parent
@@ -430,7 +430,7 @@ def filter_study(study: Study) -> list[dict]:
 def mclr(study: Study) -> list[dict]:
     path = REPO / "pipeline" / "assets" / "mnist-ldm-mclr"
     if not (path / "shipped.json").is_file():
-        print(f"no MCLR checkpoint at {path}; run `python -m pipeline.train_mclr` first")
+        print(f"no MCLR checkpoint at {path}; run `python -m pipeline.training.mclr` first")
         return []
     return study.run(
         [

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.config import AugmentConfig
-from pipeline.job import build_context
+from pipeline.jobs.job import build_context
 
 
 def arm_overrides(arm: str) -> dict[str, Any]:

@@ -29,8 +29,8 @@ from typing import Any
 
 import torch
 
-from pipeline.evaluation import metrics as M
 from pipeline.evaluation.domains import DOMAINS, make_domain
+from pipeline.measures import metrics as M
 from pipeline.models.prior_data import load_mnist_arrays, mnist_split
 from pipeline.models.prior_eval import classify, generate
 from pipeline.models.shipped import load_shipped

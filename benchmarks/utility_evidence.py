@@ -19,7 +19,7 @@ from pathlib import Path
 
 from pipeline.config import AugmentConfig
 from pipeline.evaluation.utility import utility_eval
-from pipeline.job import run_job
+from pipeline.jobs.job import run_job
 
 REPO = Path(__file__).resolve().parent.parent
 

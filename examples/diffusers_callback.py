@@ -11,7 +11,7 @@ same for SDXL, SD3 and Flux checkpoints (`--model stabilityai/stable-diffusion-x
 
 The part to copy into your own script:
 
-    from pipeline.diffusers_callback import MMDGuidanceCallback
+    from pipeline.integrations.diffusers_callback import MMDGuidanceCallback
     guide = MMDGuidanceCallback.from_references(pipe, "./xray_samples", strength=0.01)
     images = pipe(prompts, callback_on_step_end=guide,
                   callback_on_step_end_tensor_inputs=guide.tensor_inputs).images
@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> None:
     import torch
     from diffusers import DiffusionPipeline
 
-    from pipeline.diffusers_callback import MMDGuidanceCallback
+    from pipeline.integrations.diffusers_callback import MMDGuidanceCallback
 
     dtype = getattr(torch, args.dtype)
     pipe = DiffusionPipeline.from_pretrained(args.model, dtype=dtype).to(args.device)

@@ -1,4 +1,4 @@
-"""Prefect flows over the plain job functions of `pipeline.job` (a thin shell: no tensor code here).
+"""Prefect flows over the plain job functions of `pipeline.jobs.job` (a thin shell: no tensor code here).
 
     precompute_reference   validate + encode the references once; cached on (reference bytes, model)
     run_shard_range        a range of shards, in-process or as `accelerate launch` of K workers;
@@ -9,11 +9,11 @@
 
 Shards travel as ranges (`pipeline.plan.ShardRanges`, JSON `[[start, stop], ...]`): a task's parameters
 and result do not grow with the number of shards it covers. A flow that fails between the job's start
-and its finish gives the output folder back (`pipeline.job.holding_output`): its lock always, its claim
+and its finish gives the output folder back (`pipeline.jobs.job.holding_output`): its lock always, its claim
 too when it wrote no sample, so a corrected re-run is accepted.
 
 The flow's parameter is the same validated `AugmentConfig` the CLI builds, and every shard goes
-through `pipeline.worker.run_shard`, so a flow run and a CLI run of the same settings write the same
+through `pipeline.jobs.worker.run_shard`, so a flow run and a CLI run of the same settings write the same
 bytes. Resume semantics are the CLI's: a retried task or a re-run flow skips the shards already done.
 
 Scheduling and scale-out: see `deploy/prefect.yaml`, `deploy/serve.py` and `flows/fanout.py`.
@@ -38,13 +38,13 @@ from prefect.futures import wait
 from prefect.task_runners import ThreadPoolTaskRunner
 from prefect.tasks import exponential_backoff
 
-from pipeline import job
+from pipeline.checks.reference import check_references, default_cache_dir
 from pipeline.config import AugmentConfig
-from pipeline.executors import launch_workers, run_shards_in_process
+from pipeline.jobs import job
+from pipeline.jobs.executors import launch_workers, run_shards_in_process
+from pipeline.jobs.worker import JobContext
 from pipeline.models.loading import LoadedModel, load_model
 from pipeline.plan import ShardRanges, plan_job
-from pipeline.reference import check_references, default_cache_dir
-from pipeline.worker import JobContext
 from storage.bundle import bundle_dir
 from storage.errors import InputError
 from storage.manifest import MANIFEST_DIR
@@ -136,7 +136,7 @@ def _context_key(cfg: AugmentConfig) -> str:
 
 def shared_model(cfg: AugmentConfig) -> LoadedModel:
     """The model for `cfg`, loaded once per process, with its original scheduler restored (the
-    sampler is swapped per job by `pipeline.job.with_sampler`, which must start from the original)."""
+    sampler is swapped per job by `pipeline.jobs.job.with_sampler`, which must start from the original)."""
     with _lock:
         key = _model_key(cfg)
         if _model_cache.get("key") != key:
@@ -165,7 +165,7 @@ def shared_context(cfg: AugmentConfig) -> JobContext:
 
 
 def start_job(cfg: AugmentConfig):
-    """`pipeline.job.start_job` with the process's shared model; remembers the context for tasks."""
+    """`pipeline.jobs.job.start_job` with the process's shared model; remembers the context for tasks."""
     with _lock:
         ctx, plan, pending = job.start_job(cfg, model=shared_model(cfg))
         remember_context(ctx)

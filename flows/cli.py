@@ -20,7 +20,7 @@ from typing import Any
 import typer
 
 from pipeline import cli as pipeline_cli
-from pipeline.cli_options import keyword_option
+from pipeline.cli.options import keyword_option
 
 
 def run_flow(cfg, shards_per_task: int | None = None, per_run_output: bool = False) -> dict[str, Any]:
@@ -40,8 +40,8 @@ def flow_command(ctx: typer.Context, **values: Any) -> None:
     fewer than --n ends Failed and exits 3 (unless --allow-shortfall)."""
     from dataclasses import asdict
 
-    from pipeline.job import FinishedShort
-    from pipeline.reference import check_references
+    from pipeline.checks.reference import check_references
+    from pipeline.jobs.job import FinishedShort
     from storage.errors import InputError
 
     shards_per_task = values.pop("shards_per_task")

@@ -40,8 +40,8 @@ from flows.augment_flow import (
     split_ranges,
     start_job,
 )
-from pipeline import job
 from pipeline.config import AugmentConfig
+from pipeline.jobs import job
 from pipeline.plan import ShardRanges
 from storage.run_record import CLAIM_FILE, check_or_claim_output
 

@@ -38,7 +38,7 @@ RUNTIME_FIELDS = frozenset(
 )
 
 #: Fields set only in a config file (`--config FILE`), on purpose: every other field is a flag of
-#: `augment` and `augment flow` (generated from this class by `pipeline.cli_options`). Empty today.
+#: `augment` and `augment flow` (generated from this class by `pipeline.cli.options`). Empty today.
 CONFIG_FILE_ONLY: frozenset[str] = frozenset()
 
 

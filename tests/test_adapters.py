@@ -6,11 +6,11 @@ import pytest
 import torch
 from tiny_models import save_tiny_ddpm, save_tiny_dit, tiny_scheduler, tiny_unet, tiny_unet_condition
 
-from pipeline.adapters import CallableAdapter, UNet2DConditionAdapter, adapter_for, load_object
-from pipeline.denoiser import Denoiser
+from pipeline.models.adapters import CallableAdapter, UNet2DConditionAdapter, adapter_for, load_object
+from pipeline.models.denoiser import Denoiser
 from pipeline.models.loading import LoadedModel, load_model
-from pipeline.sampling import model_output, sample_latents
-from pipeline.testbed import square_mixture
+from pipeline.models.sampling import model_output, sample_latents
+from pipeline.models.testbed import square_mixture
 
 
 def test_pixel_unet_folder_loads_offline_and_samples(tmp_path):

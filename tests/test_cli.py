@@ -12,10 +12,10 @@ import pytest
 from tiny_models import save_tiny_dit, write_reference_folder
 from typer.testing import CliRunner
 
-import pipeline.job
+import pipeline.jobs.job
 from flows.cli import app
-from pipeline.cli import EXAMPLE_REFS
-from pipeline.cli_options import flag, flag_fields
+from pipeline.cli.commands import EXAMPLE_REFS
+from pipeline.cli.options import flag, flag_fields
 from pipeline.config import CONFIG_FILE_ONLY, AugmentConfig
 
 #: A value for every field that differs from its default, as typed on the command line (test data:
@@ -119,7 +119,7 @@ def no_model_loading(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("the model was loaded")
 
-    monkeypatch.setattr(pipeline.job, "load_model", refuse)
+    monkeypatch.setattr(pipeline.jobs.job, "load_model", refuse)
 
 
 def test_every_field_has_a_flag_or_is_config_file_only_and_a_description():
@@ -154,7 +154,7 @@ def _as_config_input(name: str, value: object) -> dict[str, object]:
 
 def test_every_flag_reaches_the_config(tiny, tmp_path, monkeypatch):
     seen = []
-    monkeypatch.setattr("pipeline.cli.dry_run", seen.append)
+    monkeypatch.setattr("pipeline.cli.commands.dry_run", seen.append)
     values = full_values(tiny, tmp_path / "out")
     result = invoke([*cli_args(values), "--dry-run"])
     assert result.exit_code == 0, result.output
@@ -206,7 +206,7 @@ def test_every_choice_of_every_literal_field_dry_runs(tiny, tmp_path, no_model_l
 
 def test_none_sets_an_optional_field_to_none_over_a_config_file(tiny, tmp_path, monkeypatch):
     seen = []
-    monkeypatch.setattr("pipeline.cli.dry_run", seen.append)
+    monkeypatch.setattr("pipeline.cli.commands.dry_run", seen.append)
     config = tmp_path / "job.json"
     config.write_text(json.dumps({"ref": tiny["refs"], "n": 4, "out": str(tmp_path / "o"), "lookahead_steps": 3}))
     assert invoke(["--config", str(config), "--dry-run"]).exit_code == 0
@@ -264,7 +264,7 @@ def test_bad_references_are_reported_before_the_model_is_loaded(tiny, tmp_path, 
 
 
 def test_dry_run_estimate_is_total_over_the_guidance_methods():
-    from pipeline.cli import seconds_per_sample_estimate
+    from pipeline.cli.commands import seconds_per_sample_estimate
     from pipeline.config import GuidanceName
 
     base = AugmentConfig(ref="r", out="o", n=1, steps=50)

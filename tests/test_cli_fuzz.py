@@ -11,7 +11,7 @@ import pytest
 from test_cli import CLI_VALUES, cli_args, invoke, tiny  # noqa: F401  (tiny is a fixture)
 from tiny_models import write_reference_folder
 
-from pipeline.cli_options import flag_fields
+from pipeline.cli.options import flag_fields
 
 #: Values that are wrong for most fields, plus edge cases that are valid for some.
 ODD_VALUES = ["-1", "0", "1e30", "nan", "inf", "-inf", "abc", "", "3.5", "0.5,0.5", "none", "1,2,3", "10000000000"]

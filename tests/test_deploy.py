@@ -234,7 +234,7 @@ def test_scheduled_deployment_runs_end_to_end_on_a_local_server_and_worker(tmp_p
     import httpx
 
     from pipeline.config import AugmentConfig
-    from pipeline.job import run_job
+    from pipeline.jobs.job import run_job
 
     port = _free_port()
     api = f"http://127.0.0.1:{port}/api"

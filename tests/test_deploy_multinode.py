@@ -1,7 +1,7 @@
 """deploy/accelerate-multinode.yaml for real: two "machines" (two accelerate launches with machine ranks
 0 and 1, one CPU process each, gloo over 127.0.0.1) stand in for two GPU nodes of a static cluster.
 
-prepare (pipeline.static_cluster) -> both launches of `pipeline.distributed` -> finish; the shards must be
+prepare (pipeline.jobs.static_cluster) -> both launches of `pipeline.jobs.distributed` -> finish; the shards must be
 byte-identical to the single-process job's.
 """
 
@@ -17,8 +17,8 @@ import pytest
 from tiny_models import TINY_SUPPORT_RADIUS, save_tiny_dit, write_reference_folder
 
 from pipeline.config import AugmentConfig
-from pipeline.job import run_job
-from pipeline.static_cluster import finish, prepare
+from pipeline.jobs.job import run_job
+from pipeline.jobs.static_cluster import finish, prepare
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -49,7 +49,7 @@ def test_two_machine_static_cluster_gives_the_single_process_bytes(tmp_path):
         cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file"]
         cmd += [str(REPO / "deploy" / "accelerate-multinode.yaml"), "--num_machines", "2", "--num_processes", "2"]
         cmd += ["--machine_rank", str(rank), "--main_process_ip", "127.0.0.1", "--main_process_port", port]
-        cmd += ["-m", "pipeline.distributed", str(spec)]
+        cmd += ["-m", "pipeline.jobs.distributed", str(spec)]
         log = open(tmp_path / f"rank{rank}.log", "w")
         procs.append((subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT), log))
     try:

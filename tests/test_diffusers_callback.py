@@ -2,7 +2,7 @@
 
 Stable Diffusion (UNet2DConditionModel + AutoencoderKL + a tiny CLIP text encoder and tokenizer written to a
 temp dir) and Flux (packed latents, a VAE with a shift factor). The callback must move samples toward the
-references, apply the job's `noisy` update exactly (same numbers as `pipeline.sampling.sample_latents`), work
+references, apply the job's `noisy` update exactly (same numbers as `pipeline.models.sampling.sample_latents`), work
 with batched prompts, `num_images_per_prompt` and CFG on or off, and refuse pipelines without the hook.
 """
 
@@ -31,17 +31,17 @@ from tiny_models import save_tiny_ddpm, save_tiny_dit, tiny_unet_condition, tiny
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from guidance import ProductKernel, guidance_step, noisy_guidance_update
-from pipeline.adapters import UNet2DConditionAdapter
+from pipeline.checks.pilot import FALLBACK_STRENGTH
 from pipeline.config import AugmentConfig
-from pipeline.diffusers_callback import (
+from pipeline.integrations.diffusers_callback import (
     LatentEncoding,
     MMDGuidanceCallback,
     encode_references,
     latent_encoding,
     pool_prompt_embeds,
 )
-from pipeline.pilot import FALLBACK_STRENGTH
-from pipeline.sampling import initial_noise, sample_latents
+from pipeline.models.adapters import UNet2DConditionAdapter
+from pipeline.models.sampling import initial_noise, sample_latents
 from storage.errors import InputError
 
 REPO = Path(__file__).resolve().parent.parent

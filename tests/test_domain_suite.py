@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from pipeline.evaluation.domains import DOMAINS, make_domain
-from pipeline.evaluation.metrics import class_histogram, garbage
+from pipeline.measures.metrics import class_histogram, garbage
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from guidance import CubicPolynomialKernel, RBFKernel, mmd2
-from pipeline.evaluation.metrics import (
+from pipeline.measures.metrics import (
     class_accuracy,
     filter_score_summary,
     frechet_distance,

@@ -18,10 +18,10 @@ from tiny_models import TINY_SUPPORT_RADIUS, save_tiny_dit, write_reference_fold
 from typer.testing import CliRunner
 
 from pipeline.config import AugmentConfig
-from pipeline.evaluation import features as features_module
 from pipeline.evaluation.cli import eval_command
 from pipeline.evaluation.run_eval import evaluate_run
-from pipeline.job import run_job
+from pipeline.jobs.job import run_job
+from pipeline.measures import features as features_module
 from pipeline.models.shipped import DigitClassifier
 
 FAST = dict(n_permutations=100, kid_subsets=10)
@@ -151,7 +151,7 @@ def test_shipped_prior_runs_use_the_classifier_features_and_accuracy(runs, tmp_p
 def test_eval_command(runs, tmp_path):
     app = typer.Typer()
     app.command("eval")(eval_command)
-    app.command("other")(lambda: None)  # a group, as in pipeline/cli.py
+    app.command("other")(lambda: None)  # a group, as in pipeline/cli/commands.py
     runner = CliRunner()
     args = ["eval", str(runs["plain"]), "--features", "pixels", "--permutations", "50", "--kid-subsets", "5"]
     result = runner.invoke(app, [*args, "--out", str(tmp_path / "ev")])

@@ -13,7 +13,7 @@ import pytest
 from tiny_models import TINY_SUPPORT_RADIUS, save_tiny_dit, write_reference_folder
 
 from pipeline.config import AugmentConfig
-from pipeline.job import run_job
+from pipeline.jobs.job import run_job
 
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLE = REPO / "examples" / "train_classifier.py"

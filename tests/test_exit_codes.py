@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 from flows.cli import app
 from pipeline.cli import EXIT_CODES, EXIT_FINISHED_SHORT
-from pipeline.cli_options import flag
+from pipeline.cli.options import flag
 from storage.run_record import write_job_spec
 
 REPO = Path(__file__).resolve().parent.parent
@@ -90,8 +90,8 @@ def test_a_run_that_keeps_every_sample_exits_0(tiny, tmp_path):
 
 
 def test_static_cluster_finish_exits_3_on_a_short_run(tiny, tmp_path, capsys):
-    """`python -m pipeline.static_cluster finish` gives the same verdict as `augment`."""
-    from pipeline.static_cluster import main
+    """`python -m pipeline.jobs.static_cluster finish` gives the same verdict as `augment`."""
+    from pipeline.jobs.static_cluster import main
 
     out = tmp_path / "out"
     cfg = tiny_job_config(tiny, out, **tiny["short"])
@@ -106,12 +106,12 @@ def test_static_cluster_finish_exits_3_on_a_short_run(tiny, tmp_path, capsys):
 
 @pytest.mark.parametrize("error, code", [(RuntimeError("worker processes failed"), 1), (KeyboardInterrupt(), 130)])
 def test_a_failure_and_an_interrupt_have_their_documented_codes(tiny, tmp_path, monkeypatch, error, code):
-    import pipeline.job
+    import pipeline.jobs.job
 
     def fails(*args, **kwargs):
         raise error
 
-    monkeypatch.setattr(pipeline.job, "run_job", fails)
+    monkeypatch.setattr(pipeline.jobs.job, "run_job", fails)
     result = CliRunner().invoke(app, job_args(tiny, tmp_path / "out", n=4, guidance="none"))
     assert result.exit_code == code and code in EXIT_CODES, result.output
 

@@ -8,11 +8,11 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-import pipeline.worker as worker
+import pipeline.jobs.worker as worker
 from guidance import DeltaKernel, ProductKernel, RBFKernel
 from pipeline.config import AugmentConfig
+from pipeline.jobs.worker import extra_request, filter_shard, pool_scores, select_kept
 from pipeline.plan import class_quotas, plan_job, primary_count, reserve_per_shard, reserved_index
-from pipeline.worker import extra_request, filter_shard, pool_scores, select_kept
 
 BANDWIDTH = 1.5
 
@@ -136,7 +136,7 @@ def test_a_shard_that_exhausts_its_reserve_keeps_fewer_and_warns(monkeypatch, ca
     monkeypatch.setattr(worker, "generate", fake)
     ctx = _context(cfg, labelled=False)
     shard = plan_job(cfg).shards[0]
-    with caplog.at_level(logging.WARNING, logger="pipeline.worker"):
+    with caplog.at_level(logging.WARNING, logger="pipeline.jobs.worker"):
         pool = filter_shard(ctx, shard)
         worker._warn_rejections(ctx, shard, pool)
     assert len(pool.indices) - shard.num_generated == worker._shard_cap(cfg, shard) == reserve_per_shard(cfg) == 13

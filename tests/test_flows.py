@@ -2,7 +2,7 @@
 
 Covered: the reference cache hit across runs, a shard task that fails once and succeeds on retry
 (skipping the shard it had finished), a re-run that skips done shards, byte-identical output from the
-flow, from `augment flow` and from `pipeline.job.run_job`, and the fan-out parent flow under a
+flow, from `augment flow` and from `pipeline.jobs.job.run_job`, and the fan-out parent flow under a
 global concurrency limit (node runs executed in-process instead of through a worker); issue 21: a flow
 that finishes short ends Failed after writing (exit 3 from `augment flow`), a flow that fails mid-run
 gives its output folder back, and shard tasks are handed ranges, not lists of every shard.
@@ -29,9 +29,9 @@ from tiny_models import (
 )
 from typer.testing import CliRunner
 
-import pipeline.executors
+import pipeline.jobs.executors
 from pipeline.config import AugmentConfig
-from pipeline.job import run_job
+from pipeline.jobs.job import run_job
 
 prefect = pytest.importorskip("prefect")
 
@@ -76,7 +76,7 @@ def tiny(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def reference_run(tiny):
-    """The plain job (`pipeline.job.run_job`, what the CLI runs): the bytes every flow must reproduce."""
+    """The plain job (`pipeline.jobs.job.run_job`, what the CLI runs): the bytes every flow must reproduce."""
     out = tiny["root"] / "plain"
     run_job(tiny_job_config(tiny, out))
     return {"shards": shard_bytes(out), "manifest": (out / "manifest.parquet").read_bytes()}
@@ -188,7 +188,7 @@ def test_shard_task_failing_once_is_retried_and_skips_what_it_finished(
     harness, tiny, tmp_path, monkeypatch, reference_run
 ):
     calls: list[int] = []
-    real = pipeline.executors.run_shard
+    real = pipeline.jobs.executors.run_shard
 
     def flaky(ctx, shard, progress=None):
         calls.append(shard.shard_id)
@@ -196,7 +196,7 @@ def test_shard_task_failing_once_is_retried_and_skips_what_it_finished(
             raise RuntimeError("transient: lost the GPU")
         return real(ctx, shard, progress)
 
-    monkeypatch.setattr(pipeline.executors, "run_shard", flaky)
+    monkeypatch.setattr(pipeline.jobs.executors, "run_shard", flaky)
     no_wait = augment_flow.run_shard_range.with_options(retry_delay_seconds=0)
     monkeypatch.setattr(augment_flow, "run_shard_range", no_wait)
     out = tmp_path / "flaky"
@@ -297,7 +297,7 @@ def test_node_run_refuses_an_unclaimed_output_folder(harness, tiny, tmp_path):
 def test_a_flow_that_finishes_short_ends_failed_after_writing_unless_allowed(harness, tiny, tmp_path):
     """Issue 21: kept fewer than --n -> the flow run writes what it kept, run.json and its artifact, then
     ends Failed (`FinishedShort`); `augment flow` exits 3; allow_shortfall completes it."""
-    from pipeline.job import FinishedShort
+    from pipeline.jobs.job import FinishedShort
 
     short = short_run_settings(tiny, tmp_path / "probe", kept=3)
     out = tmp_path / "short"
@@ -339,7 +339,7 @@ def test_a_flow_that_fails_mid_run_gives_the_folder_back_for_a_corrected_rerun(h
     def broken(ctx, shard, progress=None):
         raise RuntimeError("injected: the node lost its GPU")
 
-    monkeypatch.setattr(pipeline.executors, "run_shard", broken)
+    monkeypatch.setattr(pipeline.jobs.executors, "run_shard", broken)
     monkeypatch.setattr(augment_flow, "run_shard_range", augment_flow.run_shard_range.with_options(retries=0))
     out = tmp_path / "out"
     state = augment(config=tiny_job_config(tiny, out, n=4, shard_size=4, strength=0.5), return_state=True)

@@ -8,7 +8,7 @@ from tiny_models import save_tiny_dit
 
 from guidance import MMDGuidance, MMDTarget, RBFKernel, StrengthSchedule
 from pipeline.models.loading import load_model, resolve_device, resolve_dtype
-from pipeline.sampling import sample_latents
+from pipeline.models.sampling import sample_latents
 from storage.errors import InputError
 
 

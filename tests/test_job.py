@@ -26,7 +26,7 @@ from typer.testing import CliRunner
 
 from pipeline.cli import app
 from pipeline.config import AugmentConfig
-from pipeline.job import run_job
+from pipeline.jobs.job import run_job
 from pipeline.plan import plan_job
 from storage.errors import InputError
 

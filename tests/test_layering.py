@@ -1,5 +1,6 @@
-"""The seams between the packages: import-linter's contracts (pyproject.toml) hold, and no package reaches
-into another's private names (`_name`, `pkg._module`): what others need is promoted to a public name."""
+"""The seams between the packages: import-linter's contracts (pyproject.toml) hold, no package reaches
+into another's private names (`_name`, `pkg._module`): what others need is promoted to a public name, and
+no module imports itself back through others (imports inside functions included)."""
 
 from __future__ import annotations
 
@@ -38,6 +39,63 @@ def _private_imports_across_packages() -> list[str]:
 
 def test_no_package_imports_another_packages_private_names():
     assert _private_imports_across_packages() == []
+
+
+def _module_name(path: Path) -> str:
+    parts = list(path.relative_to(REPO).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _module_graph() -> dict[str, set[str]]:
+    """Module -> the project's modules it imports (any import statement, at any depth of the file)."""
+    paths = {_module_name(path): path for top in PACKAGES for path in sorted((REPO / top).rglob("*.py"))}
+
+    def known(name: str) -> str | None:  # the longest prefix of a dotted name that is a module of the project
+        parts = name.split(".")
+        while parts and ".".join(parts) not in paths:
+            parts.pop()
+        return ".".join(parts) or None
+
+    graph: dict[str, set[str]] = {}
+    for module, path in paths.items():
+        package = module.split(".") if path.name == "__init__.py" else module.split(".")[:-1]
+        imported: set[str | None] = set()
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Import):
+                imported.update(known(a.name) for a in node.names)
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    base = ".".join(package[: len(package) - node.level + 1] + ([node.module] if node.module else []))
+                for alias in node.names:  # `from pkg import module` imports the module, else pkg itself
+                    name = f"{base}.{alias.name}"
+                    imported.add(name if name in paths else known(base))
+        graph[module] = {m for m in imported if m is not None and m != module}
+    return graph
+
+
+def test_no_import_cycle_between_modules():
+    graph = _module_graph()
+    assert "pipeline.models.generation" in graph["pipeline.jobs.worker"]  # the graph sees the project's imports
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+    path: list[str] = []
+
+    def visit(module: str) -> list[str] | None:
+        state[module] = 1
+        path.append(module)
+        for other in sorted(graph[module]):
+            if state.get(other) == 1:
+                return path[path.index(other) :] + [other]
+            if other not in state and (cycle := visit(other)):
+                return cycle
+        state[module] = 2
+        path.pop()
+        return None
+
+    for module in sorted(graph):
+        if module not in state:
+            cycle = visit(module)
+            assert cycle is None, " -> ".join(cycle)
 
 
 def test_import_contracts_hold():

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from pipeline.models.shipped import load_shipped
-from pipeline.train_mclr import main as train_mclr_main
-from pipeline.train_mclr import mclr_loss
+from pipeline.training.mclr import main as train_mclr_main
+from pipeline.training.mclr import mclr_loss
 
 
 def test_at_the_frozen_anchor_the_ratio_term_is_log_2_and_gradients_flow():

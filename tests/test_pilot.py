@@ -11,10 +11,9 @@ import torch
 import webdataset as wds
 from tiny_models import save_tiny_dit, tiny_job_config, write_reference_folder
 
-import pipeline.job
+import pipeline.jobs.job
 from guidance import RBFKernel, mmd2
-from pipeline.job import run_job
-from pipeline.pilot import (
+from pipeline.checks.pilot import (
     Candidate,
     bootstrap_mmd2,
     class_tv,
@@ -24,6 +23,7 @@ from pipeline.pilot import (
     samples_per_candidate,
     search,
 )
+from pipeline.jobs.job import run_job
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -309,7 +309,7 @@ def test_strength_auto_records_its_choice_in_run_json_and_resumes_from_it(tiny, 
         (pilot["chosen"], "auto")
     }
     # a resume, and a new run with the same references, model and settings, reuse the record
-    monkeypatch.setattr(pipeline.job, "run_pilot", lambda ctx: pytest.fail("the pilot ran again"))
+    monkeypatch.setattr(pipeline.jobs.job, "run_pilot", lambda ctx: pytest.fail("the pilot ran again"))
     (out / "shards" / "synthetic-000000.tar.done").unlink()
     assert run_job(cfg).strength == pilot["chosen"]
     other = tiny_job_config(tiny, tmp_path / "other", n=16, shard_size=8, pilot_samples=8, pilot_max_strength=0.02)
@@ -342,7 +342,7 @@ def test_the_eval_report_shows_the_pilot():
 
 
 def test_the_shipped_classifier_scores_the_pilot_only_where_it_reads_the_references():
-    from pipeline.pilot import feature_space
+    from pipeline.checks.pilot import feature_space
     from storage.references import read_references
 
     refs = read_references(str(REPO / "examples" / "thick_digits"), channels=1, size=(32, 32))

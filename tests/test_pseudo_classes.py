@@ -22,15 +22,15 @@ from PIL import Image
 from tiny_models import save_tiny_dit, tiny_job_config, write_reference_folder
 from typer.testing import CliRunner
 
-import pipeline.job
-import pipeline.worker
+import pipeline.jobs.job
+import pipeline.models.generation
 from flows.cli import app
+from pipeline.checks.pseudo import assign_pseudo_classes
+from pipeline.checks.reference import prepare_reference
 from pipeline.config import AugmentConfig
-from pipeline.job import build_context, run_job
+from pipeline.jobs.job import build_context, run_job
 from pipeline.models.loading import load_model
 from pipeline.plan import class_quotas
-from pipeline.pseudo import assign_pseudo_classes
-from pipeline.reference import prepare_reference
 
 REPO = Path(__file__).resolve().parent.parent
 THICK_DIGITS = REPO / "examples" / "thick_digits"  # class folders 0, 1, 3, 7 (24 each)
@@ -103,13 +103,13 @@ def test_a_pseudo_class_run_samples_class_conditionally_and_its_output_stays_unl
     data, shipped, tmp_path, monkeypatch
 ):
     conditions = []
-    sample_latents = pipeline.worker.sample_latents
+    sample_latents = pipeline.models.generation.sample_latents
 
     def recording(*args, condition=None, **kwargs):
         conditions.append(condition)
         return sample_latents(*args, condition=condition, **kwargs)
 
-    monkeypatch.setattr(pipeline.worker, "sample_latents", recording)
+    monkeypatch.setattr(pipeline.models.generation, "sample_latents", recording)
     out = tmp_path / "out"
     cfg = shipped_config(data, out, n=16, shard_size=16)
     summary = run_job(cfg, model=shipped)
@@ -171,7 +171,7 @@ def test_a_model_without_a_judge_samples_the_null_class_and_run_json_says_why(tm
     tiny = {"dit": str(save_tiny_dit(tmp_path / "dit")), "cache": str(tmp_path / "cache")}
     tiny["refs"] = str(write_reference_folder(tmp_path / "refs", count=16))
     out = tmp_path / "out"
-    with caplog.at_level("INFO", logger="pipeline.pseudo"):
+    with caplog.at_level("INFO", logger="pipeline.checks.pseudo"):
         run_job(tiny_job_config(tiny, out, n=4, shard_size=4, steps=2, strength=0.01, reach_check=False))
     record = json.loads((out / "run.json").read_text())
     assert record["pseudo_classes"]["used"] is False and "no judge" in record["pseudo_classes"]["reason"]
@@ -182,7 +182,7 @@ def test_a_model_without_a_judge_samples_the_null_class_and_run_json_says_why(tm
 
 
 def test_the_dry_run_says_pseudo_classes_will_be_tried(data, monkeypatch):
-    monkeypatch.setattr(pipeline.job, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    monkeypatch.setattr(pipeline.jobs.job, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
     base = ["--ref", data["digits"], "--out", str(data["root"] / "dry"), "--n", "8", "--dry-run"]
     result = CliRunner().invoke(app, base)
     assert result.exit_code == 0, result.output

@@ -15,12 +15,9 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-import pipeline.job
+import pipeline.jobs.job
 from flows.cli import app
-from pipeline.config import AugmentConfig
-from pipeline.job import build_context, run_job
-from pipeline.models.loading import load_model
-from pipeline.reach import (
+from pipeline.checks.reach import (
     SpaceReach,
     check_reach,
     compared_references,
@@ -29,6 +26,9 @@ from pipeline.reach import (
     reach_or_stop,
     verdict,
 )
+from pipeline.config import AugmentConfig
+from pipeline.jobs.job import build_context, run_job
+from pipeline.models.loading import load_model
 from storage.errors import InputError
 from storage.reach import REACH_FILE, load_reach
 
@@ -144,7 +144,7 @@ def test_enforce_stops_on_nil_unless_forced_and_warns_when_weak(caplog):
     cfg = AugmentConfig(ref="xrays", n=1, out="o")
     with pytest.raises(InputError, match=r"--ref xrays: the model cannot draw these references .* or --force"):
         enforce_reach(cfg, record)
-    with caplog.at_level(logging.WARNING, logger="pipeline.reach"):
+    with caplog.at_level(logging.WARNING, logger="pipeline.checks.reach"):
         enforce_reach(cfg.model_copy(update={"force": True}), record)
         enforce_reach(cfg, dict(record, verdict="weak"))
     warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
@@ -185,7 +185,7 @@ def test_weak_reach_is_a_warning_with_the_numbers(digit_ctx, caplog):
     """A support radius at the samples' median nearest-reference distance takes in half of them: weak."""
     radius = check_reach(digit_ctx)["latent"]["nearest"][1]
     cfg = digit_ctx.cfg.model_copy(update={"support_radius": radius, "reach_warn_share": 0.9})
-    with caplog.at_level(logging.WARNING, logger="pipeline.reach"):
+    with caplog.at_level(logging.WARNING, logger="pipeline.checks.reach"):
         record = reach_or_stop(dataclasses.replace(digit_ctx, cfg=cfg))
     assert record["verdict"] == "weak" and 0.05 < record["latent"]["support"] < 0.9
     (warning,) = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
@@ -215,7 +215,7 @@ def test_force_goes_on_and_a_dry_run_can_check_reach(data, shipped, tmp_path, ca
     refused = invoke([*base, "--check-reach"])
     last = error_lines(refused.output)[-1]  # after the plan
     assert refused.exit_code == 2 and last.startswith("error: ") and "--force" in last
-    with caplog.at_level(logging.WARNING, logger="pipeline.reach"):
+    with caplog.at_level(logging.WARNING, logger="pipeline.checks.reach"):
         forced = invoke([*base, "--check-reach", "--force"])
     assert forced.exit_code == 0, forced.output
     assert "reach check: nil (going on: --force)" in forced.output
@@ -232,7 +232,7 @@ def test_a_dry_run_says_when_the_reach_check_runs_and_when_the_pilot_is_skipped(
     def refuse(*args, **kwargs):
         raise AssertionError("the model was loaded")
 
-    monkeypatch.setattr(pipeline.job, "load_model", refuse)
+    monkeypatch.setattr(pipeline.jobs.job, "load_model", refuse)
     out = str(tmp_path / "out")
     few = invoke(["--ref", data["xray"], "--n", "4", "--out", out, "--dry-run"])
     assert few.exit_code == 0, few.output

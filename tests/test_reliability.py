@@ -16,7 +16,7 @@ from tiny_models import TINY_SUPPORT_RADIUS, save_tiny_dit, shard_bytes, tiny_jo
 from typer.testing import CliRunner
 
 from pipeline.cli import app
-from pipeline.job import pending_shards, run_job
+from pipeline.jobs.job import pending_shards, run_job
 from pipeline.plan import plan_job
 from storage.errors import InputError
 from storage.run_record import claim_output, release_output
@@ -338,7 +338,7 @@ def test_only_a_local_model_folder_is_named_by_its_absolute_path(tmp_path, monke
 def test_workers_are_handed_ranges_of_shards_whatever_n(tiny, tmp_path, monkeypatch):
     """`launch_workers` writes a job spec of a few integers for 10^7 pending shards (n = 10^10), and
     reports the done markers of every worker's share (one cursor per worker, not a list of shards)."""
-    import pipeline.executors
+    import pipeline.jobs.executors
     from pipeline.plan import RemainingShards, ShardRanges
     from storage.shards import marker_path
 
@@ -365,11 +365,11 @@ def test_workers_are_handed_ranges_of_shards_whatever_n(tiny, tmp_path, monkeypa
             self.returncode = 0
             return 0
 
-    monkeypatch.setattr(pipeline.executors.subprocess, "Popen", Workers)
+    monkeypatch.setattr(pipeline.jobs.executors.subprocess, "Popen", Workers)
     small = tiny_job_config(tiny, tmp_path / "small", n=40, shard_size=4, processes=3)
-    pipeline.executors.launch_workers(small, RemainingShards(10, [0, 4, 5]), counts.append)
+    pipeline.jobs.executors.launch_workers(small, RemainingShards(10, [0, 4, 5]), counts.append)
     huge = tiny_job_config(tiny, tmp_path / "huge", n=10**10, shard_size=1000, processes=8)
-    pipeline.executors.launch_workers(huge, RemainingShards(10**7, [0, 4, 5]), counts.append)
+    pipeline.jobs.executors.launch_workers(huge, RemainingShards(10**7, [0, 4, 5]), counts.append)
     (small_size, small_spec), (huge_size, huge_spec) = specs
     assert small_spec["shard_ranges"] == [[1, 4], [6, 10]] and huge_spec["shard_ranges"] == [[1, 4], [6, 10**7]]
     assert huge_size - small_size < 100, (small_size, huge_size)  # a few more digits, nothing per shard
@@ -377,7 +377,7 @@ def test_workers_are_handed_ranges_of_shards_whatever_n(tiny, tmp_path, monkeypa
 
 
 def test_the_static_cluster_spec_of_ten_billion_samples_is_a_few_integers(tiny, tmp_path):
-    from pipeline.static_cluster import prepare
+    from pipeline.jobs.static_cluster import prepare
 
     cfg = tiny_job_config(tiny, tmp_path / "out", n=10**10, shard_size=1000, guidance="none")
     pending = prepare(cfg, tmp_path / "spec.json")

@@ -27,10 +27,10 @@ from guidance import (
     noisy_guidance_update,
 )
 from guidance.lookahead import ddim_lookahead_x0, lookahead_timesteps
-from pipeline.adapters import CallableAdapter
 from pipeline.config import GuidanceName
-from pipeline.sampling import initial_noise, model_output, sample_latents
-from pipeline.testbed import square_mixture
+from pipeline.models.adapters import CallableAdapter
+from pipeline.models.sampling import initial_noise, model_output, sample_latents
+from pipeline.models.testbed import square_mixture
 
 SCHEDULERS = {
     "ddim": DDIMScheduler,

@@ -14,8 +14,8 @@ import torch
 
 from guidance import DeltaKernel, ProductKernel, RBFKernel, mmd_contributions
 from guidance.kernels import squared_distances
-from pipeline.reference import ReferenceBundle
-from pipeline.worker import mmd2_to_references
+from pipeline.checks.reference import ReferenceBundle
+from pipeline.jobs.worker import mmd2_to_references
 
 BANDWIDTH = 8.0
 

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from guidance import MMDGuidance, MMDTarget, RBFKernel, StrengthSchedule, mmd2
-from pipeline.sampling import sample_latents
-from pipeline.testbed import square_mixture
+from pipeline.models.sampling import sample_latents
+from pipeline.models.testbed import square_mixture
 
 TARGET_WEIGHTS = torch.tensor([0.55, 0.25, 0.15, 0.05])
 N_SAMPLES = 256

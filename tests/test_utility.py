@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 from pipeline.cli import app
 from pipeline.evaluation.report import render_report
 from pipeline.evaluation.utility import utility_eval
-from pipeline.worker import to_png
+from pipeline.jobs.worker import to_png
 from storage.eval_io import write_eval_json, write_report_html
 from storage.manifest import merge_manifest, write_manifest_part
 from storage.run_record import write_run_record

@@ -147,7 +147,7 @@ def short_run_settings(tiny: dict, probe_out: Path, kept: int = 3) -> dict:
 
     import pyarrow.parquet as pq
 
-    from pipeline.job import run_job
+    from pipeline.jobs.job import run_job
 
     settings = dict(n=8, shard_size=8, keep=1.0, reserve=0.0, guidance="none")
     run_job(tiny_job_config(tiny, probe_out, **settings))

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .evaluation.metrics import knn_predict
+from ..measures.metrics import knn_predict
 
 #: Neighbours of the k-NN vote.
 KNN_K = 5
@@ -62,8 +62,8 @@ def knn_judge(ref_latents: Tensor, ref_labels: Tensor, k: int = KNN_K) -> LabelJ
 
 def classifier_judge(classifier: torch.nn.Module, class_names: list[str]) -> LabelJudge | None:
     """The shipped `DigitClassifier` on decoded images; None unless every class folder is a digit it knows."""
-    from .evaluation.features import classifier_extractor
-    from .worker import model_label_map
+    from ..measures.features import classifier_extractor
+    from ..models.generation import model_label_map
 
     label_map = model_label_map(class_names, int(classifier.config["num_classes"]))
     if label_map is None:
@@ -87,7 +87,7 @@ def make_judge(model_spec: str | None, ref_latents: Tensor, ref_labels: Tensor |
     if ref_labels is None or class_names is None:
         return None
     if model_spec in (None, "shipped"):
-        from .evaluation.features import load_shipped_classifier, shipped_classifier_available
+        from ..measures.features import load_shipped_classifier, shipped_classifier_available
 
         if shipped_classifier_available():
             judge = classifier_judge(load_shipped_classifier(), class_names)

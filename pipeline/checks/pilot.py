@@ -25,7 +25,7 @@ between domains. Before the job, the pilot:
      the smallest step must not be refused for sampling noise; `class_tv_standard_error`),
    - garbage at most unguided + 2 points (or + its binomial standard error, if larger): samples outside
      the guide references' support (the filter's rule, latent space) or, in the scoring space, farther
-     from every reference than any reference is from its nearest other one (`evaluation.metrics.garbage`).
+     from every reference than any reference is from its nearest other one (`measures.metrics.garbage`).
      Where that scoring-space rule flags more than half of the *unguided* samples it means nothing there
      (decoded pixels of a domain the prior cannot draw): it is dropped, said so in the record and the log,
      and garbage is judged by the latent-support rule alone;
@@ -63,8 +63,8 @@ import torch
 from guidance import RBFKernel, nearest_reference_distance
 from guidance.kernels import median_pairwise_distance
 
-from .config import PILOT_MAX_SAMPLES, PILOT_MIN_SAMPLES, AugmentConfig
-from .evaluation.features import (
+from ..config import PILOT_MAX_SAMPLES, PILOT_MIN_SAMPLES, AugmentConfig
+from ..measures.features import (
     FeatureExtractor,
     classifier_extractor,
     extract,
@@ -72,10 +72,10 @@ from .evaluation.features import (
     load_shipped_classifier,
     shipped_classifier_available,
 )
-from .evaluation.metrics import garbage, nearest_neighbour_distances, prdc
+from ..measures.metrics import garbage, nearest_neighbour_distances, prdc
+from ..plan import ShardPlan, assign_classes, primary_count
+from ..seeding import derive_seed
 from .fidelity import READABLE  # the shipped classifier's features score the pilot only where it reads the refs
-from .plan import ShardPlan, assign_classes, primary_count
-from .seeding import derive_seed
 
 log = logging.getLogger(__name__)
 
@@ -462,11 +462,11 @@ def describe_pilot(cfg: AugmentConfig, bundle: Any) -> str:
 
 
 def run_pilot(ctx: Any) -> dict[str, Any]:
-    """Run the search for a `worker.JobContext` whose config says strength 'auto'; returns the record
+    """Run the search for a `pipeline.jobs.worker.JobContext` whose config says strength 'auto'; returns the record
     (JSON-ready): key, chosen, reason, what each rule would choose, baseline, candidates (with standard
     errors), notes, dropped constraints, which bound chose (if one did), feature space, counts, seconds, cost."""
+    from ..models.generation import generate
     from .reference import build_target
-    from .worker import JobContext, generate
 
     cfg: AugmentConfig = ctx.cfg
     bundle = ctx.bundle
@@ -511,16 +511,8 @@ def run_pilot(ctx: Any) -> dict[str, Any]:
 
     def evaluate(strength: float) -> tuple[Candidate, torch.Tensor]:
         t = time.perf_counter()
-        sub = JobContext(
-            replace_cfg(pilot_cfg, strength),
-            model,
-            guide,
-            guide_target,
-            ctx.proportions,
-            ctx.model_labels,
-            judge=ctx.judge,
-        )
-        latents = generate(sub, range(n), labels)
+        sub_cfg = replace_cfg(pilot_cfg, strength)
+        latents = generate(sub_cfg, model, guide_target, float(sub_cfg.strength), ctx.model_labels, range(n), labels)
         images = model.decode(latents.to(model.device), batch_size=cfg.batch_size)
         feats = extract(features, images)
         quality = prdc(feats, held_feats, k=k)

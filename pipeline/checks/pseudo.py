@@ -14,7 +14,7 @@ samples the null class, and says why.
 
 The pseudo labels are computed each run (the references read and classified again; their latents decoded
 for the record's `decoded_agreement`), never stored in the cached reference bundle. The output stays
-unlabelled unless `pseudo_labels` asks (see `pipeline.worker`); the manifest's `pseudo_class` column keeps
+unlabelled unless `pseudo_labels` asks (see `pipeline.jobs.worker`); the manifest's `pseudo_class` column keeps
 each sample's pseudo-class for audit either way.
 """
 
@@ -27,11 +27,11 @@ import torch
 
 from storage.references import read_references
 
-from .config import AugmentConfig
+from ..config import AugmentConfig
+from ..models.generation import model_label_map
+from ..models.loading import LoadedModel
 from .fidelity import READABLE
-from .models.loading import LoadedModel
 from .reference import ReferenceBundle
-from .worker import model_label_map
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +49,7 @@ def assign_pseudo_classes(
         return bundle, None
     if not cfg.pseudo_classes:
         return _null_class(bundle, "pseudo-classes are off (--no-pseudo-classes)")
-    from .evaluation.features import load_shipped_classifier, shipped_classifier_available
+    from ..measures.features import load_shipped_classifier, shipped_classifier_available
 
     if cfg.model not in (None, "shipped"):
         return _null_class(
@@ -113,7 +113,7 @@ def reference_images(cfg: AugmentConfig, model: LoadedModel, files: list[str]) -
 @torch.no_grad()
 def class_probabilities(classifier: torch.nn.Module, images: torch.Tensor, chunk: int = 256) -> torch.Tensor:
     """The shipped classifier's class probabilities [n, classes] (float32, CPU) of images in [-1, 1]."""
-    from .evaluation.features import classifier_extractor
+    from ..measures.features import classifier_extractor
 
     features = classifier_extractor(classifier)
     return torch.cat([classifier.fc(features.fn(c)).softmax(1).float().cpu() for c in images.split(chunk)])

@@ -10,10 +10,10 @@ the job, `check_reach`:
    feature space (`pilot.feature_space`: the shipped digit classifier's features when it can read the
    references, else the decoded images downsampled; references decoded, as the pilot does). In each:
    - **support**: the share of samples inside the references' support, by the filter's rule
-     (`worker.outside_support`: the nearest reference within `support_radius` × the median reference
+     (`reference.outside_support`: the nearest reference within `support_radius` × the median reference
      distance of that space); in the latent space, the share the filter would accept;
    - **coverage**: the share of references with a sample near them: inside their k-nearest-neighbour
-     ball (`evaluation.metrics.prdc`, k = 3; at most MAX_COMPARED references, a seeded subset).
+     ball (`measures.metrics.prdc`, k = 3; at most MAX_COMPARED references, a seeded subset).
 3. decides (`verdict`):
    - `nil` when, in either space, *both* shares are at most `reach_refuse_share` (default 0.05: at most
      1 of 32 samples and 1 in 20 references): the model draws nothing like the references. The job stops
@@ -48,13 +48,14 @@ from guidance import nearest_reference_distance
 from guidance.kernels import median_pairwise_distance
 from storage.errors import InputError
 
-from .config import AugmentConfig
-from .evaluation.features import extract
-from .evaluation.metrics import prdc
+from ..config import AugmentConfig
+from ..measures.features import extract
+from ..measures.metrics import prdc
+from ..models.generation import generate
+from ..plan import ShardPlan, assign_classes
+from ..seeding import derive_seed
 from .pilot import PRDC_K, feature_space
-from .plan import ShardPlan, assign_classes
-from .seeding import derive_seed
-from .worker import JobContext, generate, outside_support
+from .reference import outside_support
 
 log = logging.getLogger(__name__)
 
@@ -143,9 +144,10 @@ def compared_references(count: int, seed: int, limit: int = MAX_COMPARED) -> tor
     return torch.randperm(count, generator=gen)[:limit].sort().values
 
 
-def check_reach(ctx: JobContext) -> dict[str, Any]:
-    """The reach check's record (JSON-ready) for a `worker.JobContext`: samples, steps, what the model draws
-    and the references are, each space's shares, thresholds, verdict, seconds. Raises nothing itself."""
+def check_reach(ctx: Any) -> dict[str, Any]:
+    """The reach check's record (JSON-ready) for a job's context (`pipeline.jobs.worker.JobContext`): samples,
+    steps, what the model draws and the references are, each space's shares, thresholds, verdict, seconds.
+    Raises nothing itself."""
     cfg, model, bundle = ctx.cfg, ctx.model, ctx.bundle
     count = len(bundle.files) + len(bundle.heldout_files)
     record: dict[str, Any] = {
@@ -162,8 +164,7 @@ def check_reach(ctx: JobContext) -> dict[str, Any]:
     # unguided, so batch coupling gives the same samples as sequential, faster
     reach_cfg = cfg.model_copy(update={"seed": seed, "strength": 0.0, "steps": steps, "coupling": "batch"})
     labels = assign_classes(reach_cfg, ShardPlan(0, 0, n, n), ctx.proportions)
-    unguided = JobContext(reach_cfg, model, bundle, ctx.target, ctx.proportions, ctx.model_labels)
-    latents = generate(unguided, range(n), labels)
+    latents = generate(reach_cfg, model, ctx.target, float(reach_cfg.strength), ctx.model_labels, range(n), labels)
     compared = compared_references(len(bundle.latents), seed)
     latent = measure(
         latents,
@@ -258,7 +259,7 @@ def enforce_reach(cfg: AugmentConfig, record: dict[str, Any]) -> None:
         log.info("reach check: ok (%s; %.1f s)", shares_text(record), record["seconds"])
 
 
-def reach_or_stop(ctx: JobContext) -> dict[str, Any]:
+def reach_or_stop(ctx: Any) -> dict[str, Any]:
     """Run the reach check for `ctx` and act on it (`enforce_reach`); returns the record."""
     record = check_reach(ctx)
     enforce_reach(ctx.cfg, record)

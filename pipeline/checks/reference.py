@@ -1,4 +1,5 @@
-"""Reference preparation: read and validate the references, encode them once, cache the bundle."""
+"""Reference preparation: read and validate the references, encode them once, cache the bundle; the test of
+whether a sample lies inside their support (`outside_support`, the filter's and the reach check's)."""
 
 from __future__ import annotations
 
@@ -24,9 +25,9 @@ from storage.bundle import bundle_dir, load_bundle, save_bundle
 from storage.errors import InputError
 from storage.references import References, read_references
 
-from .config import AugmentConfig
-from .models.loading import LoadedModel
-from .seeding import derive_seed
+from ..config import AugmentConfig
+from ..models.loading import LoadedModel
+from ..seeding import derive_seed
 
 log = logging.getLogger(__name__)
 
@@ -48,13 +49,18 @@ class ReferenceBundle:
     reused: bool = False
     heldout_files: list[str] = field(default_factory=list)  # not used for guidance (evaluation only)
     source: str = ""  # what the files are before conversion ("128×128 grayscale"), for messages
-    # unlabelled references given the classes a judge reads in them (`pipeline.pseudo`; never cached)
+    # unlabelled references given the classes a judge reads in them (`pipeline.checks.pseudo`; never cached)
     pseudo_labels: bool = False
     pseudo_classes: dict | None = None  # that step's record for run.json (None: it did not apply)
 
     @property
     def num_classes(self) -> int | None:
         return None if self.class_names is None else len(self.class_names)
+
+
+def outside_support(nearest: torch.Tensor, bandwidth: float, radius: float) -> torch.Tensor:
+    """Samples whose nearest reference is farther than `radius` × the median reference distance [n] bool."""
+    return nearest > radius * bandwidth
 
 
 def default_cache_dir() -> Path:

@@ -1,7 +1,7 @@
 """`augment`'s commands: the job (the app's callback), `demo`, `eval` and `utility`; a thin shell over
-`pipeline.job`.
+`pipeline.jobs.job`.
 
-The job's options are generated from `AugmentConfig` (`pipeline.cli_options`). The `augment` entry point
+The job's options are generated from `AugmentConfig` (`pipeline.cli.options`). The `augment` entry point
 is `flows.cli:main`, which adds the Prefect sub-command `flow` to the app `make_app` builds here (this
 package imports neither `flows` nor Prefect). `python -m pipeline.cli` runs everything but `flow`.
 """
@@ -18,30 +18,18 @@ from typing import Annotated, Any, NoReturn
 import typer
 from pydantic import ValidationError
 
-from . import __version__
-from .cli_options import config_values, describe_errors, keyword_option, option_parameters
-from .config import AugmentConfig
+from .. import __version__
+from ..config import AugmentConfig
+from ..jobs.exit_codes import EXIT_BAD_INPUT, EXIT_CODES, EXIT_FINISHED_SHORT  # README, "Exit codes"
+from .options import config_values, describe_errors, keyword_option, option_parameters
 
-EXAMPLE_REFS = Path(__file__).resolve().parent.parent / "examples" / "thick_digits"
+EXAMPLE_REFS = Path(__file__).resolve().parents[2] / "examples" / "thick_digits"
 
 APP_HELP = (
     "Generate synthetic training data that follows a small reference sample, with MMD-guided diffusion.\n\n"
     "  augment --ref ./xray_samples --n 100000 --out ./synthetic"
 )
 
-#: `augment`'s exit codes (README, "Exit codes"; shown by `augment --help`).
-EXIT_DELIVERED = 0
-EXIT_FAILED = 1
-EXIT_BAD_INPUT = 2
-EXIT_FINISHED_SHORT = 3
-EXIT_INTERRUPTED = 130  # typer's, for KeyboardInterrupt (128 + SIGINT)
-EXIT_CODES = {
-    EXIT_DELIVERED: "delivered: --n samples kept and written (or a short run accepted by --allow-shortfall)",
-    EXIT_FAILED: "failed unexpectedly (a traceback; e.g. a worker process crashed): rerun the same command to resume",
-    EXIT_BAD_INPUT: "bad input or settings: one 'error:' line naming the file or flag and what to do",
-    EXIT_FINISHED_SHORT: "finished short: fewer than --n kept; the samples, manifest and run.json are written",
-    EXIT_INTERRUPTED: "interrupted (Ctrl-C): rerun the same command to resume",
-}
 #: The help's closing paragraph (`\b`: printed as written, not re-wrapped).
 EXIT_CODES_EPILOG = "\b\nExit codes:\n" + "\n".join(f"  {code:>3}  {text}" for code, text in EXIT_CODES.items())
 
@@ -119,10 +107,10 @@ def dry_run(cfg: AugmentConfig) -> None:
     """Check the references and print the plan, without loading the model or writing anything."""
     from storage.errors import InputError
 
-    from .pilot import describe_pilot
-    from .plan import plan_job
-    from .pseudo import describe_pseudo
-    from .reference import check_references, listed_bundle, split_holdout
+    from ..checks.pilot import describe_pilot
+    from ..checks.pseudo import describe_pseudo
+    from ..checks.reference import check_references, listed_bundle, split_holdout
+    from ..plan import plan_job
 
     try:
         refs = check_references(cfg)
@@ -151,8 +139,8 @@ def dry_run_reach(cfg: AugmentConfig) -> None:
     run the reach check now; one line and exit 2 when the model cannot draw them (unless --force)."""
     from storage.errors import InputError
 
-    from .job import build_context
-    from .reach import shares_text
+    from ..checks.reach import shares_text
+    from ..jobs.job import build_context
 
     try:
         record = build_context(cfg, check_reach=True, pilot=False).reach
@@ -175,7 +163,7 @@ def execute(cfg: AugmentConfig) -> None:
 
     from storage.errors import InputError
 
-    from .job import FinishedShort, check_delivered, run_job
+    from ..jobs.job import FinishedShort, check_delivered, run_job
 
     bars = []  # the progress bar, opened at the first tick: after the inputs are checked
 
@@ -274,8 +262,8 @@ def demo(
 
 def make_app() -> typer.Typer:
     """The `augment` app with the pipeline's commands (the entry point `flows.cli` adds `flow`)."""
-    from .evaluation.cli import eval_command  # light: imports its heavy parts lazily
-    from .evaluation.utility_cli import utility_command
+    from ..evaluation.cli import eval_command  # light: imports its heavy parts lazily
+    from ..evaluation.utility_cli import utility_command
 
     app = typer.Typer(
         add_completion=False,
@@ -293,6 +281,3 @@ def make_app() -> typer.Typer:
 
 
 app = make_app()
-
-if __name__ == "__main__":  # `python -m pipeline.cli`: every command but `flow` (the entry point is flows.cli)
-    app()

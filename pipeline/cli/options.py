@@ -25,7 +25,7 @@ import typer
 from pydantic import ValidationError
 from pydantic.fields import FieldInfo
 
-from .config import CONFIG_FILE_ONLY, AugmentConfig
+from ..config import CONFIG_FILE_ONLY, AugmentConfig
 
 _NUMBER_NAMES = {int: "INTEGER", float: "FLOAT", str: "TEXT"}
 

@@ -1,8 +1,10 @@
-"""`augment eval`: metrics on feature tensors, feature extractors, the HTML report, and the run evaluation.
+"""`augment eval`: the run evaluation and its HTML report, over the measurement room `pipeline.measures`.
 
-- `metrics`: pure functions on features [n, F] (MMD² + permutation test, KID, Fréchet distance,
-  precision/recall/density/coverage, memorisation, class accuracy, filter-score summaries);
-- `features`: image -> feature maps (shipped classifier, VAE latents, pixels, user `pkg.mod:fn`);
+- `pipeline.measures.metrics` (its names re-exported here): pure functions on features [n, F] (MMD² +
+  permutation test, KID, Fréchet distance, precision/recall/density/coverage, memorisation, class
+  accuracy, filter-score summaries);
+- `pipeline.measures.features`: image -> feature maps (shipped classifier, VAE latents, pixels, user
+  `pkg.mod:fn`);
 - `report`: matplotlib figures and the self-contained report.html;
 - `run_eval.evaluate_run`: a run folder -> eval.json + report.html; `run_eval.compare_sets` for studies.
 
@@ -16,21 +18,21 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 _EXPORTS = {
-    "MemorisationResult": "pipeline.evaluation.metrics",
-    "class_accuracy": "pipeline.evaluation.metrics",
-    "class_histogram": "pipeline.evaluation.metrics",
-    "garbage": "pipeline.evaluation.metrics",
-    "filter_score_summary": "pipeline.evaluation.metrics",
-    "frechet_distance": "pipeline.evaluation.metrics",
-    "frechet_distance_from_stats": "pipeline.evaluation.metrics",
-    "kid": "pipeline.evaluation.metrics",
-    "knn_predict": "pipeline.evaluation.metrics",
-    "memorisation": "pipeline.evaluation.metrics",
-    "mmd2_permutation_test": "pipeline.evaluation.metrics",
-    "nearest_neighbour_distances": "pipeline.evaluation.metrics",
-    "pairwise_distances": "pipeline.evaluation.metrics",
-    "prdc": "pipeline.evaluation.metrics",
-    "score_summary": "pipeline.evaluation.metrics",
+    "MemorisationResult": "pipeline.measures.metrics",
+    "class_accuracy": "pipeline.measures.metrics",
+    "class_histogram": "pipeline.measures.metrics",
+    "garbage": "pipeline.measures.metrics",
+    "filter_score_summary": "pipeline.measures.metrics",
+    "frechet_distance": "pipeline.measures.metrics",
+    "frechet_distance_from_stats": "pipeline.measures.metrics",
+    "kid": "pipeline.measures.metrics",
+    "knn_predict": "pipeline.measures.metrics",
+    "memorisation": "pipeline.measures.metrics",
+    "mmd2_permutation_test": "pipeline.measures.metrics",
+    "nearest_neighbour_distances": "pipeline.measures.metrics",
+    "pairwise_distances": "pipeline.measures.metrics",
+    "prdc": "pipeline.measures.metrics",
+    "score_summary": "pipeline.measures.metrics",
     "compare_sets": "pipeline.evaluation.run_eval",
     "evaluate_run": "pipeline.evaluation.run_eval",
 }
@@ -57,7 +59,7 @@ __all__ = [
 assert set(__all__) == set(_EXPORTS)
 
 if TYPE_CHECKING:
-    from .metrics import (
+    from ..measures.metrics import (
         MemorisationResult,
         class_accuracy,
         class_histogram,

@@ -10,8 +10,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from . import metrics as M
-from .features import load_shipped_classifier, shipped_classifier_available
+from ..measures import metrics as M
+from ..measures.features import load_shipped_classifier, shipped_classifier_available
 from .warnings_log import Warnings
 
 __all__ = ["class_accuracy_metrics"]
@@ -37,7 +37,7 @@ def class_accuracy_metrics(
     predict: Callable[[Tensor], Tensor] | None = None
     description = ""
     if classifier is not None:
-        from pipeline.adapters import load_object
+        from pipeline.models.adapters import load_object
 
         fn = load_object(classifier)
 
@@ -46,10 +46,10 @@ def class_accuracy_metrics(
 
         description = f"user classifier {classifier}"
     elif cfg.get("model") in (None, "shipped") and shipped_classifier_available():
+        from pipeline.models.generation import model_label_map
         from pipeline.models.loading import resolve_device
-        from pipeline.worker import model_label_map
 
-        from .features import classifier_extractor
+        from ..measures.features import classifier_extractor
 
         clf = load_shipped_classifier(device=resolve_device(device))
         label_map = model_label_map(class_names, int(clf.config["num_classes"]))

@@ -1,6 +1,6 @@
 """`augment eval RUN`: the typer command over :func:`pipeline.evaluation.run_eval.evaluate_run`.
 
-Registered in `pipeline/cli.py` with
+Registered in `pipeline/cli/commands.py` with
 
     from .evaluation.cli import eval_command
     app.command("eval")(eval_command)

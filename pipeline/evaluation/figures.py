@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from . import metrics as M
+from ..measures import metrics as M
 
 __all__ = ["run_figures"]
 

@@ -45,9 +45,9 @@ from storage.references import References, read_references
 from storage.run_record import read_run_record
 from storage.shards import REJECTED_DIR, SHARDS_DIR, shard_path
 
-from . import metrics as M
+from ..measures import metrics as M
+from ..measures.features import FeatureExtractor, extract, resolve_extractor
 from .class_accuracy import class_accuracy_metrics
-from .features import FeatureExtractor, extract, resolve_extractor
 from .figures import run_figures
 from .warnings_log import Warnings
 

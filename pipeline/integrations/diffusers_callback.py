@@ -6,7 +6,7 @@ step, and use the `latents` the callback returns for the next step. That is exac
 `noisy` guidance acts (DESIGN.md §2): g = ∇_{x_t} MMD²(X_t, Y) in closed form on the current noisy latent,
 applied after the sampler step. So:
 
-    from pipeline.diffusers_callback import MMDGuidanceCallback
+    from pipeline.integrations.diffusers_callback import MMDGuidanceCallback
 
     guide = MMDGuidanceCallback.from_references(pipe, "./xray_samples", strength=0.01)
     images = pipe(prompts, callback_on_step_end=guide,
@@ -15,8 +15,8 @@ applied after the sampler step. So:
 What it shares with the `augment` job (nothing is re-implemented here):
 - the references are read and validated by `storage.references.read_references`, encoded once with the
   pipeline's own VAE and cached as a reference bundle (`storage.bundle`, the job's cache folder);
-- the sample kernel comes from `pipeline.reference.build_kernel` (median-heuristic bandwidth), the guidance
-  settings (strength schedule, step normalisation, sample memory) from `pipeline.worker.make_guidance`, all
+- the sample kernel comes from `pipeline.checks.reference.build_kernel` (median-heuristic bandwidth), the guidance
+  settings (strength schedule, step normalisation, sample memory) from `pipeline.models.generation.make_guidance`, all
   from one validated `AugmentConfig`; the update is the job's `noisy` method's own function,
   `guidance.noisy.noisy_guidance_update`;
 - the gradient is batch-coupled: MMD² over the whole batch of latents at that step (all prompts ×
@@ -65,10 +65,10 @@ from guidance.kernels import ConditionKernel, median_pairwise_distance
 from storage.bundle import bundle_dir, load_bundle, save_bundle
 from storage.references import read_references
 
-from .config import AugmentConfig
-from .pilot import FALLBACK_STRENGTH
-from .reference import MIN_REFERENCES, ReferenceBundle, build_kernel, default_cache_dir, split_holdout
-from .worker import make_guidance
+from ..checks.pilot import FALLBACK_STRENGTH
+from ..checks.reference import MIN_REFERENCES, ReferenceBundle, build_kernel, default_cache_dir, split_holdout
+from ..config import AugmentConfig
+from ..models.generation import make_guidance
 
 __all__ = [
     "LatentEncoding",

@@ -1,6 +1,6 @@
 """Worker entry point for `accelerate launch`: each process owns whole shards.
 
-    accelerate launch --multi_gpu --num_processes K -m pipeline.distributed JOB.json
+    accelerate launch --multi_gpu --num_processes K -m pipeline.jobs.distributed JOB.json
 
 JOB.json (`storage.run_record.write_job_spec`) holds the config and the pending shard ids as ranges
 (computed once by the parent; a few integers whatever `--n`). Each process takes its contiguous share
@@ -18,12 +18,12 @@ import torch
 
 from storage.run_record import read_job_spec
 
-from .config import AugmentConfig
+from ..config import AugmentConfig
+from ..plan import ShardRanges, plan_job
 from .executors import run_shards_in_process
 from .job import build_context
-from .plan import ShardRanges, plan_job
 
-log = logging.getLogger("pipeline.distributed")
+log = logging.getLogger("pipeline.jobs.distributed")
 
 
 def main(argv: list[str] | None = None) -> int:

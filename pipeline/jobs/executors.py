@@ -1,11 +1,11 @@
-"""Executors: where the pending shards of a job run. Every one goes through `pipeline.worker.run_shard`,
+"""Executors: where the pending shards of a job run. Every one goes through `pipeline.jobs.worker.run_shard`,
 so each writes the same bytes for the same shard.
 
-    run_shards_in_process   this process: one CPU or one GPU
-    launch_workers          `accelerate launch` of K processes on this node (one per GPU; gloo on CPU),
-                            each running `pipeline.distributed` on its share of the shards
-    pipeline.static_cluster many machines without Prefect: prepare once, `accelerate launch` on every
-                            machine, finish once (built on these two and on `pipeline.job`)
+    run_shards_in_process         this process: one CPU or one GPU
+    launch_workers                `accelerate launch` of K processes on this node (one per GPU; gloo on
+                                  CPU), each running `pipeline.jobs.distributed` on its share of the shards
+    pipeline.jobs.static_cluster  many machines without Prefect: prepare once, `accelerate launch` on every
+                                  machine, finish once (built on these two and on `pipeline.jobs.job`)
 
 Prefect's tasks (`flows/`) call these same functions.
 """
@@ -25,8 +25,8 @@ from pathlib import Path
 from storage.run_record import write_job_spec
 from storage.shards import read_marker
 
-from .config import AugmentConfig
-from .plan import JobPlan, ShardRanges
+from ..config import AugmentConfig
+from ..plan import JobPlan, ShardRanges
 from .worker import JobContext, ShardResult, run_shard
 
 log = logging.getLogger(__name__)
@@ -75,7 +75,7 @@ def launch_workers(cfg: AugmentConfig, shards: ShardRanges, progress: Callable[[
             "--main_process_port",
             str(free_port()),
             "-m",
-            "pipeline.distributed",
+            "pipeline.jobs.distributed",
             str(spec),
         ]
         log.info("launching %d workers: %s", cfg.processes, " ".join(cmd))

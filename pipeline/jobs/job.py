@@ -1,6 +1,6 @@
 """The whole `augment` job as plain functions: prepare, plan, run shards (in-process or K workers), finish.
 
-The shards run on an executor of `pipeline.executors`: in-process (one CPU or GPU), or `accelerate
+The shards run on an executor of `pipeline.jobs.executors`: in-process (one CPU or GPU), or `accelerate
 launch` of K worker processes on the node, each owning whole shards (a contiguous share of the pending
 shards, handed over as ranges; no gather of images).
 
@@ -37,17 +37,18 @@ from storage.run_record import (
 )
 from storage.shards import clean_partial, done_shard_ids, is_done, read_marker
 
-from . import __version__
-from .config import AugmentConfig
+from .. import __version__
+from ..checks.fidelity import make_judge
+from ..checks.pilot import pilot_key, run_pilot
+from ..checks.pseudo import assign_pseudo_classes
+from ..checks.reach import reach_or_stop
+from ..checks.reference import ReferenceBundle, build_target, check_references, default_cache_dir, prepare_reference
+from ..config import AugmentConfig
+from ..models.generation import model_label_map
+from ..models.loading import LoadedModel, load_model
+from ..plan import JobPlan, RemainingShards, ShardRanges, class_proportions, plan_job
 from .executors import launch_workers, run_shards_in_process
-from .fidelity import make_judge
-from .models.loading import LoadedModel, load_model
-from .pilot import pilot_key, run_pilot
-from .plan import JobPlan, RemainingShards, ShardRanges, class_proportions, plan_job
-from .pseudo import assign_pseudo_classes
-from .reach import reach_or_stop
-from .reference import ReferenceBundle, build_target, check_references, default_cache_dir, prepare_reference
-from .worker import JobContext, ShardResult, model_label_map
+from .worker import JobContext, ShardResult
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +102,7 @@ def build_context(
     """Load the model, prepare the reference bundle (validating the references) and the MMD target.
 
     The references are checked before the model is loaded: an input error comes first, and alone. With
-    `check_reach` (the job's start, not its workers) the reach check runs next (`pipeline.reach`: an
+    `check_reach` (the job's start, not its workers) the reach check runs next (`pipeline.checks.reach`: an
     InputError when the model cannot draw the references), before the pilot (`--strength auto`; skipped
     without `pilot`, e.g. for a dry run's reach check).
     """
@@ -115,7 +116,7 @@ def build_context(
             f"--ig-scale {cfg.ig_scale:g}: Internal Guidance needs a model with an Internal-Guidance head, and"
             f" {model.model_id} has none; use --ig-scale 1"
         )
-    # unlabelled references on a class-conditional model: the classes a judge reads in them (`pipeline.pseudo`)
+    # unlabelled references on a class-conditional model: the classes a judge reads in them (`pipeline.checks.pseudo`)
     bundle, _ = assign_pseudo_classes(prepare_reference(cfg, model), model, cfg)
     target = build_target(cfg, bundle, model.device)
     props = class_proportions(bundle.labels, bundle.num_classes or 0, cfg.class_balance)
@@ -418,7 +419,7 @@ class _ManifestCounts:
 def label_fidelity(per_class: dict[str, dict], judges: set[str], *, pseudo: bool = False) -> dict | None:
     """Kept samples the label judge assigns to their target class, overall and per class (None: the run is
     unlabelled or nothing was judged). `per_class`: class name -> {"agreed", "judged"}. `pseudo`: the
-    classes are pseudo-classes (`pipeline.pseudo`), said so by `"pseudo": true`."""
+    classes are pseudo-classes (`pipeline.checks.pseudo`), said so by `"pseudo": true`."""
     if not per_class:
         return None
     for entry in per_class.values():

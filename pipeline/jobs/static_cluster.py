@@ -1,19 +1,19 @@
 """A job on a static cluster without Prefect: prepare once, `accelerate launch` on every machine, finish once.
 
-    python -m pipeline.static_cluster prepare --config job.json --spec /shared/job-spec.json
+    python -m pipeline.jobs.static_cluster prepare --config job.json --spec /shared/job-spec.json
     accelerate launch --config_file deploy/accelerate-multinode.yaml --machine_rank $RANK \\
-        -m pipeline.distributed /shared/job-spec.json          # on each machine
-    python -m pipeline.static_cluster finish --spec /shared/job-spec.json
+        -m pipeline.jobs.distributed /shared/job-spec.json          # on each machine
+    python -m pipeline.jobs.static_cluster finish --spec /shared/job-spec.json
 
-`prepare` is `pipeline.job.start_job` (validate and encode the references into the shared cache,
+`prepare` is `pipeline.jobs.job.start_job` (validate and encode the references into the shared cache,
 claim the output folder, clean crashed writes, list the pending shards) and writes the job spec that
-`pipeline.distributed` reads. `finish` checks that every shard is done and is `pipeline.job.finish_job`
+`pipeline.jobs.distributed` reads. `finish` checks that every shard is done and is `pipeline.jobs.job.finish_job`
 (merge the manifest, write run.json). Re-running `prepare` after a crash lists only what is missing.
 The spec holds the pending shards as ranges (`pipeline.plan.ShardRanges`): its size does not grow with
 `--n`, and each worker computes its own share. Exit codes as `augment`'s: 0 delivered, 2 bad input or
 settings, 3 `finish` found the run kept fewer than `--n` samples (unless `allow_shortfall`).
 No Prefect here: the same steps the `augment` flow runs as tasks (one of the executors next to
-`pipeline.executors`).
+`pipeline.jobs.executors`).
 """
 
 from __future__ import annotations
@@ -28,10 +28,10 @@ from pydantic import ValidationError
 from storage.errors import InputError
 from storage.run_record import read_job_spec, write_job_spec
 
+from ..config import AugmentConfig
+from ..plan import ShardRanges, plan_job
 from . import job
-from .cli import EXIT_BAD_INPUT, EXIT_DELIVERED, EXIT_FINISHED_SHORT
-from .config import AugmentConfig
-from .plan import ShardRanges, plan_job
+from .exit_codes import EXIT_BAD_INPUT, EXIT_DELIVERED, EXIT_FINISHED_SHORT
 
 
 def prepare(cfg: AugmentConfig, spec: str | Path) -> ShardRanges:
@@ -57,7 +57,7 @@ def finish(spec: str | Path) -> job.JobSummary:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pipeline.static_cluster", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m pipeline.jobs.static_cluster", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("prepare", help="validate, encode, claim, plan; write the job spec")
     p.add_argument("--config", required=True, type=Path, help="JSON/TOML config (as for `augment --config`)")

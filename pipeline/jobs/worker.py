@@ -25,39 +25,26 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
 
-from guidance import (
-    Kernel,
-    MMDGuidance,
-    MMDTarget,
-    ProductKernel,
-    SampleMemory,
-    StrengthSchedule,
-    mmd2,
-    mmd_contributions,
-    nearest_reference_distance,
-)
+from guidance import Kernel, MMDTarget, ProductKernel, mmd2, mmd_contributions, nearest_reference_distance
 from storage.manifest import write_manifest_part
 from storage.shards import REJECTED_DIR, encode_png, write_shard
 
-from .config import AugmentConfig
-from .fidelity import LabelJudge
-from .models.loading import LoadedModel
-from .numerics import sample_finite
-from .plan import ShardPlan, assign_classes, class_quotas, reserve_per_shard, reserved_index, seeds_for
-from .reference import ReferenceBundle
-from .sampling import sample_latents
+from ..checks.fidelity import LabelJudge
+from ..checks.reference import ReferenceBundle, outside_support
+from ..config import AugmentConfig
+from ..models import generation
+from ..models.generation import Progress
+from ..models.loading import LoadedModel
+from ..plan import ShardPlan, assign_classes, class_quotas, reserve_per_shard, reserved_index, seeds_for
 
 log = logging.getLogger(__name__)
-
-#: Called with the number of samples just finished (generated, for the progress bar).
-Progress = Callable[[int], None]
 
 #: Above this fraction of rejected samples in a shard the worker warns and says what to change.
 HIGH_REJECTION = 0.10
@@ -79,7 +66,7 @@ class JobContext:
     worker: str = "main"  # which process wrote a shard (recorded in its done marker)
     judge: LabelJudge | None = None  # labelled runs: who says which class a sample shows
     pilot: dict[str, Any] | None = None  # `--strength auto`: the pilot's record (its "chosen" strength)
-    reach: dict[str, Any] | None = None  # the reach check's record (`pipeline.reach`), when it ran
+    reach: dict[str, Any] | None = None  # the reach check's record (`pipeline.checks.reach`), when it ran
 
     @property
     def strength(self) -> float:
@@ -87,7 +74,7 @@ class JobContext:
         if self.cfg.strength != "auto":
             return float(self.cfg.strength)
         if self.pilot is None:
-            raise RuntimeError("strength 'auto' has no pilot result: build the context with pipeline.job")
+            raise RuntimeError("strength 'auto' has no pilot result: build the context with pipeline.jobs.job")
         return float(self.pilot["chosen"])
 
 
@@ -105,87 +92,16 @@ class ShardResult:
     shortfall: int = 0  # planned kept samples the shard could not fill within its cap
 
 
-def model_label_map(class_names: list[str] | None, num_model_classes: int | None) -> dict[int, int] | None:
-    """Class folders named by integers the model knows ("0".."9" for the shipped prior) become model
-    labels, so a class-conditional model is asked for that class; otherwise only the kernel steers."""
-    if class_names is None or num_model_classes is None:
-        return None
-    try:
-        ids = [int(name) for name in class_names]
-    except ValueError:
-        return None
-    if any(not 0 <= i < num_model_classes for i in ids):
-        return None
-    return dict(enumerate(ids))
-
-
-def make_guidance(cfg: AugmentConfig, target: MMDTarget, strength: float | None = None) -> MMDGuidance | None:
-    """The guidance of `cfg` toward `target` (None when off); `strength` overrides the config's (which
-    must then be a number, not 'auto')."""
-    s = cfg.strength if strength is None else strength
-    if s == "auto":
-        raise ValueError("strength 'auto' must be resolved by the pilot before sampling")
-    if cfg.guidance == "none" or s == 0:
-        return None
-    kind = (
-        "interval" if cfg.schedule == "constant" and (cfg.schedule_start, cfg.schedule_end) != (0, 1) else cfg.schedule
-    )
-    schedule = StrengthSchedule(float(s), kind=kind, start=cfg.schedule_start, end=cfg.schedule_end)
-    return MMDGuidance(
-        target,
-        schedule,
-        mode=cfg.guidance,
-        normalization=cfg.normalization,
-        lookahead_steps=cfg.lookahead_steps,
-        memory=SampleMemory(cfg.memory) if cfg.memory else None,
-        attraction_floor=cfg.attraction_floor,
-    )
-
-
 def generate(
     ctx: JobContext,
     indices: Sequence[int],
     labels: torch.Tensor | None,
     progress: Progress | None = None,
 ) -> torch.Tensor:
-    """Latents [n, C, H, W] (float32, CPU) of the samples with these global indices and target classes.
-
-    Batches are consecutive slices of `indices`; each sample's noise comes from its own seed.
-    """
-    cfg, model = ctx.cfg, ctx.model
-    guidance = make_guidance(cfg, ctx.target, ctx.strength)  # fresh memory per call: independent of process count
-    product = isinstance(ctx.target.kernel, ProductKernel)
-    sequential = cfg.coupling == "sequential"
-    if sequential and guidance is not None and guidance.memory is None:
-        guidance.memory = SampleMemory(100)
-    step = 1 if sequential else cfg.batch_size
-    out = []
-    for offset in range(0, len(indices), step):
-        batch = indices[offset : offset + step]
-        if sequential and guidance is not None and len(guidance.memory) >= guidance.memory.capacity:
-            guidance.memory.clear()  # the public code resets its memory bank every `capacity` samples
-        lab = labels[offset : offset + len(batch)] if labels is not None else None
-        condition = None
-        if lab is not None and ctx.model_labels is not None:
-            condition = torch.tensor([ctx.model_labels[int(c)] for c in lab], device=model.device)
-        result = sample_finite(cfg, model.device, batch, sample_latents)(
-            model.denoiser,
-            model.scheduler,
-            seeds_for(cfg, batch),
-            num_steps=cfg.steps,
-            condition=condition,
-            cfg_scale=cfg.cfg_scale,
-            ig_scale=cfg.ig_scale,
-            ig_interval=cfg.ig_interval,
-            guidance=guidance,
-            mmd_condition=lab.to(model.device) if (product and lab is not None) else None,
-            eta=cfg.eta,
-            device=model.device,
-        )
-        out.append(result.latents.cpu())
-        if progress is not None:
-            progress(len(batch))
-    return torch.cat(out)
+    """`pipeline.models.generation.generate` with the job's config, model, target, strength and model labels."""
+    return generation.generate(
+        ctx.cfg, ctx.model, ctx.target, ctx.strength, ctx.model_labels, indices, labels, progress
+    )
 
 
 def generate_pool(ctx: JobContext, shard: ShardPlan, progress: Progress | None = None):
@@ -207,11 +123,6 @@ def pool_scores(ctx: JobContext, latents: torch.Tensor, labels: torch.Tensor | N
     if n < 2:
         return torch.zeros(n, dtype=torch.float64)
     return mmd_contributions(latents, ctx.bundle.latents, unbiased=n >= 3, **_kernel_args(ctx, labels)).double()
-
-
-def outside_support(nearest: torch.Tensor, bandwidth: float, radius: float) -> torch.Tensor:
-    """Samples whose nearest reference is farther than `radius` × the median reference distance [n] bool."""
-    return nearest > radius * bandwidth
 
 
 def select_kept(
@@ -441,7 +352,7 @@ def run_shard(ctx: JobContext, shard: ShardPlan, progress: Progress | None = Non
     kept_samples: list[dict[str, Any]] = []
     rejected_samples: list[dict[str, Any]] = []
     written = {int(j) for j in write_idx}
-    # pseudo-classes (`pipeline.pseudo`): the output stays unlabelled unless --pseudo-labels; the manifest's
+    # pseudo-classes (`pipeline.checks.pseudo`): the output stays unlabelled unless --pseudo-labels; the manifest's
     # `pseudo_class` keeps the class either way
     pseudo = bundle.pseudo_labels
     shown = not pseudo or cfg.pseudo_labels

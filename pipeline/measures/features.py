@@ -149,7 +149,7 @@ def vae_extractor(model: Any, *, batch_size: int = 64) -> FeatureExtractor:
 
 def import_path_extractor(spec: str) -> FeatureExtractor:
     """A user extractor ``pkg.mod:fn`` with ``fn(images in [-1, 1] [n, C, H, W]) -> [n, F]``."""
-    from pipeline.adapters import load_object
+    from pipeline.models.adapters import load_object
 
     fn = load_object(spec)
     if not callable(fn):

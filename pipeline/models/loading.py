@@ -17,8 +17,8 @@ import torch
 
 from storage.errors import InputError
 
-from ..adapters import InternalGuidanceUNetAdapter, adapter_for, load_object
-from ..denoiser import Denoiser
+from .adapters import InternalGuidanceUNetAdapter, adapter_for, load_object
+from .denoiser import Denoiser
 
 
 def resolve_device(device: str = "auto") -> torch.device:

@@ -17,7 +17,7 @@ import torch
 
 from storage.errors import InputError
 
-from .config import AugmentConfig
+from ..config import AugmentConfig
 
 T = TypeVar("T")
 
@@ -27,7 +27,7 @@ def sample_finite(
 ) -> Callable[..., T]:
     """`sample`, for the batch of sample `indices`, raising InputError if its latents are not finite.
 
-    `sample` returns an object with a `latents` tensor (`pipeline.sampling.sample_latents`).
+    `sample` returns an object with a `latents` tensor (`pipeline.models.sampling.sample_latents`).
     """
 
     def checked(*args: Any, **kwargs: Any) -> T:

@@ -41,8 +41,8 @@ def generate(
     Sample i's noise comes from `pipeline.seeding.sample_seed(seed, i)`, so results do not depend on
     the batch size; DDIM with the prior's scheduler, IG inside each branch, CFG on top.
     """
-    from pipeline.adapters import InternalGuidanceUNetAdapter
-    from pipeline.sampling import sample_latents
+    from pipeline.models.adapters import InternalGuidanceUNetAdapter
+    from pipeline.models.sampling import sample_latents
     from pipeline.seeding import sample_seed
 
     device = prior.unet.unet.device

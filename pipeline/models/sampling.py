@@ -22,8 +22,8 @@ from guidance.method import AlphaSigmaFn, GuidanceStep, PredictFn
 from guidance.mmd_guidance import MMDGuidance
 from guidance.parameterization import from_x0_eps, to_x0_eps
 
+from ..seeding import noise_generator, step_generator
 from .denoiser import Denoiser
-from .seeding import noise_generator, step_generator
 
 #: Called after each step with (step index, number of steps).
 ProgressCallback = Callable[[int, int], None]

@@ -4,4 +4,5 @@ import sys
 
 from .cli import main
 
-sys.exit(main())
+if __name__ == "__main__":  # not on a plain import (pkgutil.walk_packages smoke imports)
+    sys.exit(main())

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from pipeline.evaluation.metrics import frechet_distance
+from pipeline.measures.metrics import frechet_distance
 from pipeline.models.prior_eval import class_summary, classify, generate, psnr, save_grid
 from pipeline.models.shipped import load_shipped
 

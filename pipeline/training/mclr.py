@@ -1,6 +1,6 @@
 """MCLR fine-tuning of the shipped prior: maximise the likelihood ratio of the true class over mismatched ones.
 
-    python -m pipeline.train_mclr --out pipeline/assets/mnist-ldm-mclr [--steps 300 --beta 2000 --weight 1.0]
+    python -m pipeline.training.mclr --out pipeline/assets/mnist-ldm-mclr [--steps 300 --beta 2000 --weight 1.0]
 
 Our reconstruction of MCLR (arXiv 2603.22364 has no public code; this is a reading of its abstract):
 
@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .models.shipped import SHIPPED_MODEL_DIR, InternalGuidanceUNet, load_shipped
+from ..models.shipped import SHIPPED_MODEL_DIR, InternalGuidanceUNet, load_shipped
 
 
 def mclr_loss(
@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> None:
     info = prior.info
     num_classes, null_class = int(info["num_classes"]), int(info["null_class_id"])
     split = json.loads((base / "split.json").read_text())
-    from .models.prior_data import load_mnist
+    from ..models.prior_data import load_mnist
 
     data = load_mnist()
     held = set(int(i) for i in split["heldout_indices"])
@@ -151,9 +151,9 @@ def main(argv: list[str] | None = None) -> None:
     shipped["mclr"] = {k: v for k, v in vars(args).items() if k not in ("base", "out")} | {"seconds": seconds}
     (tmp / "shipped.json").write_text(json.dumps(shipped, indent=2) + "\n")
     (tmp / "README.md").write_text(
-        f"# {shipped['model_id']}\n\nThe shipped prior fine-tuned with MCLR (`python -m pipeline.train_mclr`): "
+        f"# {shipped['model_id']}\n\nThe shipped prior fine-tuned with MCLR (`python -m pipeline.training.mclr`): "
         f"{steps} steps, batch {args.batch_size}, lr {args.lr}, beta {args.beta}, weight {args.weight}, seed "
-        f"{args.seed}, {seconds:.0f} s on CPU. Objective and evaluation: pipeline/train_mclr.py, docs/results.md.\n"
+        f"{args.seed}, {seconds:.0f} s on CPU. Objective and evaluation: pipeline/training/mclr.py, docs/results.md.\n"
     )
     if out.exists():
         shutil.rmtree(out)

@@ -307,9 +307,9 @@ class LearningCurveProbe:
 
     @torch.no_grad()
     def __call__(self, ema_state: dict[str, torch.Tensor]) -> dict[str, Any]:
-        from pipeline.adapters import InternalGuidanceUNetAdapter
+        from pipeline.models.adapters import InternalGuidanceUNetAdapter
         from pipeline.models.prior_eval import class_summary
-        from pipeline.sampling import sample_latents
+        from pipeline.models.sampling import sample_latents
         from pipeline.seeding import sample_seed
 
         model = build_unet(self.cfg, self.num_classes).to(self.device)
