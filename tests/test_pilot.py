@@ -170,6 +170,21 @@ def test_a_collapse_that_mmd_calls_better_is_not_chosen_and_stops_the_ladder():
     assert found.chosen in (0.01, 0.02)
 
 
+def test_noisy_constraints_at_the_bottom_of_the_ladder_do_not_stop_it():
+    """Weak guidance that breaks a constraint by noise (the observed case: garbage 5/64 against unguided's 3/64)
+    must not end the ladder before any candidate was feasible."""
+    tried = []
+
+    def evaluate(s: float):
+        tried.append(s)
+        garbage = 0.047 if s == 0 else (0.078 if s < 0.03 else 0.03)
+        return _candidate(s, math.nan, garbage=garbage), _features(_bowl_at(0.16)(s), 64, 0)
+
+    found = search(evaluate, LADDER, 64, _held(0), _kernel())
+    assert tried == [0.0, *LADDER] and found.chosen == 0.16
+    assert [c.feasible for c in found.candidates[:2]] == [False, False]
+
+
 def test_a_choice_at_the_top_of_the_ladder_says_the_cap_chose():
     evaluate, _ = _problem(_saturating, 0)
     found = search(evaluate, LADDER, 64, _held(0), _kernel(), rule="strongest")

@@ -30,15 +30,15 @@ between domains. Before the job, the pilot:
      (decoded pixels of a domain the prior cannot draw): it is dropped, said so in the record and the log,
      and garbage is judged by the latent-support rule alone;
 5. scores every candidate of the ladder (`search`: no early stop on one worse value; only after two
-   consecutive infeasible candidates are the stronger ones skipped), with a paired bootstrap of the held-out
-   MMD² (`bootstrap_mmd2`: samples and held-out references resampled with the same counts for every
-   candidate), and chooses by `pilot_rule` (`choose`): by default the *strongest* feasible candidate whose
-   MMD² is within one standard error (of its difference to the lowest) of the lowest. MMD² on a few dozen
-   held-out references is flat within noise over a wide range of strengths; the lowest of equal values
-   flips with the seed, while the strongest of the statistically equal ones is stable, and moves the
-   job's samples furthest toward the target the fidelity constraints allow (measured: docs/results.md,
-   decision suite). Guidance is off (0) when no feasible candidate beats unguided; when the choice is the
-   strongest strength of the ladder, the record says the cap, not the data, chose it.
+   consecutive infeasible candidates above a feasible one are the stronger ones skipped), with a paired
+   bootstrap of the held-out MMD² (`bootstrap_mmd2`: samples and held-out references resampled with the same
+   counts for every candidate), and chooses by `pilot_rule` (`choose`): by default the *strongest* feasible
+   candidate whose MMD² is within one standard error (of its difference to the lowest) of the lowest. MMD²
+   on a few dozen held-out references is flat within noise over a wide range of strengths; the lowest of
+   equal values flips with the seed, while the strongest of the statistically equal ones is stable, and
+   moves the job's samples furthest toward the target the fidelity constraints allow (measured:
+   docs/results.md, decision suite). Guidance is off (0) when no feasible candidate beats unguided; when the
+   choice is the strongest strength of the ladder, the record says the cap, not the data, chose it.
 
 Its record (candidates, scores, constraints, choice, cost) goes to `run.json` and the eval report; it is
 cached per references, model and settings (`storage.pilot`); what the search did beyond scoring the ladder
@@ -79,7 +79,9 @@ from .fidelity import READABLE  # the shipped classifier's features score the pi
 
 log = logging.getLogger(__name__)
 
-PILOT_VERSION = 3  # 3: the whole ladder scored, paired bootstrap standard errors, a rule that accounts for them
+#: 3: the whole ladder scored, paired bootstrap SEs, a rule that accounts for them; 4: no early stop below a
+#: feasible candidate
+PILOT_VERSION = 4
 
 #: Config fields the pilot's outcome does not depend on (besides the runtime-only ones).
 IRRELEVANT_FIELDS = frozenset(
@@ -286,7 +288,9 @@ class Search:
     bound_chose: str | None = None  # the bound (setting name) that chose the strength, None: the data chose
 
 
-#: The ladder stops after this many consecutive infeasible candidates (stronger ones break constraints too).
+#: The ladder stops after this many consecutive infeasible candidates above a feasible one (stronger ones break
+#: constraints too). Infeasible candidates at the bottom of the ladder, where guidance barely acts, are noise of
+#: the constraints (e.g. 5 garbage samples in 64 against unguided's 3): the ladder goes on past them.
 INFEASIBLE_RUN = 2
 
 
@@ -323,7 +327,8 @@ def search(
         result.candidates.append(c)
         feats.append(f)
         infeasible_run = 0 if c.feasible else infeasible_run + 1
-        if infeasible_run >= INFEASIBLE_RUN and i + 1 < len(strengths):
+        seen_feasible = any(t.feasible for t in result.candidates)
+        if infeasible_run >= INFEASIBLE_RUN and seen_feasible and i + 1 < len(strengths):
             result.notes.append(
                 f"{INFEASIBLE_RUN} consecutive candidates broke constraints (up to s={s:g}): the stronger ones "
                 f"({', '.join(f'{t:g}' for t in sorted(strengths)[i + 1 :])}) were not tried"
