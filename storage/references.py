@@ -160,26 +160,95 @@ def read_references(
     if height < 1 or width < 1:
         raise ValueError(f"size must be positive (H, W), got {size}")
     path = str(path)
+    fs, root, shown_root = _open_folder(path, storage_options)
+
+    def shown(rel: str) -> str:
+        return f"{shown_root}/{rel}" if rel else shown_root
+
+    problems = _Problems()
+    listing = _list_tree(fs, root, shown, problems)
+    files = {rel: info for rel, info in listing.items() if info.get("type") != "directory"}
+    dirs = sorted(rel for rel, info in listing.items() if info.get("type") == "directory")
+    found = _sort_files(files, shown, problems)
+    images = found.images
+    class_names, report_notes, warnings_ = _layout(images, dirs, listing, shown, problems)
+    if not images:
+        problems.raise_if_any()  # an unreadable folder or a broken link explains "no images" better
+        others = found.others
+        more = f"; found only {_plural(len(others), 'other file')}, e.g. {others[0]}" if others else ""
+        raise InputError(f"{shown_root}: no images found (supported: {_supported_list()}){more}")
+
+    # Read every file once: bytes feed both the decoder and the content hash.
+    blobs = _read_blobs(fs, root, images + list(found.sidecars.values()) + found.caption_tables, files, shown, problems)
+    captions_by_image = _read_captions(images, found.sidecars, found.caption_tables, blobs, shown, problems)
+    decoded = _decode_all(images, blobs, channels, (height, width), max_pixels, shown, problems)
+    if not problems.items and len(images) < min_count:
+        problems.add(
+            shown_root,
+            f"only {len(images)} image{'s' if len(images) != 1 else ''}; need at least {min_count}",
+        )
+    problems.raise_if_any()
+
+    return _assemble(
+        shown_root,
+        found,
+        class_names,
+        captions_by_image,
+        decoded,
+        blobs,
+        channels,
+        (height, width),
+        report_notes,
+        warnings_,
+    )
+
+
+def refuse_output_inside(ref: str, out: str) -> None:
+    """InputError if the output folder `out` is the reference folder `ref` or inside it (local paths):
+    the run's own samples would be read as references by the next run."""
+    protocol = fsspec.core.split_protocol(str(ref))[0]
+    if protocol not in (None, "file", "local"):
+        return
+    ref_path = Path(fsspec.core.strip_protocol(str(ref))).resolve()
+    out_path = Path(out).resolve()
+    if out_path == ref_path or ref_path in out_path.parents:
+        raise InputError(
+            f"{out}: the output folder is inside the reference folder {ref} (the next run would read its "
+            "samples as references); choose an --out outside it"
+        )
+
+
+# ----------------------------------------------------------------------------------- the steps of reading
+
+
+@dataclass
+class _Sorted:
+    """The folder's files by role: images, caption files, everything else, and what is ignored."""
+
+    images: list[str]  # sorted relative paths of the image files
+    sidecars: dict[str, str]  # image rel -> its `<stem>.txt` caption rel
+    caption_tables: list[str]  # root-level captions.jsonl / captions.csv present
+    others: list[str]  # visible files that are neither images nor caption tables (sidecars included)
+    ignored: list[str]  # hidden or system files
+
+
+def _open_folder(path: str, storage_options: dict[str, Any] | None) -> tuple[fsspec.AbstractFileSystem, str, str]:
+    """The filesystem, the root inside it and the folder as messages show it; InputError unless a folder."""
     try:
         fs, root = fsspec.core.url_to_fs(path, **(storage_options or {}))
     except (ValueError, ImportError) as e:
         raise InputError(f"{path}: cannot open this location ({e})") from e
     root = root.rstrip("/") or "/"
     shown_root = path.rstrip("/") or path
-
-    def shown(rel: str) -> str:
-        return f"{shown_root}/{rel}" if rel else shown_root
-
     if not fs.exists(root):
         raise InputError(f"{shown_root}: reference folder does not exist")
     if not fs.isdir(root):
         raise InputError(f"{shown_root}: not a folder (give the folder that holds the reference images)")
+    return fs, root, shown_root
 
-    problems = _Problems()
-    listing = _list_tree(fs, root, shown, problems)
-    files = {rel: info for rel, info in listing.items() if info.get("type") != "directory"}
-    dirs = sorted(rel for rel, info in listing.items() if info.get("type") == "directory")
 
+def _sort_files(files: dict[str, dict[str, Any]], shown: Callable[[str], str], problems: _Problems) -> _Sorted:
+    """Sort the listed files by role; a caption file without its image and any other file are problems."""
     ignored = sorted(rel for rel in files if _is_hidden(rel))
     visible = sorted(rel for rel in files if not _is_hidden(rel))
     images = [rel for rel in visible if posixpath.splitext(rel)[1].lower() in IMAGE_EXTENSIONS]
@@ -210,8 +279,18 @@ def read_references(
             )
         else:
             problems.add(shown(rel), f"not an image (supported: {_supported_list()}, captions: .txt)")
+    return _Sorted(images, sidecars, caption_tables, others, ignored)
 
-    # Layout: all images in the root (unlabelled) or all in class sub-folders (labelled).
+
+def _layout(
+    images: list[str],
+    dirs: list[str],
+    listing: dict[str, dict[str, Any]],
+    shown: Callable[[str], str],
+    problems: _Problems,
+) -> tuple[list[str] | None, list[str], list[str]]:
+    """Labelled (all images in class sub-folders) or unlabelled (all in the root): (class names or None,
+    report notes, warnings); a folder that mixes both is a problem."""
     root_images = [rel for rel in images if "/" not in rel]
     nested_images = [rel for rel in images if "/" in rel]
     top_dirs = sorted({d.split("/")[0] for d in dirs if not _is_hidden(d)})
@@ -220,7 +299,7 @@ def read_references(
     warnings_: list[str] = []
     if root_images and nested_images:
         problems.add(
-            shown_root,
+            shown(""),  # the folder itself
             f"mixes images in the folder itself ({root_images[0]}) with images in sub-folders "
             f"({nested_images[0]}); put every image in a class sub-folder, or none",
         )
@@ -240,15 +319,20 @@ def read_references(
             report_notes.append(warnings_[-1])
     elif top_dirs:
         report_notes.append(f"{_plural(len(top_dirs), 'sub-folder')} without images ignored: {_listing(top_dirs)}")
+    return class_names, report_notes, warnings_
 
-    if not images:
-        problems.raise_if_any()  # an unreadable folder or a broken link explains "no images" better
-        found = f"; found only {_plural(len(others), 'other file')}, e.g. {others[0]}" if others else ""
-        raise InputError(f"{shown_root}: no images found (supported: {_supported_list()}){found}")
 
-    # Read every file once: bytes feed both the decoder and the content hash.
+def _read_blobs(
+    fs: fsspec.AbstractFileSystem,
+    root: str,
+    rels: list[str],
+    files: dict[str, dict[str, Any]],
+    shown: Callable[[str], str],
+    problems: _Problems,
+) -> dict[str, bytes]:
+    """Relative path -> the file's bytes, for each of `rels` that can be read and is not empty."""
     blobs: dict[str, bytes] = {}
-    for rel in images + list(sidecars.values()) + caption_tables:
+    for rel in rels:
         if files[rel].get("size") == 0:
             problems.add(shown(rel), "empty file (0 bytes)")
             continue
@@ -264,25 +348,44 @@ def read_references(
         if not blobs[rel]:
             problems.add(shown(rel), "empty file (0 bytes)")
             del blobs[rel]
+    return blobs
 
-    captions_by_image = _read_captions(images, sidecars, caption_tables, blobs, shown, problems)
 
+def _decode_all(
+    images: list[str],
+    blobs: dict[str, bytes],
+    channels: int,
+    size: tuple[int, int],
+    max_pixels: int,
+    shown: Callable[[str], str],
+    problems: _Problems,
+) -> dict[str, _Decoded]:
+    """Relative path -> the converted image, for each image whose bytes were read and decode."""
     decoded: dict[str, _Decoded] = {}
     for rel in images:
         if rel not in blobs:
             continue
         try:
-            decoded[rel] = _decode(blobs[rel], channels=channels, size=(height, width), max_pixels=max_pixels)
+            decoded[rel] = _decode(blobs[rel], channels=channels, size=size, max_pixels=max_pixels)
         except _BadImage as e:
             problems.add(shown(rel), str(e))
+    return decoded
 
-    if not problems.items and len(images) < min_count:
-        problems.add(
-            shown_root,
-            f"only {len(images)} image{'s' if len(images) != 1 else ''}; need at least {min_count}",
-        )
-    problems.raise_if_any()
 
+def _assemble(
+    shown_root: str,
+    found: _Sorted,
+    class_names: list[str] | None,
+    captions_by_image: dict[str, str],
+    decoded: dict[str, _Decoded],
+    blobs: dict[str, bytes],
+    channels: int,
+    size: tuple[int, int],
+    report_notes: list[str],
+    warnings_: list[str],
+) -> References:
+    """The References of a folder read without problems: pixels, labels, captions, hash and report."""
+    images = found.images
     labels = None
     if class_names is not None:
         label_of = {name: i for i, name in enumerate(class_names)}
@@ -299,8 +402,8 @@ def read_references(
         class_names,
         captions,
         channels,
-        (height, width),
-        ignored,
+        size,
+        found.ignored,
         blobs,
         report_notes,
         warnings_,
@@ -316,21 +419,6 @@ def read_references(
         warnings=warnings_,
         source=_describe_source([decoded[rel] for rel in images]),
     )
-
-
-def refuse_output_inside(ref: str, out: str) -> None:
-    """InputError if the output folder `out` is the reference folder `ref` or inside it (local paths):
-    the run's own samples would be read as references by the next run."""
-    protocol = fsspec.core.split_protocol(str(ref))[0]
-    if protocol not in (None, "file", "local"):
-        return
-    ref_path = Path(fsspec.core.strip_protocol(str(ref))).resolve()
-    out_path = Path(out).resolve()
-    if out_path == ref_path or ref_path in out_path.parents:
-        raise InputError(
-            f"{out}: the output folder is inside the reference folder {ref} (the next run would read its "
-            "samples as references); choose an --out outside it"
-        )
 
 
 # ----------------------------------------------------------------------------------------------- listing
@@ -746,7 +834,6 @@ def _report(
     warns: list[str],
 ) -> list[str]:
     """The report's lines; those a user should see even in a quiet run are also appended to `warns`."""
-    height, width = size
     target = "grayscale" if channels == 1 else "RGB"
     if class_names is not None:
         counts = Counter(rel.split("/")[0] for rel in files)
@@ -758,6 +845,18 @@ def _report(
     lines = [f"{_plural(len(files), 'image')} read from {shown_root}, {layout}{with_captions}"]
 
     items = [decoded[rel] for rel in files]
+    lines.extend(_conversion_lines(items, target))
+    lines.extend(_geometry_lines(items, size, target, warns))
+    lines.extend(_duplicate_lines(files, blobs))
+    lines.extend(notes)
+    if ignored:
+        lines.append(f"{_plural(len(ignored), 'hidden or system file')} ignored: {_listing(ignored)}")
+    return lines
+
+
+def _conversion_lines(items: list[_Decoded], target: str) -> list[str]:
+    """Report lines on colour, transparency, bit depth, orientation and frames converted."""
+    lines = []
     kinds = Counter(d.kind for d in items if d.kind != target)
     for kind, n in sorted(kinds.items()):
         lines.append(f"{_plural(n, 'image')} converted from {kind} to {target}")
@@ -773,7 +872,13 @@ def _report(
     n_multi = sum(d.multi_frame for d in items)
     if n_multi:
         lines.append(f"{_plural(n_multi, 'multi-frame image')}: first frame used")
+    return lines
 
+
+def _geometry_lines(items: list[_Decoded], size: tuple[int, int], target: str, warns: list[str]) -> list[str]:
+    """Report lines on sizes, resizing and cropping; resizing and cropping are also appended to `warns`."""
+    height, width = size
+    lines = []
     sizes = Counter(d.size for d in items)
     mixed = ""
     if len(sizes) > 1:
@@ -801,19 +906,20 @@ def _report(
             f"{width // g}:{height // g} (width:height) before resizing"
         )
         warns.append(lines[-1])
+    return lines
 
+
+def _duplicate_lines(files: list[str], blobs: dict[str, bytes]) -> list[str]:
+    """A report line on files byte-identical to another reference, if any."""
     digests: dict[str, list[str]] = defaultdict(list)
     for rel in files:
         digests[hashlib.sha256(blobs[rel]).hexdigest()].append(rel)
     duplicates = [group for group in digests.values() if len(group) > 1]
-    if duplicates:
-        n_dup = sum(len(g) - 1 for g in duplicates)
-        example = " = ".join(duplicates[0][:3])
-        lines.append(f"{_plural(n_dup, 'file')} byte-identical to another reference (e.g. {example})")
-    lines.extend(notes)
-    if ignored:
-        lines.append(f"{_plural(len(ignored), 'hidden or system file')} ignored: {_listing(ignored)}")
-    return lines
+    if not duplicates:
+        return []
+    n_dup = sum(len(g) - 1 for g in duplicates)
+    example = " = ".join(duplicates[0][:3])
+    return [f"{_plural(n_dup, 'file')} byte-identical to another reference (e.g. {example})"]
 
 
 def _sizes(sizes: Counter | dict[tuple[int, int], int]) -> str:
