@@ -78,8 +78,35 @@ def render_model_card(report: dict[str, Any]) -> str:
     if c.get("smoke_images"):
         source += f", reduced to a {c['smoke_images']}-image smoke subset"
     preset, device = d.get("preset", "full"), d.get("device", "cpu")
-    f = _fmt
-    lines = [
+    lines = _head_section(c, d, k, size, mnist, source)
+    lines += _model_section(c, st, m, k, lat)
+    lines += _reproduce_section(c, d, preset, device, minutes, train_min)
+    if report.get("timing_note"):
+        lines += ["", report["timing_note"]]
+    lines += _evaluation_section(m, d, n, u, cfg_name)
+    lines += _settings_section(c, m, u, ig_name)
+    lines += [
+        *floors_section(m, c),
+        *versus_section(m, c),
+        *reach_section(m.get("reach")),
+        *curve_section(st.get("unet", {}).get("learning_curve", [])),
+        *ablation_section(report.get("ablation")),
+        "Every number above, the training config and the per-stage logs: `metrics.json`.",
+        "",
+        "## Limitations",
+        "",
+        f"- 32x32 grayscale handwritten digits from {d['n_train']:,} training images: a demo and test prior.",
+        "- The evaluation classifier was trained on the same training split; it is an in-domain judge, and the",
+        "  FD floor above shows how far two finite real samples of this size already are from each other.",
+        *[f"- {issue}" for issue in report.get("known_issues", [])],
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _head_section(c: dict[str, Any], d: dict[str, Any], k: int, size: int, mnist: bool, source: str) -> list[str]:
+    """The card's title and introduction, the data and split, and the nuisance augmentation."""
+    return [
         f"# {c['model_id']}",
         "",
         "A small class-conditional latent diffusion model (diffusers `AutoencoderKL` + `UNet2DModel` with an",
@@ -107,6 +134,13 @@ def render_model_card(report: dict[str, Any]) -> str:
         "",
         "![augmentations](augmentations.png)",
         "",
+    ]
+
+
+def _model_section(c: dict[str, Any], st: dict[str, Any], m: dict[str, Any], k: int, lat: int) -> list[str]:
+    """The card's "Model" section: one item per folder of the model, and the sizes."""
+    f = _fmt
+    return [
         "## Model",
         "",
         f"- `vae/`: AutoencoderKL, channels {c['vae_channels']}, latent {c['latent_channels']}x{lat}x{lat},"
@@ -134,6 +168,14 @@ def render_model_card(report: dict[str, Any]) -> str:
         f"- Sizes: all weights {m['weights_bytes'] / 1e6:.2f} MB (safetensors); classifier"
         f" {m['classifier_bytes'] / 1e6:.3f} MB.",
         "",
+    ]
+
+
+def _reproduce_section(
+    c: dict[str, Any], d: dict[str, Any], preset: str, device: str, minutes: dict[str, float], train_min: float
+) -> list[str]:
+    """The card's "Reproduce" section: the command, the seed and the wall time of this build."""
+    return [
         "## Reproduce",
         "",
         "```",
@@ -147,9 +189,12 @@ def render_model_card(report: dict[str, Any]) -> str:
         f" {minutes['vae']:.1f}, latent encoding {minutes['latents']:.1f}, UNet {minutes['unet']:.1f}, classifier"
         f" {minutes.get('classifier', 0):.1f}), evaluation {minutes.get('eval', 0):.1f} min.",
     ]
-    if report.get("timing_note"):
-        lines += ["", report["timing_note"]]
-    lines += [
+
+
+def _evaluation_section(m: dict[str, Any], d: dict[str, Any], n: int, u: dict[str, Any], cfg_name: str) -> list[str]:
+    """The card's "Evaluation" section: what is measured, and the table of the prior's metrics."""
+    f = _fmt
+    lines = [
         "",
         "## Evaluation",
         "",
@@ -183,7 +228,13 @@ def render_model_card(report: dict[str, Any]) -> str:
             f"| wall time, {n} samples with CFG (two branches per step) | {r['sampling_seconds']:.1f} s"
             f" + {r['decode_seconds']:.1f} s |"
         )
-    lines += [
+    return lines
+
+
+def _settings_section(c: dict[str, Any], m: dict[str, Any], u: dict[str, Any], ig_name: str) -> list[str]:
+    """The table of the sampling settings, and what unconditional samples and Internal Guidance give."""
+    f = _fmt
+    lines = [
         "",
         "| setting | CFG w | IG w | class accuracy | confident fraction | FD vs held-out | confident-class histogram |",
         "| --- | --- | --- | --- | --- | --- | --- |",
@@ -204,22 +255,8 @@ def render_model_card(report: dict[str, Any]) -> str:
         f"Internal Guidance w = {c['eval_ig_scale']:g} on unconditional samples: FD"
         f" {f(m.get(ig_name, {}).get('fd_vs_heldout'), 2)} against {f(u.get('fd_vs_heldout'), 2)} at w = 1.",
         "",
-        *floors_section(m, c),
-        *versus_section(m, c),
-        *reach_section(m.get("reach")),
-        *curve_section(st.get("unet", {}).get("learning_curve", [])),
-        *ablation_section(report.get("ablation")),
-        "Every number above, the training config and the per-stage logs: `metrics.json`.",
-        "",
-        "## Limitations",
-        "",
-        f"- 32x32 grayscale handwritten digits from {d['n_train']:,} training images: a demo and test prior.",
-        "- The evaluation classifier was trained on the same training split; it is an in-domain judge, and the",
-        "  FD floor above shows how far two finite real samples of this size already are from each other.",
-        *[f"- {issue}" for issue in report.get("known_issues", [])],
-        "",
     ]
-    return "\n".join(lines)
+    return lines
 
 
 def floor_rows(m: dict[str, Any], c: dict[str, Any]) -> list[tuple[str, str, float | None, bool | None]]:
