@@ -282,6 +282,22 @@ def metric_table(sets: dict[str, dict]) -> str:
 def render_report(result: dict[str, Any], figures: Sequence[tuple[str, bytes, str]]) -> str:
     """The report as one HTML string: summary, warnings, tables from ``result`` (the eval.json dict) and
     ``figures`` as (title, PNG bytes, caption), embedded as data URIs."""
+    parts = _summary_parts(result)
+    parts += _alignment_parts(result)
+    parts += _memorisation_parts(result.get("memorisation") or {})
+    parts += _class_accuracy_parts(result.get("class_accuracy") or {})
+    parts += _filter_parts(result.get("filter_scores") or {})
+    parts += _label_fidelity_parts(result.get("label_fidelity"))
+    parts.append(pilot_section(result.get("pilot")))
+    parts.append(utility_section(result.get("utility")))
+    parts += _figure_parts(figures)
+    parts += _settings_parts(result)
+    parts.append("</body></html>")
+    return "\n".join(parts) + "\n"
+
+
+def _summary_parts(result: dict[str, Any]) -> list[str]:
+    """The report's head: title, the run, the summary table and the run's warnings."""
     s = result.get("settings", {})
     counts = result.get("counts", {})
     parts = [
@@ -315,9 +331,12 @@ def render_report(result: dict[str, Any], figures: Sequence[tuple[str, bytes, st
         parts.append(
             '<div class="warn"><b>Warnings</b><ul>' + "".join(f"<li>{_e(w)}</li>" for w in warns) + "</ul></div>"
         )
+    return parts
 
-    parts.append("<h2>Alignment and fidelity</h2>")
-    parts.append(metric_table(result.get("sets", {})))
+
+def _alignment_parts(result: dict[str, Any]) -> list[str]:
+    """The alignment and fidelity metric table, and the metrics that could not be computed."""
+    parts = ["<h2>Alignment and fidelity</h2>", metric_table(result.get("sets", {}))]
     errors = [
         f"{SET_TITLES.get(n, n)} · {g}: {v['error']}"
         for n, d in result.get("sets", {}).items()
@@ -326,99 +345,118 @@ def render_report(result: dict[str, Any], figures: Sequence[tuple[str, bytes, st
     ]
     if errors:
         parts.append('<p class="muted">not computed: ' + _e("; ".join(errors)) + "</p>")
+    return parts
 
-    mem = result.get("memorisation") or {}
-    if mem:
-        parts.append("<h2>Memorisation (nearest-reference distances)</h2>")
-        any_rule = next((v.get("rule") for v in mem.values() if isinstance(v, dict) and v.get("rule")), "")
-        parts.append(f'<p class="muted">Against the guidance references. Rule: {_e(any_rule)}.</p>')
-        mrows = []
-        for space, v in mem.items():
-            if not isinstance(v, dict) or "error" in v:
-                continue
-            mrows.append(
-                [
-                    space,
-                    v.get("num_copies"),
-                    v.get("fraction_copies"),
-                    v.get("threshold"),
-                    v.get("sample_nn_min"),
-                    v.get("sample_nn_median"),
-                    v.get("reference_nn_median"),
-                    v.get("relative_median"),
-                ]
-            )
-        parts.append(
-            _table(
-                [
-                    "space",
-                    "near-copies",
-                    "fraction",
-                    "threshold",
-                    "min sample→ref",
-                    "median sample→ref",
-                    "median ref→ref",
-                    "median ratio to own ref NN",
-                ],
-                mrows,
-            )
-        )
 
-    acc = result.get("class_accuracy") or {}
-    if acc:
-        parts.append("<h2>Class accuracy</h2>")
-        arows = []
-        for name, v in acc.items():
-            if isinstance(v, dict) and "accuracy" in v:
-                arows.append([name, v.get("accuracy"), v.get("n"), v.get("description", "")])
-        parts.append(_table(["classifier", "accuracy", "n", "what"], arows, note_col=True))
-        per_class = {name: v.get("per_class", {}) for name, v in acc.items() if isinstance(v, dict)}
-        classes = sorted({c for pc in per_class.values() for c in pc})
-        if classes:
-            cols = [n for n in per_class if per_class[n]]
-            rows = [
-                [c, *[_get(per_class[n], c, "accuracy") for n in cols], *[_get(per_class[n], c, "n") for n in cols]]
-                for c in classes
+def _memorisation_parts(mem: dict[str, Any]) -> list[str]:
+    """The nearest-reference distances per feature space (nothing when not measured)."""
+    if not mem:
+        return []
+    parts = ["<h2>Memorisation (nearest-reference distances)</h2>"]
+    any_rule = next((v.get("rule") for v in mem.values() if isinstance(v, dict) and v.get("rule")), "")
+    parts.append(f'<p class="muted">Against the guidance references. Rule: {_e(any_rule)}.</p>')
+    mrows = []
+    for space, v in mem.items():
+        if not isinstance(v, dict) or "error" in v:
+            continue
+        mrows.append(
+            [
+                space,
+                v.get("num_copies"),
+                v.get("fraction_copies"),
+                v.get("threshold"),
+                v.get("sample_nn_min"),
+                v.get("sample_nn_median"),
+                v.get("reference_nn_median"),
+                v.get("relative_median"),
             ]
-            parts.append(_table(["class", *[f"{n} accuracy" for n in cols], *[f"{n} n" for n in cols]], rows))
-
-    filt = result.get("filter_scores") or {}
-    if filt.get("kept"):
-        parts.append("<h2>Filter scores (leave-one-out MMD² contribution; lower = helps alignment)</h2>")
-        keys = ["count", "mean", "std", "min", "q05", "q25", "q50", "q75", "q95", "max"]
-        frows = [[k, _get(filt, "kept", k), _get(filt, "rejected", k)] for k in keys]
-        parts.append(_table(["statistic", "kept", "rejected"], frows))
-
-    fid = result.get("label_fidelity")
-    if fid:
-        parts.append("<h2>Label fidelity (the run's judge)</h2>")
-        parts.append(
-            f'<p class="muted">{_e(fid.get("judge"))}: {_e(fid.get("agreed"))} of {_e(fid.get("judged"))} kept '
-            f"samples show their target class ({_e(fmt(fid.get('rate')))}).</p>"
         )
-    parts.append(pilot_section(result.get("pilot")))
-    parts.append(utility_section(result.get("utility")))
+    parts.append(
+        _table(
+            [
+                "space",
+                "near-copies",
+                "fraction",
+                "threshold",
+                "min sample→ref",
+                "median sample→ref",
+                "median ref→ref",
+                "median ratio to own ref NN",
+            ],
+            mrows,
+        )
+    )
+    return parts
 
-    if figures:
-        parts.append("<h2>Figures</h2>")
+
+def _class_accuracy_parts(acc: dict[str, Any]) -> list[str]:
+    """Class accuracy per classifier, and per class when known (nothing when not measured)."""
+    if not acc:
+        return []
+    parts = ["<h2>Class accuracy</h2>"]
+    arows = []
+    for name, v in acc.items():
+        if isinstance(v, dict) and "accuracy" in v:
+            arows.append([name, v.get("accuracy"), v.get("n"), v.get("description", "")])
+    parts.append(_table(["classifier", "accuracy", "n", "what"], arows, note_col=True))
+    per_class = {name: v.get("per_class", {}) for name, v in acc.items() if isinstance(v, dict)}
+    classes = sorted({c for pc in per_class.values() for c in pc})
+    if classes:
+        cols = [n for n in per_class if per_class[n]]
+        rows = [
+            [c, *[_get(per_class[n], c, "accuracy") for n in cols], *[_get(per_class[n], c, "n") for n in cols]]
+            for c in classes
+        ]
+        parts.append(_table(["class", *[f"{n} accuracy" for n in cols], *[f"{n} n" for n in cols]], rows))
+    return parts
+
+
+def _filter_parts(filt: dict[str, Any]) -> list[str]:
+    """Statistics of the filter's scores, kept against rejected (nothing without kept scores)."""
+    if not filt.get("kept"):
+        return []
+    keys = ["count", "mean", "std", "min", "q05", "q25", "q50", "q75", "q95", "max"]
+    frows = [[k, _get(filt, "kept", k), _get(filt, "rejected", k)] for k in keys]
+    return [
+        "<h2>Filter scores (leave-one-out MMD² contribution; lower = helps alignment)</h2>",
+        _table(["statistic", "kept", "rejected"], frows),
+    ]
+
+
+def _label_fidelity_parts(fid: dict[str, Any] | None) -> list[str]:
+    """How many kept samples the run's judge sees as their target class (nothing without a judge)."""
+    if not fid:
+        return []
+    return [
+        "<h2>Label fidelity (the run's judge)</h2>",
+        f'<p class="muted">{_e(fid.get("judge"))}: {_e(fid.get("agreed"))} of {_e(fid.get("judged"))} kept '
+        f"samples show their target class ({_e(fmt(fid.get('rate')))}).</p>",
+    ]
+
+
+def _figure_parts(figures: Sequence[tuple[str, bytes, str]]) -> list[str]:
+    """The figures as <figure> elements with their PNG inlined as a data URI."""
+    parts = ["<h2>Figures</h2>"] if figures else []
     for title, png, caption in figures:
         data = base64.b64encode(png).decode("ascii")
         parts.append(
             f'<figure><img alt="{_e(title)}" src="data:image/png;base64,{data}">'
             f"<figcaption><b>{_e(title)}.</b> {_e(caption)}</figcaption></figure>"
         )
-    parts.append("<h2>Settings</h2>")
-    parts.append(
+    return parts
+
+
+def _settings_parts(result: dict[str, Any]) -> list[str]:
+    """The table of the evaluation's settings and the closing note."""
+    s = result.get("settings", {})
+    return [
+        "<h2>Settings</h2>",
         _table(
             ["setting", "value"], [[k, v if not isinstance(v, list | dict) else str(v)] for k, v in sorted(s.items())]
-        )
-    )
-    parts.append(
+        ),
         f'<p class="muted">Numbers in <code>eval.json</code> next to this file. '
-        f"Generated by mmd-augment {_e(result.get('version', ''))}.</p>"
-    )
-    parts.append("</body></html>")
-    return "\n".join(parts) + "\n"
+        f"Generated by mmd-augment {_e(result.get('version', ''))}.</p>",
+    ]
 
 
 _UTILITY_START, _UTILITY_END = "<!-- utility:start -->", "<!-- utility:end -->"
