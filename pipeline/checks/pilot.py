@@ -49,6 +49,7 @@ tested on constructed cases.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -470,15 +471,46 @@ def run_pilot(ctx: Any) -> dict[str, Any]:
     """Run the search for a `pipeline.jobs.worker.JobContext` whose config says strength 'auto'; returns the record
     (JSON-ready): key, chosen, reason, what each rule would choose, baseline, candidates (with standard
     errors), notes, dropped constraints, which bound chose (if one did), feature space, counts, seconds, cost."""
-    from ..models.generation import generate
-    from .reference import build_target
-
     cfg: AugmentConfig = ctx.cfg
     bundle = ctx.bundle
     t0 = time.perf_counter()
     strengths = ladder(cfg.pilot_start, cfg.pilot_max_strength, cfg.pilot_factor)
     n = samples_per_candidate(cfg, len(strengths))
-    base_record = {
+    base_record = _base_record(cfg, strengths, n)
+    if cfg.guidance == "none":
+        return dict(base_record, chosen=0.0, reason="guidance is none: no strength to choose", candidates=[])
+    seed = pilot_seed(cfg)
+    guide, held_mask, reason = split_for_pilot(bundle, cfg.pilot_holdout, seed)
+    if reason is not None:
+        log.warning("strength auto: %s %g", reason, FALLBACK_STRENGTH)
+        return dict(base_record, chosen=FALLBACK_STRENGTH, reason=reason, candidates=[])
+    space = _scoring_space(ctx, guide, held_mask, n, seed)
+    found = search(
+        functools.partial(_evaluate_candidate, ctx, space, n),
+        strengths,
+        n,
+        space.held_feats,
+        space.kernel,
+        rule=cfg.pilot_rule,
+        draws=cfg.pilot_bootstrap,
+        seed=seed,
+    )
+    for note in found.notes:
+        log.warning("strength auto: %s", note)
+    for c in [found.baseline, *found.candidates]:
+        log.info(
+            "pilot s=%g: held-out MMD² %.4g ± %.2g%s",
+            c.strength,
+            c.mmd2,
+            c.mmd2_se,
+            "" if c.feasible else f" (infeasible: {c.violations[0]})",
+        )
+    return _record(cfg, base_record, found, space, n, time.perf_counter() - t0)
+
+
+def _base_record(cfg: AugmentConfig, strengths: list[float], n: int) -> dict[str, Any]:
+    """What every pilot record holds, run or skipped: the version and the settings."""
+    return {
         "version": PILOT_VERSION,
         "requested": "auto",
         "settings": {
@@ -491,13 +523,30 @@ def run_pilot(ctx: Any) -> dict[str, Any]:
             "bootstrap": cfg.pilot_bootstrap,
         },
     }
-    if cfg.guidance == "none":
-        return dict(base_record, chosen=0.0, reason="guidance is none: no strength to choose", candidates=[])
-    seed = pilot_seed(cfg)
-    guide, held_mask, reason = split_for_pilot(bundle, cfg.pilot_holdout, seed)
-    if reason is not None:
-        log.warning("strength auto: %s %g", reason, FALLBACK_STRENGTH)
-        return dict(base_record, chosen=FALLBACK_STRENGTH, reason=reason, candidates=[])
+
+
+@dataclass
+class _ScoringSpace:
+    """What every candidate is generated with and scored against: the guide part and the held-out part."""
+
+    guide: Any  # the guide part of the references (a `reference.ReferenceBundle`)
+    held_mask: torch.Tensor  # over the bundle's files: the held-out part
+    guide_target: Any  # the guidance target built from the guide part
+    features: FeatureExtractor  # the scoring space
+    held_feats: torch.Tensor  # the held-out references' features
+    ref_feats: torch.Tensor  # held-out and guide references' features (the scoring-space garbage rule)
+    kernel: RBFKernel  # median bandwidth of the held-out features
+    pilot_cfg: AugmentConfig  # the job's config with the pilot's seed, strength 0
+    labels: torch.Tensor | None  # the classes of the pilot batch (None: unlabelled)
+    k: int  # nearest neighbours for precision and coverage
+
+
+def _scoring_space(ctx: Any, guide: Any, held_mask: torch.Tensor, n: int, seed: int) -> _ScoringSpace:
+    """Prepare the held-out scoring space: the guide target, the feature space and the references' features."""
+    from .reference import build_target
+
+    cfg: AugmentConfig = ctx.cfg
+    bundle = ctx.bundle
     model = ctx.model
     held_latents = bundle.latents[held_mask]
     guide_target = build_target(cfg, guide, model.device)
@@ -513,68 +562,67 @@ def run_pilot(ctx: Any) -> dict[str, Any]:
     pilot_cfg = cfg.model_copy(update={"seed": seed, "strength": 0.0})
     labels = assign_classes(pilot_cfg, ShardPlan(0, 0, n, n), ctx.proportions)
     k = max(1, min(PRDC_K, n - 1, len(held_feats) - 1))
+    return _ScoringSpace(guide, held_mask, guide_target, features, held_feats, ref_feats, kernel, pilot_cfg, labels, k)
 
-    def evaluate(strength: float) -> tuple[Candidate, torch.Tensor]:
-        t = time.perf_counter()
-        sub_cfg = replace_cfg(pilot_cfg, strength)
-        latents = generate(sub_cfg, model, guide_target, float(sub_cfg.strength), ctx.model_labels, range(n), labels)
-        images = model.decode(latents.to(model.device), batch_size=cfg.batch_size)
-        feats = extract(features, images)
-        quality = prdc(feats, held_feats, k=k)
-        outside = nearest_reference_distance(latents, guide.latents) > cfg.support_radius * bundle.bandwidth
-        far = torch.tensor(garbage(feats, ref_feats)["mask"], dtype=torch.bool)
-        tv = None
-        if labels is not None and ctx.judge is not None and ctx.proportions is not None:
-            tv = class_tv(ctx.judge(latents, images), ctx.proportions)
-        c = Candidate(
-            strength=strength,
-            mmd2=math.nan,  # set by `search` from all candidates' features at once, with its standard error
-            precision=quality["precision"],
-            recall=quality["recall"],
-            coverage=quality["coverage"],
-            garbage=float((outside | far).double().mean()),
-            spread=float(nearest_neighbour_distances(feats).median()),
-            class_tv=tv,
-            seconds=time.perf_counter() - t,
-            outside=float(outside.double().mean()),
-            far=float(far.double().mean()),
-        )
-        log.info(
-            "pilot s=%g: precision %.3f, coverage %.3f, garbage %.3f (outside %.3f, far %.3f)%s (%.1f s)",
-            strength,
-            c.precision,
-            c.coverage,
-            c.garbage,
-            c.outside,
-            c.far,
-            "" if tv is None else f", class TV {tv:.3f}",
-            c.seconds,
-        )
-        return c, feats
 
-    found = search(
-        evaluate, strengths, n, held_feats, kernel, rule=cfg.pilot_rule, draws=cfg.pilot_bootstrap, seed=seed
+def _evaluate_candidate(ctx: Any, space: _ScoringSpace, n: int, strength: float) -> tuple[Candidate, torch.Tensor]:
+    """Generate the pilot batch at one strength and score it; returns its scores and its samples' features."""
+    from ..models.generation import generate
+
+    cfg: AugmentConfig = ctx.cfg
+    model = ctx.model
+    labels = space.labels
+    t = time.perf_counter()
+    sub_cfg = replace_cfg(space.pilot_cfg, strength)
+    latents = generate(sub_cfg, model, space.guide_target, float(sub_cfg.strength), ctx.model_labels, range(n), labels)
+    images = model.decode(latents.to(model.device), batch_size=cfg.batch_size)
+    feats = extract(space.features, images)
+    quality = prdc(feats, space.held_feats, k=space.k)
+    outside = nearest_reference_distance(latents, space.guide.latents) > cfg.support_radius * ctx.bundle.bandwidth
+    far = torch.tensor(garbage(feats, space.ref_feats)["mask"], dtype=torch.bool)
+    tv = None
+    if labels is not None and ctx.judge is not None and ctx.proportions is not None:
+        tv = class_tv(ctx.judge(latents, images), ctx.proportions)
+    c = Candidate(
+        strength=strength,
+        mmd2=math.nan,  # set by `search` from all candidates' features at once, with its standard error
+        precision=quality["precision"],
+        recall=quality["recall"],
+        coverage=quality["coverage"],
+        garbage=float((outside | far).double().mean()),
+        spread=float(nearest_neighbour_distances(feats).median()),
+        class_tv=tv,
+        seconds=time.perf_counter() - t,
+        outside=float(outside.double().mean()),
+        far=float(far.double().mean()),
     )
-    for note in found.notes:
-        log.warning("strength auto: %s", note)
-    for c in [found.baseline, *found.candidates]:
-        log.info(
-            "pilot s=%g: held-out MMD² %.4g ± %.2g%s",
-            c.strength,
-            c.mmd2,
-            c.mmd2_se,
-            "" if c.feasible else f" (infeasible: {c.violations[0]})",
-        )
-    seconds = time.perf_counter() - t0
+    log.info(
+        "pilot s=%g: precision %.3f, coverage %.3f, garbage %.3f (outside %.3f, far %.3f)%s (%.1f s)",
+        strength,
+        c.precision,
+        c.coverage,
+        c.garbage,
+        c.outside,
+        c.far,
+        "" if tv is None else f", class TV {tv:.3f}",
+        c.seconds,
+    )
+    return c, feats
+
+
+def _record(
+    cfg: AugmentConfig, base_record: dict[str, Any], found: Search, space: _ScoringSpace, n: int, seconds: float
+) -> dict[str, Any]:
+    """Assemble the record of a pilot that ran, and log what it chose and what it cost."""
     generated = n * (1 + len(found.candidates))
     record = dict(
         base_record,
         chosen=found.chosen,
         reason=found.reason,
         choices=found.choices,
-        feature_space=features.description,
-        guide_references=len(guide.files),
-        heldout_references=int(held_mask.sum()),
+        feature_space=space.features.description,
+        guide_references=len(space.guide.files),
+        heldout_references=int(space.held_mask.sum()),
         baseline=asdict(found.baseline),
         candidates=[asdict(c) for c in found.candidates],
         notes=found.notes,
