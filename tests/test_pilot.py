@@ -378,3 +378,18 @@ def test_garbage_tolerance_is_at_least_the_baselines_standard_error():
     assert is_feasible(_candidate(0.01, 0.1, garbage=0.125 + se + 1e-6), base, n=64)[0].startswith("garbage")
     clean = _candidate(0.0, 1.0, garbage=0.0)
     assert is_feasible(_candidate(0.01, 0.1, garbage=0.03), clean, n=64)[0].startswith("garbage")  # 2 points
+
+
+def test_guidance_that_flips_labels_is_infeasible():
+    base = _candidate(0.0, 1.0)
+    base.agreement = 0.99
+    ok, flips = _candidate(0.16, 0.1), _candidate(0.64, 0.05)
+    ok.agreement, flips.agreement = 0.95, 0.80  # 0.95: within 5 points; 0.80: one label in five flipped
+    assert is_feasible(ok, base, n=64) == []
+    (bad,) = is_feasible(flips, base, n=64)
+    assert bad.startswith("label agreement 0.800 < unguided 0.990 - 0.050")
+    noisy = _candidate(0.0, 1.0)
+    noisy.agreement = 0.5  # a judge that reads half the unguided samples: the tolerance is its standard error
+    weaker = _candidate(0.16, 0.1)
+    weaker.agreement = 0.5 - 0.9 * math.sqrt(2 * 0.25 / 64)
+    assert is_feasible(weaker, noisy, n=64) == []

@@ -23,6 +23,8 @@ between domains. Before the job, the pilot:
    - labelled runs: the judged class histogram no further from the plan than unguided + 0.1 in total
      variation, plus one standard error of that distance on the pilot batch (1/(2√n), 0.0625 at n = 64:
      the smallest step must not be refused for sampling noise; `class_tv_standard_error`),
+   - labelled runs: label agreement (judged class = target class) at most 5 points below unguided's (or its
+     standard error, if larger): guidance that flips labels makes data that hurts downstream,
    - garbage at most unguided + 2 points (or + its binomial standard error, if larger): samples outside
      the guide references' support (the filter's rule, latent space) or, in the scoring space, farther
      from every reference than any reference is from its nearest other one (`measures.metrics.garbage`).
@@ -81,7 +83,7 @@ from .fidelity import READABLE  # the shipped classifier's features score the pi
 log = logging.getLogger(__name__)
 
 #: 3: the whole ladder scored, paired bootstrap SEs, a rule that accounts for them; 4: no early stop below a
-#: feasible candidate
+#: feasible candidate, and label agreement within AGREEMENT_MARGIN of unguided
 PILOT_VERSION = 4
 
 #: Config fields the pilot's outcome does not depend on (besides the runtime-only ones).
@@ -95,6 +97,10 @@ COVERAGE_FRACTION = 0.9
 SPREAD_FRACTION = 0.5
 PRDC_K = 3
 CLASS_TV_MARGIN = 0.1
+#: Label agreement (judged class = target class) may fall at most this far below unguided's (or its standard
+#: error, if larger): strong guidance that flips 20% of the labels (the label filter then discards them, and
+#: what it keeps is the ambiguous rest) cost 2-9 points downstream in the decision suite.
+AGREEMENT_MARGIN = 0.05
 GARBAGE_MARGIN = 0.02
 #: A scoring-space garbage rule that flags more than this fraction of the unguided samples is meaningless there.
 MEANINGLESS_GARBAGE = 0.5
@@ -124,6 +130,7 @@ class Candidate:
     violations: list[str] = field(default_factory=list)
     outside: float | None = None  # the part of `garbage` outside the guide references' support (latent space)
     far: float | None = None  # the part of `garbage` far from every reference in the scoring space
+    agreement: float | None = None  # labelled: share of samples the label judge assigns to their target class
     mmd2_se: float | None = None  # bootstrap standard error of `mmd2`
     gap_se: float | None = None  # bootstrap standard error of mmd2 − the lowest feasible mmd2 (paired)
     within_se: bool | None = None  # feasible, and mmd2 within `gap_se` of the lowest
@@ -158,6 +165,10 @@ def is_feasible(c: Candidate, base: Candidate, n: int) -> list[str]:
             f"class histogram off the plan by {c.class_tv:.3f} > unguided {base.class_tv:.3f} + {CLASS_TV_MARGIN}"
             f" + {tv_se:.3f} (its standard error)"
         )
+    if c.agreement is not None and base.agreement is not None:
+        a_tol = max(AGREEMENT_MARGIN, math.sqrt(2 * base.agreement * (1 - base.agreement) / n))
+        if c.agreement < base.agreement - a_tol:
+            out.append(f"label agreement {c.agreement:.3f} < unguided {base.agreement:.3f} - {a_tol:.3f}")
     what, value, baseline = "garbage", c.garbage, base.garbage
     if scoring_garbage_meaningless(base) and c.outside is not None and base.outside is not None:
         what, value, baseline = "garbage (outside the support)", c.outside, base.outside
@@ -580,9 +591,11 @@ def _evaluate_candidate(ctx: Any, space: _ScoringSpace, n: int, strength: float)
     quality = prdc(feats, space.held_feats, k=space.k)
     outside = nearest_reference_distance(latents, space.guide.latents) > cfg.support_radius * ctx.bundle.bandwidth
     far = torch.tensor(garbage(feats, space.ref_feats)["mask"], dtype=torch.bool)
-    tv = None
+    tv = agreement = None
     if labels is not None and ctx.judge is not None and ctx.proportions is not None:
-        tv = class_tv(ctx.judge(latents, images), ctx.proportions)
+        judged = ctx.judge(latents, images)
+        tv = class_tv(judged, ctx.proportions)
+        agreement = float((judged == labels.cpu()).double().mean())
     c = Candidate(
         strength=strength,
         mmd2=math.nan,  # set by `search` from all candidates' features at once, with its standard error
@@ -593,6 +606,7 @@ def _evaluate_candidate(ctx: Any, space: _ScoringSpace, n: int, strength: float)
         spread=float(nearest_neighbour_distances(feats).median()),
         class_tv=tv,
         seconds=time.perf_counter() - t,
+        agreement=agreement,
         outside=float(outside.double().mean()),
         far=float(far.double().mean()),
     )
