@@ -78,7 +78,12 @@ class AugmentConfig(BaseModel):
         description="DDIM η: 1 = ancestral (much better samples from the shipped prior), 0 = deterministic ODE",
     )
     batch_size: int = Field(default=64, ge=1, description="samples per batch (lower it on out-of-memory)")
-    cfg_scale: float = Field(default=1.0, ge=0.0, description="classifier-free guidance scale (1 = off)")
+    cfg_scale: float = Field(
+        default=2.0,
+        ge=0.0,
+        description="classifier-free guidance scale (1 = off); acts only on class-conditional samples (labelled or "
+        "pseudo-labelled references on a class-conditional model), at twice the denoiser calls",
+    )
     ig_scale: float = Field(default=1.0, ge=0.0, description="Internal Guidance scale (1 = off)")
     ig_interval: tuple[float, float] | None = Field(
         default=None,
@@ -86,7 +91,9 @@ class AugmentConfig(BaseModel):
     )
 
     # MMD guidance
-    guidance: GuidanceName = Field(default="latent", description="where the MMD gradient acts (README, Method)")
+    guidance: GuidanceName = Field(
+        default="noisy", description="where the MMD gradient acts (docs/how-a-run-works.md, Method)"
+    )
     lookahead_steps: int | None = Field(default=2, ge=1, description="sub-steps k of the lookahead mode")
     kernel: KernelName = Field(default="rbf", description="MMD kernel (bandwidth: median reference distance)")
     bandwidth_factors: tuple[float, ...] = Field(
@@ -189,7 +196,7 @@ class AugmentConfig(BaseModel):
         "fraction of its planned pool (the cap; a shard that still falls short keeps fewer and warns)",
     )
     label_filter: bool = Field(
-        default=False,
+        default=True,
         description="labelled runs: also reject samples the label judge assigns to another class than their target",
     )
     shard_size: int = Field(default=1000, ge=1, description="kept samples per shard")

@@ -64,7 +64,7 @@ CLI_VALUES = {
     "keep": "0.75",
     "support_radius": "4.5",
     "reserve": "0.5",
-    "label_filter": True,
+    "label_filter": False,
     "shard_size": "4",
     "save_latents": True,
     "keep_rejected": True,
@@ -267,7 +267,7 @@ def test_dry_run_estimate_is_total_over_the_guidance_methods():
     from pipeline.cli.commands import seconds_per_sample_estimate
     from pipeline.config import GuidanceName
 
-    base = AugmentConfig(ref="r", out="o", n=1, steps=50)
+    base = AugmentConfig(ref="r", out="o", n=1, steps=50, cfg_scale=1.0)
     costs = {
         g: seconds_per_sample_estimate(base.model_copy(update={"guidance": g})) for g in typing.get_args(GuidanceName)
     }
