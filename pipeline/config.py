@@ -207,7 +207,7 @@ class AugmentConfig(BaseModel):
     reach_check: bool = Field(
         default=True,
         description="before the job, draw a small unguided batch and compare it with the references; stop "
-        "(exit 2) when the model cannot draw them (README, What a run does)",
+        "(exit 2) when the model cannot draw them (docs/how-a-run-works.md)",
     )
     reach_samples: int = Field(default=32, ge=8, le=1024, description="unguided samples the reach check draws")
     reach_steps: int = Field(

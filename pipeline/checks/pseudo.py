@@ -1,7 +1,7 @@
 """Pseudo-classes: unlabelled references on a class-conditional model get the class a judge reads in them.
 
 Without class sub-folders a class-conditional model would be sampled from its null class, which is weak
-(the shipped prior's null-class samples are legible 62% of the time, README "Prior"). So when the references
+(the shipped prior's null-class samples are legible 62% of the time, docs/models.md). So when the references
 are unlabelled, the model is class-conditional and `pseudo_classes` is on, a judge reads the references:
 for the shipped prior, the shipped digit classifier on the references as given (at the model's size; not on
 their decoded latents: the VAE turns what it never saw, such as pixel noise, into digit-like blobs that the
