@@ -212,23 +212,8 @@ def sample_latents(
             x0, eps = to_x0_eps(out, x_vp, alpha, sigma, ptype)
             correction = None
             if guided:
-                step = GuidanceStep(
-                    x_t=x_vp,
-                    t=float(t),
-                    alpha=alpha,
-                    sigma=sigma,
-                    x0=x0,
-                    eps=eps,
-                    step_index=i,
-                    num_steps=len(timesteps),
-                    strength=strength,
-                    target=guidance.target,
-                    normalization=guidance.normalization,
-                    memory=guidance.memory,
-                    x_cond=mmd_condition,
-                    predict=model.predictor(w_ig),
-                    alpha_sigma=model.alpha_sigma,
-                    attraction_floor=guidance.attraction_floor,
+                step = _guidance_step(
+                    guidance, model, x_vp, t, alpha, sigma, x0, eps, i, len(timesteps), strength, w_ig, mmd_condition
                 )
                 correction = method.correct_x0(step)
                 if correction is not None:
@@ -236,11 +221,7 @@ def sample_latents(
         with torch.no_grad():
             out = out.detach()
             if correction is not None:
-                # Move x̂0 and keep ε̂: x_t' = α(x̂0 − Δ) + σ ε̂, re-expressed in the model's parameterisation.
-                x0 = x0.detach() - correction.delta
-                eps = eps.detach()
-                x = ((alpha * x0 + sigma * eps) / c_in).to(x.dtype)
-                out = from_x0_eps(x0, eps, alpha, sigma, ptype)
+                x, out = _moved_x0(x, x0, eps, correction.delta, alpha, sigma, c_in, ptype)
             x = sched.step(out, t, x, **step_kwargs).prev_sample
             moved = method.correct_prev(x, step) if guided else None
             if moved is not None:
@@ -252,3 +233,57 @@ def sample_latents(
     if guidance is not None and guidance.memory is not None:
         guidance.memory.add(x.detach().float(), mmd_condition)
     return SamplingResult(latents=x.float(), mmd2_trace=trace, denoiser_calls=model.calls)
+
+
+def _guidance_step(
+    guidance: MMDGuidance,
+    model: _CountingModel,
+    x_vp: torch.Tensor,
+    t: torch.Tensor,
+    alpha: float,
+    sigma: float,
+    x0: torch.Tensor,
+    eps: torch.Tensor,
+    step_index: int,
+    num_steps: int,
+    strength: float,
+    w_ig: float,
+    mmd_condition: torch.Tensor | None,
+) -> GuidanceStep:
+    """Step `step_index` as the guidance method sees it: the state, the prediction, the target and a predictor."""
+    return GuidanceStep(
+        x_t=x_vp,
+        t=float(t),
+        alpha=alpha,
+        sigma=sigma,
+        x0=x0,
+        eps=eps,
+        step_index=step_index,
+        num_steps=num_steps,
+        strength=strength,
+        target=guidance.target,
+        normalization=guidance.normalization,
+        memory=guidance.memory,
+        x_cond=mmd_condition,
+        predict=model.predictor(w_ig),
+        alpha_sigma=model.alpha_sigma,
+        attraction_floor=guidance.attraction_floor,
+    )
+
+
+def _moved_x0(
+    x: torch.Tensor,
+    x0: torch.Tensor,
+    eps: torch.Tensor,
+    delta: torch.Tensor,
+    alpha: float,
+    sigma: float,
+    c_in: float,
+    ptype: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x_t', model output) with x̂0 moved by −Δ and ε̂ kept: x_t' = α(x̂0 − Δ) + σ ε̂, re-expressed in the
+    model's parameterisation (x_t' unscaled by the scheduler's input scaling `c_in`, in `x`'s dtype)."""
+    x0 = x0.detach() - delta
+    eps = eps.detach()
+    x = ((alpha * x0 + sigma * eps) / c_in).to(x.dtype)
+    return x, from_x0_eps(x0, eps, alpha, sigma, ptype)
