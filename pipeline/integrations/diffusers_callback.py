@@ -410,21 +410,7 @@ class MMDGuidanceCallback(PipelineCallback):
                 log.info("every reference has the same prompt: guiding without the prompt kernel")
         y_cond = None
         if prompt_aware:
-            if "prompt_embeds" not in (getattr(pipe, "_callback_tensor_inputs", None) or []):
-                raise TypeError(
-                    f"{type(pipe).__name__} does not pass prompt_embeds to its callback: use prompt_aware=False"
-                )
-            if prompts is None:
-                raise ValueError(
-                    f"{ref}: prompt-aware guidance needs captions (<image>.txt or captions.jsonl/.csv) or class "
-                    "sub-folders in the references"
-                )
-            y_cond = pooled_prompt_embeddings(pipe, prompts, **(encode_prompt_kwargs or {}))
-            if condition_kernel is None:
-                distinct = torch.unique(y_cond, dim=0)
-                if len(distinct) < 2:
-                    raise ValueError(f"{ref}: every reference has the same prompt; prompt-aware guidance needs two")
-                condition_kernel = EmbeddingKernel("rbf", median_pairwise_distance(distinct))
+            y_cond, condition_kernel = _prompt_conditions(pipe, ref, prompts, condition_kernel, encode_prompt_kwargs)
             kernel = ProductKernel(kernel, condition_kernel)
         device = getattr(pipe, "_execution_device", None) or pipe.device
         target = MMDTarget(bundle.latents.to(device), kernel, y_cond=y_cond, unbiased=False)
@@ -576,3 +562,28 @@ def _reference_prompts(
     if bundle.labels is not None and bundle.class_names is not None:
         return [class_prompt.format(bundle.class_names[int(c)]) for c in bundle.labels]
     return None
+
+
+def _prompt_conditions(
+    pipe: Any,
+    ref: str | os.PathLike[str],
+    prompts: list[str] | None,
+    condition_kernel: ConditionKernel | None,
+    encode_prompt_kwargs: dict[str, Any] | None,
+) -> tuple[torch.Tensor, ConditionKernel]:
+    """Prompt-aware guidance: the references' pooled prompt embeddings and the kernel on them (by default
+    RBF with the median distance between the distinct embeddings)."""
+    if "prompt_embeds" not in (getattr(pipe, "_callback_tensor_inputs", None) or []):
+        raise TypeError(f"{type(pipe).__name__} does not pass prompt_embeds to its callback: use prompt_aware=False")
+    if prompts is None:
+        raise ValueError(
+            f"{ref}: prompt-aware guidance needs captions (<image>.txt or captions.jsonl/.csv) or class "
+            "sub-folders in the references"
+        )
+    y_cond = pooled_prompt_embeddings(pipe, prompts, **(encode_prompt_kwargs or {}))
+    if condition_kernel is None:
+        distinct = torch.unique(y_cond, dim=0)
+        if len(distinct) < 2:
+            raise ValueError(f"{ref}: every reference has the same prompt; prompt-aware guidance needs two")
+        condition_kernel = EmbeddingKernel("rbf", median_pairwise_distance(distinct))
+    return y_cond, condition_kernel
