@@ -196,7 +196,7 @@ class AugmentConfig(BaseModel):
         "fraction of its planned pool (the cap; a shard that still falls short keeps fewer and warns)",
     )
     label_filter: bool = Field(
-        default=True,
+        default=False,
         description="labelled runs: also reject samples the label judge assigns to another class than their target",
     )
     shard_size: int = Field(default=1000, ge=1, description="kept samples per shard")
