@@ -89,7 +89,7 @@ def test_end_to_end_shards_manifest_and_run_record(tiny, tmp_path):
     assert png.format == "PNG" and png.size == (16, 16) and png.mode == "L"
     meta = s["json"]
     assert meta["config_hash"] == cfg.config_hash and meta["kept"] is True
-    assert meta["guidance"]["mode"] == "latent" and isinstance(meta["mmd_contribution"], float)
+    assert meta["guidance"]["mode"] == cfg.guidance == "noisy" and isinstance(meta["mmd_contribution"], float)
     assert s["cls"] == meta["label"]
     record = json.loads((out / "run.json").read_text())
     assert record["config_hash"] == cfg.config_hash and record["reference"]["count"] == 24
