@@ -340,7 +340,7 @@ def test_decision_run_resumes_from_its_cache(suite, tmp_path, monkeypatch):
         )
         return {k: v for k, v in m.items() if k != "downstream"}, refs.images, refs.labels
 
-    def train_key(key, refs_, syn, test, seed, steps):
+    def train_key(key, refs_, syn, test, seed, steps, width=32):
         if len(calls["trainings"]) == limit[0]:
             raise KeyboardInterrupt
         calls["trainings"].append((key, seed))
