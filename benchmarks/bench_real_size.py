@@ -8,9 +8,17 @@ at the same batch, steps, resolution and CFG scale (DDIM, η = 0):
   job/none, job/latent (the default guidance), job/posterior (and any --modes, e.g. noisy)
         our job's loop: `pipeline.models.sampling.sample_latents` through the project's `UNet2DConditionAdapter`,
         then the job's VAE decode (`LoadedModel.decode`), guided toward encoded references by the job's
-        target and settings (`build_target`, `make_guidance`, default strength);
+        target and settings (`build_target`, `make_guidance`);
   stock, stock+callback
         diffusers' `StableDiffusionPipeline` on the same modules, without and with `MMDGuidanceCallback`.
+
+Every guided run uses one strength, `--strength` (default `auto`, the job's default): under `auto` the job's
+own pilot (`pipeline.checks.pilot.run_pilot`) chooses it on these references and this model before the
+timings, and where the pilot cannot run (fewer references than it needs: the CPU default of 8) the pilot's
+documented fallback `FALLBACK_STRENGTH`, which also stands in where the pilot turns guidance off (strength 0:
+a job would run unguided, and there would be no guidance to time). The output's "strength" records
+{"requested", "chosen", "by": "pilot" | "fallback" | "given", "reason", "pilot_chose", "seconds", ...}. What
+guidance costs hardly depends on the strength (only 0 turns it off).
 
 For each: samples/s, the ratio to its unguided counterpart (job/* to job/none, stock+callback to stock,
 job/none to stock), the share of wall time in the denoiser and in the VAE, and peak memory (CUDA:
@@ -27,6 +35,8 @@ through the `augment` CLI to check its advice message (`--oom-check`).
     # one GPU: 512x512, bf16/fp16 (MMD math in float32), VAE slicing, batch sizes up to memory, OOM advice check
     python benchmarks/bench_real_size.py --size 512 --batch-sizes 1,4,8,16,32 --steps 30 --repeats 3 --dit --oom-check \
         --out runs/bench_real_size_gpu.json
+    # the test suite: tiny networks of the same kinds (not SD 1.5's sizes), 64x64, 2 steps, a real pilot; seconds
+    python benchmarks/bench_real_size.py --smoke --out /tmp/bench_real_size_smoke.json
 """
 
 from __future__ import annotations
@@ -51,9 +61,11 @@ from PIL import Image
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from guidance.kernels import median_pairwise_distance
+from pipeline.checks.pilot import FALLBACK_STRENGTH, run_pilot
 from pipeline.checks.reference import ReferenceBundle, build_target
 from pipeline.config import AugmentConfig
 from pipeline.integrations.diffusers_callback import MMDGuidanceCallback, encode_references
+from pipeline.jobs.worker import JobContext
 from pipeline.models.adapters import DiTAdapter, UNet2DConditionAdapter
 from pipeline.models.generation import make_guidance
 from pipeline.models.loading import LoadedModel, resolve_device, resolve_dtype
@@ -133,6 +145,26 @@ DIT_XL2 = dict(
     norm_num_groups=32,
 )
 
+# ---- `--smoke`: tiny networks of the same classes (seconds on a CPU; the numbers mean nothing) -------------
+SMOKE_SHAPES = dict(
+    unet=dict(
+        SD15_UNET,
+        layers_per_block=1,
+        block_out_channels=(32, 64),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32,
+        attention_head_dim=4,
+        norm_num_groups=8,
+    ),
+    vae=dict(SD15_VAE, block_out_channels=(16, 16, 16, 16), layers_per_block=1, norm_num_groups=8, sample_size=64),
+    text=dict(
+        SD15_TEXT, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, projection_dim=32
+    ),
+    dit=dict(DIT_XL2, num_attention_heads=2, attention_head_dim=8, num_layers=2, norm_num_groups=8),
+)
+SD15_SHAPES = dict(unet=SD15_UNET, vae=SD15_VAE, text=SD15_TEXT, dit=DIT_XL2)
+
 
 # ---- measurement helpers ------------------------------------------------------------------------------------
 
@@ -205,19 +237,22 @@ def char_tokenizer(folder: Path, max_length: int = 77) -> CLIPTokenizer:
     return CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=max_length)
 
 
-def build_sd15(tmp: Path, device: torch.device, dtype: torch.dtype, size: int) -> StableDiffusionPipeline:
-    """SD 1.5's modules with random weights. The UNet's `sample_size` (a default resolution, no weight depends
-    on it) is set to `size` / 8, so the stock pipeline and the job's adapter both generate at `size`."""
+def build_sd15(
+    tmp: Path, device: torch.device, dtype: torch.dtype, size: int, shapes: dict[str, dict] = SD15_SHAPES
+) -> StableDiffusionPipeline:
+    """SD 1.5's modules (or `shapes`' smaller ones) with random weights. The UNet's `sample_size` (a default
+    resolution, no weight depends on it) is set to `size` / 8, so the stock pipeline and the job's adapter both
+    generate at `size`."""
     torch.manual_seed(0)
     tokenizer = char_tokenizer(tmp / "tokenizer")
     text = CLIPTextModel(
-        CLIPTextConfig(vocab_size=len(tokenizer), bos_token_id=0, eos_token_id=1, pad_token_id=1, **SD15_TEXT)
+        CLIPTextConfig(vocab_size=len(tokenizer), bos_token_id=0, eos_token_id=1, pad_token_id=1, **shapes["text"])
     )
     pipe = StableDiffusionPipeline(
-        vae=AutoencoderKL(**SD15_VAE),
+        vae=AutoencoderKL(**shapes["vae"]),
         text_encoder=text,
         tokenizer=tokenizer,
-        unet=UNet2DConditionModel(**{**SD15_UNET, "sample_size": size // 8}),
+        unet=UNet2DConditionModel(**{**shapes["unet"], "sample_size": size // 8}),
         scheduler=DDIMScheduler(**SD15_DDIM),
         safety_checker=None,
         feature_extractor=None,
@@ -254,7 +289,7 @@ class Bench:
         self.args = args
         self.device = resolve_device(args.device)
         self.dtype = resolve_dtype(args.dtype, self.device)
-        self.pipe = build_sd15(tmp, self.device, self.dtype, args.size)
+        self.pipe = build_sd15(tmp, self.device, self.dtype, args.size, args.shapes)
         self.refs = write_references(tmp / "refs", args.references, args.size)
         self.cache = tmp / "cache"
         self.unet_timer = Timed(self.pipe.unet.forward, self.device)
@@ -276,13 +311,53 @@ class Bench:
         bundle, _ = encode_references(self.pipe, self.refs, height=args.size, width=args.size, cache_dir=self.cache)
         self.encode_seconds = time.perf_counter() - t
         self.bundle = bundle
-        self.defaults = AugmentConfig(ref=str(self.refs), out="", n=1, cache_dir=str(self.cache))
+        self.defaults = AugmentConfig(
+            ref=str(self.refs),
+            out=str(tmp / "job"),
+            n=1,
+            cache_dir=str(self.cache),
+            model=self.loaded.model_id,  # not the shipped prior: the pilot scores in pixel features
+            steps=args.steps,
+            batch_size=min(max(args.batch_size_list), 8),
+            strength=args.strength,
+            **args.pilot_settings,
+        )
+        self.strength = self.resolve_strength()
+
+    def resolve_strength(self) -> dict[str, Any]:
+        """The guided runs' strength: `--strength` if a number; under 'auto' the job's pilot on these
+        references and this model (its record's choice), or the pilot's fallback where it cannot run."""
+        requested = self.args.strength
+        if requested != "auto":
+            return {"requested": requested, "chosen": float(requested), "by": "given", "reason": None, "seconds": 0.0}
+        cfg = self.defaults
+        ctx = JobContext(cfg, self.loaded, self.bundle, build_target(cfg, self.bundle, self.device), None, None)
+        t = time.perf_counter()
+        record = run_pilot(ctx)
+        seconds = time.perf_counter() - t
+        chosen, reason = float(record["chosen"]), record["reason"]
+        by = "pilot" if record.get("candidates") else "fallback"
+        if by == "fallback" and chosen != FALLBACK_STRENGTH:
+            raise RuntimeError(f"pilot gave {chosen} without candidates ({reason})")
+        if chosen == 0:  # a job would run unguided; what guidance costs needs it on
+            by, chosen = "fallback", FALLBACK_STRENGTH
+            reason = f"the pilot turned guidance off ({reason}): the guided rows use the fallback strength"
+        return {
+            "requested": "auto",
+            "chosen": chosen,
+            "by": by,
+            "reason": reason,
+            "pilot_chose": float(record["chosen"]),
+            "seconds": seconds,
+            "candidates": [c["strength"] for c in record.get("candidates", [])],
+            "samples_generated": record.get("samples_generated", 0),
+        }
 
     def guidance(self, mode: str):
         if mode == "none":
             return None
         cfg = self.defaults.model_copy(update={"guidance": mode})
-        return make_guidance(cfg, build_target(cfg, self.bundle, self.device))
+        return make_guidance(cfg, build_target(cfg, self.bundle, self.device), self.strength["chosen"])
 
     def prompts(self, batch: int) -> list[str]:
         return [("a photo of a cat", "a painting of a dog")[i % 2] for i in range(batch)]
@@ -409,11 +484,15 @@ def run_batch(bench: Bench, batch: int, modes: list[str], callback: MMDGuidanceC
     }
 
 
-def dit_runs(args: argparse.Namespace, device: torch.device, dtype: torch.dtype, batch: int) -> dict[str, Any]:
-    """The job's loop on a DiT-XL/2-shaped transformer (class labels, CFG), none / default / posterior."""
+def dit_runs(
+    args: argparse.Namespace, device: torch.device, dtype: torch.dtype, batch: int, strength: float
+) -> dict[str, Any]:
+    """The job's loop on a DiT-XL/2-shaped transformer (class labels, CFG), none / default / posterior, guided
+    at `strength` (the SD runs' strength: random reference latents give a pilot nothing to choose by)."""
     torch.manual_seed(0)
     latent = args.size // 8
-    model = DiTTransformer2DModel(sample_size=latent, **DIT_XL2).to(device, dtype).eval().requires_grad_(False)
+    model = DiTTransformer2DModel(sample_size=latent, **args.shapes["dit"])
+    model = model.to(device, dtype).eval().requires_grad_(False)
     timer = Timed(model.forward, device)
     model.forward = timer
     denoiser = DiTAdapter(model)
@@ -435,7 +514,7 @@ def dit_runs(args: argparse.Namespace, device: torch.device, dtype: torch.dtype,
         guidance = None
         if mode != "none":
             cfg = defaults.model_copy(update={"guidance": mode})
-            guidance = make_guidance(cfg, build_target(cfg, bundle, device))
+            guidance = make_guidance(cfg, build_target(cfg, bundle, device), strength)
         timer.seconds = 0.0
         reset_peak(device)
         synchronize(device)
@@ -489,6 +568,8 @@ def oom_check(bench: Bench, tmp: Path) -> dict[str, Any]:
         "100000",
         "--steps",
         "2",
+        "--strength",  # the OOM is the point, not the pilot
+        repr(bench.strength["chosen"]),
         "--out",
         str(tmp / "oom-out"),
         "--cache-dir",
@@ -510,7 +591,15 @@ def oom_check(bench: Bench, tmp: Path) -> dict[str, Any]:
     }
 
 
-def main() -> None:
+def parse_strength(value: str) -> float | str:
+    return value if value == "auto" else float(value)
+
+
+def parse_pilot_samples(value: str) -> int | str:
+    return value if value == "auto" else int(value)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size", type=int, default=None, help="image side in pixels (default: 512 on CUDA, 256 on CPU)")
     ap.add_argument("--batch-sizes", default=None, help="comma list (default: 1,4,8,16,32 on CUDA, 2 on CPU)")
@@ -518,6 +607,19 @@ def main() -> None:
     ap.add_argument("--cfg", type=float, default=7.5, help="classifier-free guidance scale (SD's default)")
     ap.add_argument(
         "--modes", default="none,default,posterior", help="job guidance modes to time (default = the job's default)"
+    )
+    ap.add_argument(
+        "--strength",
+        type=parse_strength,
+        default=AugmentConfig.model_fields["strength"].default,
+        help="guidance strength of every guided run, or auto (the job's default): the job's pilot chooses it, "
+        f"or its fallback {FALLBACK_STRENGTH:g} where the pilot cannot run (too few references)",
+    )
+    ap.add_argument(
+        "--pilot-samples",
+        type=parse_pilot_samples,
+        default="auto",
+        help="--strength auto: the pilot's samples per candidate",
     )
     ap.add_argument(
         "--flat-check",
@@ -533,28 +635,62 @@ def main() -> None:
     ap.add_argument("--oom-check", action="store_true", help="CUDA: provoke an OOM through the CLI, check its advice")
     ap.add_argument("--oom-batch", type=int, default=4096)
     ap.add_argument("--out", default=None, help="write the numbers as JSON here")
-    args = ap.parse_args()
+    ap.add_argument(
+        "--smoke",
+        action="store_true",
+        help="tiny networks (not SD 1.5's sizes), 64x64, batch 2, 2 steps, 24 references (a real pilot), --dit; "
+        "seconds (the test suite)",
+    )
+    args = ap.parse_args(argv)
     cuda = resolve_device(args.device).type == "cuda"
+    args.shapes, args.pilot_settings = SD15_SHAPES, {"pilot_samples": args.pilot_samples}
+    if args.smoke:
+        args.shapes = SMOKE_SHAPES
+        args.size, args.batch_sizes, args.steps, args.references, args.repeats = 64, "2", 2, 24, 1
+        args.flat_check, args.dit, args.oom_check = True, True, False  # tiny networks cannot run out of memory
+        # a short ladder of few samples, half the references held out: the pilot runs, in seconds
+        args.pilot_settings = {"pilot_samples": 8, "pilot_max_strength": 0.04, "pilot_holdout": 0.5}
     args.size = args.size or (512 if cuda else 256)
     args.steps = args.steps or (30 if cuda else 4)
     args.references = args.references or (32 if cuda else 8)
-    batch_sizes = [int(b) for b in (args.batch_sizes or ("1,4,8,16,32" if cuda else "2")).split(",")]
+    args.batch_size_list = [int(b) for b in (args.batch_sizes or ("1,4,8,16,32" if cuda else "2")).split(",")]
     args.flat_check = cuda if args.flat_check is None else args.flat_check
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    cuda = resolve_device(args.device).type == "cuda"
+    batch_sizes = args.batch_size_list
     default = AugmentConfig(ref="x", out="", n=1).guidance
     modes = list(
         dict.fromkeys(["none", *(default if m.strip() == "default" else m.strip() for m in args.modes.split(","))])
     )
+    settings = {k: v for k, v in vars(args).items() if k not in ("shapes", "batch_size_list")}
+    settings |= {"networks": "smoke (tiny)" if args.smoke else "sd15-shaped"}
 
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         t = time.perf_counter()
         bench = Bench(args, tmp)
         build = time.perf_counter() - t
+        strength = bench.strength
+        print(
+            f"strength {strength['requested']}: {strength['chosen']:g} by {strength['by']}"
+            + (f" ({strength['reason']}, {strength['seconds']:.1f} s)" if strength["reason"] else ""),
+            flush=True,
+        )
         callback = MMDGuidanceCallback.from_references(
-            bench.pipe, bench.refs, height=args.size, width=args.size, cache_dir=bench.cache
+            bench.pipe,
+            bench.refs,
+            height=args.size,
+            width=args.size,
+            cache_dir=bench.cache,
+            strength=strength["chosen"],
         )
         report: dict[str, Any] = {
-            "settings": vars(args) | {"batch_sizes": batch_sizes, "modes": modes, "default_guidance": default},
+            "settings": settings | {"batch_sizes": batch_sizes, "modes": modes, "default_guidance": default},
+            "strength": strength,
             "device": {
                 "type": bench.device.type,
                 "name": torch.cuda.get_device_name(bench.device)
@@ -570,7 +706,6 @@ def main() -> None:
                 "text_encoder_parameters_m": parameters_m(bench.pipe.text_encoder),
                 "build_seconds": build,
                 "reference_encode_seconds": bench.encode_seconds,
-                "strength": bench.defaults.strength,
             },
             "batches": {},
         }
@@ -584,7 +719,7 @@ def main() -> None:
                 torch.cuda.empty_cache()
                 break
         if args.dit:
-            report["dit_xl2"] = dit_runs(args, bench.device, bench.dtype, batch_sizes[0])
+            report["dit_xl2"] = dit_runs(args, bench.device, bench.dtype, batch_sizes[0], strength["chosen"])
         if args.oom_check:
             if cuda:
                 report["oom_check"] = oom_check(bench, tmp)
@@ -595,6 +730,7 @@ def main() -> None:
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(text)
+    return report
 
 
 if __name__ == "__main__":

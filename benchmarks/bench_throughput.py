@@ -8,6 +8,7 @@ Side by side in one process (absolute timings on a shared 2-core machine are noi
   3. MMD² to a held-out half of the references for unguided, latent- and noisy-guided samples.
 
     python benchmarks/bench_throughput.py [--ref examples/thick_digits] [--batch 64] [--steps 50] [--out bench.json]
+    python benchmarks/bench_throughput.py --smoke --out /tmp/bench.json   # batch 4, 2 steps, a job of 8: seconds
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ class Timed:
             self.seconds += time.perf_counter() - t
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--ref", default=str(REPO / "examples" / "thick_digits"))
     ap.add_argument("--batch", type=int, default=64)
@@ -56,7 +57,10 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--job-n", type=int, default=256)
     ap.add_argument("--out", default=None, help="write the numbers as JSON here")
-    args = ap.parse_args()
+    ap.add_argument("--smoke", action="store_true", help="batch 4, 2 steps, 1 repeat, a job of 8 (the test suite)")
+    args = ap.parse_args(argv)
+    if args.smoke:
+        args.batch, args.steps, args.repeats, args.job_n = 4, 2, 1, 8
     torch.manual_seed(0)
     defaults = AugmentConfig(ref="x", out="x", n=1)
     strength = args.strength if args.strength is not None else defaults.strength
@@ -146,6 +150,7 @@ def main() -> None:
     print(json.dumps(report, indent=2))
     if args.out:
         Path(args.out).write_text(json.dumps(report, indent=2))
+    return report
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """Cost of the Internal-Guidance head: a sampling forward of the shipped UNet with and without its head.
 
     python benchmarks/ig_head_cost.py [--batch 250] [--repeats 30]
+    python benchmarks/ig_head_cost.py --smoke     # batch 4, 2 repeats (the test suite)
 
 The head (GroupNorm-SiLU-conv after `up_blocks.0`) runs inside the same call, so its cost is the ratio of
 the two timings, measured interleaved in one process (absolute times on a shared CPU are noise).
@@ -20,7 +21,10 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--batch", type=int, default=250)
     ap.add_argument("--repeats", type=int, default=30)
+    ap.add_argument("--smoke", action="store_true", help="batch 4, 2 repeats (the test suite)")
     args = ap.parse_args(argv)
+    if args.smoke:
+        args.batch, args.repeats = 4, 2
     prior = load_shipped()
     model = prior.unet
     c, h, w = prior.info["latent_shape"]

@@ -1,6 +1,7 @@
 """Every guidance method on the shipped prior, with numbers: the study behind docs/results.md.
 
     python benchmarks/methods_study.py --study all --out runs/study [--n 256 --seeds 3 --steps 50]
+    python benchmarks/methods_study.py --smoke --out /tmp/study   # strength, kernels and rff studies, tiny; seconds
 
 Each target domain's references are split (stratified, seeded) into a guidance half and a held-out half;
 metrics compare generated samples with the HELD-OUT half, in the shipped classifier's penultimate feature
@@ -292,7 +293,7 @@ def rff_accuracy_speed(study: Study) -> list[dict]:
     gen = torch.Generator().manual_seed(0)
     d = 256
     x = torch.randn(64, d, generator=gen)
-    for m in (1000, 4000, 16000):
+    for m in study.args.rff_references:
         y = torch.randn(m, d, generator=gen) * 1.1 + 0.1
         bw = float(median_pairwise_distance(y))
         exact, approx = RBFKernel(bw), RandomFourierFeatures(bw, d, num_features=2048, seed=0)
@@ -457,7 +458,7 @@ STUDIES: dict[str, Callable[[Study], list[dict]]] = {
 }
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict[str, dict]:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--study", default="all", help=f"comma-separated from {list(STUDIES)} or 'all'")
     ap.add_argument("--out", default=str(REPO / "runs" / "study"))
@@ -476,12 +477,25 @@ def main() -> None:
         help="run only the settings whose name contains one of these; their rows replace or join those in "
         "an existing <out>/<study>.json (the other rows are kept)",
     )
-    args = ap.parse_args()
-    torch.set_num_threads(2)
+    ap.add_argument("--rff-references", type=int, nargs="+", default=[1000, 4000, 16000], help="of the rff study")
+    ap.add_argument(
+        "--smoke",
+        action="store_true",
+        help="the strength, kernels and rff studies (or --study's): 8 samples, 2 seeds, 2 steps, one strength, "
+        "small rff sizes (the test suite)",
+    )
+    args = ap.parse_args(argv)
+    if args.smoke:
+        args.study = "strength,kernels,rff" if args.study == "all" else args.study  # a --study given is kept
+        args.n, args.batch, args.seeds, args.steps = 8, 8, 2, 2
+        args.strengths, args.rff_references = [args.default_strength], [100, 400]
+    else:
+        torch.set_num_threads(2)  # the published timings' setting (not in the test suite's process)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     study = Study(args)
     names = list(STUDIES) if args.study == "all" else args.study.split(",")
+    records = {}
     for name in names:
         t = time.perf_counter()
         print(f"== {name}", flush=True)
@@ -491,6 +505,8 @@ def main() -> None:
         if args.only and path.is_file():
             record = merge_rows(json.loads(path.read_text()), record)
         path.write_text(json.dumps(record, indent=2))
+        records[name] = record
+    return records
 
 
 def merge_rows(previous: dict, update: dict) -> dict:

@@ -1,12 +1,14 @@
 """Render the methods study's JSON results (benchmarks/methods_study.py) as Markdown tables.
 
 python benchmarks/render_results.py runs/study > runs/study/tables.md
+python benchmarks/render_results.py --smoke   # methods_study.py --smoke (strength, rff) into a temp dir, rendered
 """
 
 from __future__ import annotations
 
+import argparse
 import json
-import sys
+import tempfile
 from pathlib import Path
 
 COLUMNS = [
@@ -52,14 +54,15 @@ def table(rows: list[dict]) -> str:
     return "\n".join([head, sep, *body])
 
 
-def main() -> None:
-    folder = Path(sys.argv[1] if len(sys.argv) > 1 else "runs/study")
+def render(folder: Path) -> str:
+    """Every study record (<study>.json) of `folder`, as Markdown: a heading, the command, the table."""
+    out = []
     for path in sorted(folder.glob("*.json")):
         record = json.loads(path.read_text())
         if "study" not in record:  # e.g. bench_throughput.json beside the study files
             continue
         s = record["settings"]
-        print(f"### {record['study']}\n")
+        out.append(f"### {record['study']}\n")
         flags = f"--n {s['n']} --seeds {s['seeds']} --steps {s['steps']} --eta {s.get('eta', 0.0):g}"
         if s.get("mode", "latent") != "latent" and record["study"] in ("strength", "filter"):
             flags += f" --mode {s['mode']}"
@@ -67,12 +70,34 @@ def main() -> None:
             flags += " --strengths " + " ".join(f"{v:g}" for v in s["strengths"])
         else:
             flags += f" --default-strength {s['default_strength']:g}"
-        print(
+        out.append(
             f"`python benchmarks/methods_study.py --study {record['study']} {flags}` "
             f"({record['seconds'] / 60:.1f} min)\n"
         )
-        print(table(record["rows"]))
-        print()
+        out.append(table(record["rows"]))
+        out.append("")
+    return "\n".join(out)
+
+
+def main(argv: list[str] | None = None) -> str:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("folder", type=Path, nargs="?", default=Path("runs/study"), help="the methods study's --out")
+    ap.add_argument(
+        "--smoke",
+        action="store_true",
+        help="render `methods_study.py --smoke --study strength,rff` (both kinds of table), run into a temp folder",
+    )
+    args = ap.parse_args(argv)
+    if args.smoke:
+        import methods_study  # beside this script
+
+        with tempfile.TemporaryDirectory() as tmp:
+            methods_study.main(["--smoke", "--study", "strength,rff", "--out", tmp])
+            text = render(Path(tmp))
+    else:
+        text = render(args.folder)
+    print(text)
+    return text
 
 
 if __name__ == "__main__":

@@ -8,12 +8,14 @@ Runs are resumable (rerun to continue).
 
     python examples/make_utility_domains.py --out runs/utility-data
     python benchmarks/utility_evidence.py --data runs/utility-data --out runs/utility [--n 5000]
+    python benchmarks/utility_evidence.py --smoke --out /tmp/utility   # the data made in --out, tiny runs; seconds
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -24,7 +26,11 @@ from pipeline.jobs.job import run_job
 REPO = Path(__file__).resolve().parent.parent
 
 
-def main() -> None:
+#: `--smoke`: both runs' settings (2 sampling steps, a short pilot ladder of few samples, a cache in --out).
+SMOKE_RUN = {"steps": 2, "pilot_samples": 8, "pilot_max_strength": 0.04}
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", type=Path, default=REPO / "runs" / "utility-data")
     ap.add_argument("--out", type=Path, default=REPO / "runs" / "utility")
@@ -36,16 +42,32 @@ def main() -> None:
     ap.add_argument(
         "--guided", default="{}", help="JSON of AugmentConfig overrides for the guided run, e.g. '{\"strength\": 0.02}'"
     )
-    args = ap.parse_args()
+    ap.add_argument(
+        "--smoke",
+        action="store_true",
+        help="make the domains into <out>/data, thick only, 8 samples, 2 steps, 1 seed, 5 train steps (the test suite)",
+    )
+    args = ap.parse_args(argv)
     overrides = json.loads(args.guided)
+    common: dict = {}
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.smoke:
+        sys.path.insert(0, str(REPO / "examples"))
+        import make_utility_domains
+
+        args.data = args.out / "data"
+        make_utility_domains.main(["--out", str(args.data)])
+        args.domains, args.n, args.sizes, args.seeds, args.train_steps = ["thick"], 8, [8], 1, 5
+        common = {**SMOKE_RUN, "cache_dir": str(args.out / "cache")}
     results = []
     for domain in args.domains:
         refs, test = args.data / domain / "refs", args.data / domain / "test"
         runs = {
-            "guided": AugmentConfig(ref=str(refs), n=args.n, out=str(args.out / f"{domain}-guided"), **overrides),
+            "guided": AugmentConfig(
+                ref=str(refs), n=args.n, out=str(args.out / f"{domain}-guided"), **{**common, **overrides}
+            ),
             "unguided": AugmentConfig(
-                ref=str(refs), n=args.n, out=str(args.out / f"{domain}-unguided"), guidance="none", keep=1.0
+                ref=str(refs), n=args.n, out=str(args.out / f"{domain}-unguided"), guidance="none", keep=1.0, **common
             ),
         }
         for name, cfg in runs.items():
@@ -70,6 +92,7 @@ def main() -> None:
             print(f"{domain} n={size}: {arms}  ({time.perf_counter() - t:.0f} s)", flush=True)
             (args.out / "utility_evidence.json").write_text(json.dumps(results, indent=2))
     print(render(results))
+    return results
 
 
 def render(results: list[dict]) -> str:

@@ -1,6 +1,7 @@
 """The seams between the packages: import-linter's contracts (pyproject.toml) hold, no package reaches
 into another's private names (`_name`, `pkg._module`): what others need is promoted to a public name, and
-no module imports itself back through others (imports inside functions included)."""
+no module imports itself back through others (imports inside functions included), and no function is
+longer than a reader can hold (MAX_FUNCTION_LINES)."""
 
 from __future__ import annotations
 
@@ -105,3 +106,24 @@ def test_import_contracts_hold():
     result = subprocess.run([lint_imports], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "0 broken" in result.stdout
+
+
+MAX_FUNCTION_LINES = 80
+
+
+def _long_functions(limit: int = MAX_FUNCTION_LINES) -> list[str]:
+    """Every function (methods and nested ones included) longer than `limit` lines, def line to the last
+    line of its body, decorators excluded: `path:line name (n lines)`."""
+    found = []
+    for top in PACKAGES:
+        for path in sorted((REPO / top).rglob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+                if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                    length = node.end_lineno - node.lineno + 1
+                    if length > limit:
+                        found.append(f"{path.relative_to(REPO)}:{node.lineno} {node.name} ({length} lines)")
+    return found
+
+
+def test_no_function_over_80_lines():
+    assert _long_functions() == [], "functions a reader can hold: split these where the parts have names"

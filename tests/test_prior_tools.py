@@ -1,4 +1,5 @@
-"""The prior's measurement scripts (reach, side-by-side ablation, IG head cost) run end to end on tiny settings."""
+"""The prior's measurement scripts (reach, side-by-side ablation, IG head cost, pilot stability) run end to end on
+their --smoke settings (the other benchmarks' smokes: tests/test_benchmarks_smoke.py)."""
 
 from __future__ import annotations
 
@@ -40,7 +41,7 @@ def test_prior_reach_smoke_measures_every_domain_and_writes_the_card(tmp_path: P
 def test_ig_head_cost_times_both_calls() -> None:
     import ig_head_cost
 
-    result = ig_head_cost.main(["--batch", "4", "--repeats", "2"])
+    result = ig_head_cost.main(["--smoke"])
     assert result["with head"] > 0 and result["without head"] > 0 and result["ratio"] > 0
 
 

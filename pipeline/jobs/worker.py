@@ -317,13 +317,26 @@ def _reject_reason(pool: FilteredPool, j: int) -> str | None:
 
 def run_shard(ctx: JobContext, shard: ShardPlan, progress: Progress | None = None) -> ShardResult:
     """Generate, filter and write one shard (manifest part first, shard + done marker last)."""
-    cfg, model, bundle = ctx.cfg, ctx.model, ctx.bundle
+    cfg = ctx.cfg
     t0 = time.perf_counter()
     pool = filter_shard(ctx, shard, progress)
     _warn_rejections(ctx, shard, pool)
-    latents, labels, kept = pool.latents, pool.labels, pool.kept
     t1 = time.perf_counter()
-    write_idx = torch.arange(len(latents)) if cfg.keep_rejected else kept.nonzero().flatten()
+    write_idx = torch.arange(len(pool.latents)) if cfg.keep_rejected else pool.kept.nonzero().flatten()
+    judged = _decode_and_judge(ctx, pool, write_idx)
+    t2 = time.perf_counter()
+    rows, kept_samples, rejected_samples = _rows_and_samples(ctx, shard, pool, judged, write_idx)
+    result = _write(ctx, shard, pool, rows, kept_samples, rejected_samples)
+    t3 = time.perf_counter()
+    result.seconds = {"generate_filter": t1 - t0, "decode_judge": t2 - t1, "write": t3 - t2}
+    return result
+
+
+def _decode_and_judge(ctx: JobContext, pool: FilteredPool, write_idx: torch.Tensor) -> torch.Tensor | None:
+    """Decode the samples to write that are not decoded yet (into `pool.images`); the judged classes (−2: not
+    judged), with the report-only judge run on the written samples when the filter did not judge."""
+    cfg, model = ctx.cfg, ctx.model
+    latents, labels = pool.latents, pool.labels
     missing = [int(j) for j in write_idx if int(j) not in pool.images]
     if missing:
         decoded = model.decode(latents[missing].to(model.device), batch_size=cfg.batch_size)
@@ -334,9 +347,13 @@ def run_shard(ctx: JobContext, shard: ShardPlan, progress: Progress | None = Non
         judged = torch.full((len(latents),), -2, dtype=torch.long)
         imgs = torch.stack([pool.images[int(j)] for j in write_idx]) if ctx.judge.needs_images else None
         judged[write_idx] = ctx.judge(latents[write_idx], imgs)
-    t2 = time.perf_counter()
-    seeds = seeds_for(cfg, pool.indices)
-    guidance_meta = {
+    return judged
+
+
+def _guidance_meta(ctx: JobContext) -> dict[str, Any]:
+    """How the samples were guided: the `guidance` entry of every written sample's metadata."""
+    cfg = ctx.cfg
+    return {
         "mode": cfg.guidance,
         "kernel": cfg.kernel,
         "strength": ctx.strength,
@@ -348,56 +365,110 @@ def run_shard(ctx: JobContext, shard: ShardPlan, progress: Progress | None = Non
         "steps": cfg.steps,
         "sampler": cfg.sampler,
     }
+
+
+def _rows_and_samples(
+    ctx: JobContext, shard: ShardPlan, pool: FilteredPool, judged: torch.Tensor | None, write_idx: torch.Tensor
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]]]:
+    """The shard's manifest rows (every generated sample) and the samples to write: (rows, kept, rejected)."""
+    cfg = ctx.cfg
+    seeds = seeds_for(cfg, pool.indices)
+    guidance_meta = _guidance_meta(ctx)
     rows: list[dict[str, Any]] = []
     kept_samples: list[dict[str, Any]] = []
     rejected_samples: list[dict[str, Any]] = []
     written = {int(j) for j in write_idx}
     # pseudo-classes (`pipeline.checks.pseudo`): the output stays unlabelled unless --pseudo-labels; the manifest's
     # `pseudo_class` keeps the class either way
-    pseudo = bundle.pseudo_labels
+    pseudo = ctx.bundle.pseudo_labels
     shown = not pseudo or cfg.pseudo_labels
     for j, index in enumerate(pool.indices):
-        label = int(labels[j]) if labels is not None else None
-        class_name = bundle.class_names[label] if label is not None else None
-        judged_label = None
-        if judged is not None and int(judged[j]) != -2:
-            judged_label = int(judged[j])
-        row = {
-            "key": sample_key(cfg.prefix, index),
-            "index": index,
-            "shard": shard.shard_id,
-            "seed": seeds[j],
-            "label": label if shown else None,
-            "class_name": class_name if shown else None,
-            "condition": class_name if shown else None,
-            "mmd_contribution": float(pool.scores[j]),
-            # 5 significant digits: latents agree across process/thread counts only to float32 rounding
-            "nearest_reference_distance": float(f"{float(pool.nearest[j]):.5g}"),
-            "kept": bool(kept[j]),
-            "rank_in_shard": int(pool.rank[j]),
-            "rejected_reason": _reject_reason(pool, j),
-            "judged_label": judged_label,
-            "reserved": j >= shard.num_generated,
-            "config_hash": cfg.config_hash,
-            "model_id": model.model_id,
-        }
-        if pseudo:
-            row["pseudo_class"] = class_name
+        row = _manifest_row(ctx, shard, pool, judged, j, index, seeds[j], shown)
         rows.append(row)
         if j not in written:
             continue
-        meta = dict(row, guidance=guidance_meta)
-        if pseudo and shown:
-            meta["pseudo_label"] = True
-        elif pseudo:  # unlabelled output: no class of any kind in the sample
-            del meta["pseudo_class"]
-            meta["judged_label"] = None
-        sample: dict[str, Any] = {"__key__": row["key"], "png": to_png(pool.images[j]), "json": meta}
-        if label is not None and shown:
-            sample["cls"] = label
-        if cfg.save_latents:
-            sample["latent.npy"] = np.ascontiguousarray(latents[j].numpy())
-        (kept_samples if kept[j] else rejected_samples).append(sample)
+        sample = _sample(cfg, pool, j, row, guidance_meta, pseudo, shown)
+        (kept_samples if pool.kept[j] else rejected_samples).append(sample)
+    return rows, kept_samples, rejected_samples
+
+
+def _manifest_row(
+    ctx: JobContext,
+    shard: ShardPlan,
+    pool: FilteredPool,
+    judged: torch.Tensor | None,
+    j: int,
+    index: int,
+    seed: int,
+    shown: bool,
+) -> dict[str, Any]:
+    """The manifest row of the pool's sample `j` (global `index`); `shown`: its class is in the output."""
+    cfg, labels, class_names = ctx.cfg, pool.labels, ctx.bundle.class_names
+    label = int(labels[j]) if labels is not None else None
+    class_name = class_names[label] if label is not None else None
+    judged_label = None
+    if judged is not None and int(judged[j]) != -2:
+        judged_label = int(judged[j])
+    row = {
+        "key": sample_key(cfg.prefix, index),
+        "index": index,
+        "shard": shard.shard_id,
+        "seed": seed,
+        "label": label if shown else None,
+        "class_name": class_name if shown else None,
+        "condition": class_name if shown else None,
+        "mmd_contribution": float(pool.scores[j]),
+        # 5 significant digits: latents agree across process/thread counts only to float32 rounding
+        "nearest_reference_distance": float(f"{float(pool.nearest[j]):.5g}"),
+        "kept": bool(pool.kept[j]),
+        "rank_in_shard": int(pool.rank[j]),
+        "rejected_reason": _reject_reason(pool, j),
+        "judged_label": judged_label,
+        "reserved": j >= shard.num_generated,
+        "config_hash": cfg.config_hash,
+        "model_id": ctx.model.model_id,
+    }
+    if ctx.bundle.pseudo_labels:  # pseudo-classes: the manifest keeps the class even where the output does not
+        row["pseudo_class"] = class_name
+    return row
+
+
+def _sample(
+    cfg: AugmentConfig,
+    pool: FilteredPool,
+    j: int,
+    row: dict[str, Any],
+    guidance_meta: dict[str, Any],
+    pseudo: bool,
+    shown: bool,
+) -> dict[str, Any]:
+    """The written sample of the pool's sample `j`: key, PNG, metadata (its manifest `row` and the guidance),
+    its class (`cls`) when `shown`, its latent with --save-latents; `pseudo`: the classes are pseudo-classes."""
+    label = int(pool.labels[j]) if pool.labels is not None else None
+    meta = dict(row, guidance=guidance_meta)
+    if pseudo and shown:
+        meta["pseudo_label"] = True
+    elif pseudo:  # unlabelled output: no class of any kind in the sample
+        del meta["pseudo_class"]
+        meta["judged_label"] = None
+    sample: dict[str, Any] = {"__key__": row["key"], "png": to_png(pool.images[j]), "json": meta}
+    if label is not None and shown:
+        sample["cls"] = label
+    if cfg.save_latents:
+        sample["latent.npy"] = np.ascontiguousarray(pool.latents[j].numpy())
+    return sample
+
+
+def _write(
+    ctx: JobContext,
+    shard: ShardPlan,
+    pool: FilteredPool,
+    rows: list[dict[str, Any]],
+    kept_samples: list[dict[str, Any]],
+    rejected_samples: list[dict[str, Any]],
+) -> ShardResult:
+    """Write the rejected shard (--keep-rejected), the manifest part, then the shard and its done marker."""
+    cfg, latents, labels, kept = ctx.cfg, pool.latents, pool.labels, pool.kept
     if cfg.keep_rejected:
         write_shard(cfg.out, f"{cfg.prefix}_rejected", shard.shard_id, rejected_samples, folder=REJECTED_DIR)
     write_manifest_part(cfg.out, shard.shard_id, rows)
@@ -431,8 +502,6 @@ def run_shard(ctx: JobContext, shard: ShardPlan, progress: Progress | None = Non
             "judge": ctx.judge.description if ctx.judge is not None else None,
         },
     )
-    t3 = time.perf_counter()
-    result.seconds = {"generate_filter": t1 - t0, "decode_judge": t2 - t1, "write": t3 - t2}
     return result
 
 

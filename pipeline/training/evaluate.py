@@ -123,14 +123,41 @@ def evaluate(
     clf = prior.classifier
     real = classify(clf, x_held) if clf is not None else None
     if clf is not None:
-        m["classifier_heldout_accuracy"] = float((real["probs"].argmax(1) == y_held).float().mean())
-        m["classifier_parameters"] = sum(p.numel() for p in clf.parameters())
-        rec_c = classify(clf, rec)
-        m["classifier_accuracy_on_vae_reconstructions"] = float((rec_c["probs"].argmax(1) == y_held).float().mean())
-        m["fd_vae_reconstructions_vs_heldout"] = fd(rec_c["features"], real["features"])
-        g = torch.Generator().manual_seed(cfg.seed)
-        ref_idx = torch.randperm(len(x_train), generator=g)[: min(n, len(x_train))]
-        m["fd_train_real_vs_heldout"] = fd(classify(clf, x_train[ref_idx])["features"], real["features"])
+        m.update(_classifier_metrics(cfg, clf, real, rec, y_held, x_train))
+    settings, uncond = _eval_settings(cfg, k, n, null_id)
+    runs, results = _sample_settings(cfg, prior, settings, clf, real, k, null_id)
+    m.update(results)
+    if compare_to is not None and clf is not None:
+        m["previous_prior"] = compare_previous(compare_to, clf, real["features"], uncond, cfg, device)
+        tqdm.write(f"[eval] previous prior {compare_to}: {json.dumps(m['previous_prior'])}")
+    _save_grids(cfg, runs, out, k)
+    return m
+
+
+def _classifier_metrics(
+    cfg: TrainConfig,
+    clf: Any,
+    real: dict[str, torch.Tensor],
+    rec: torch.Tensor,
+    y_held: torch.Tensor,
+    x_train: torch.Tensor,
+) -> dict[str, Any]:
+    """The classifier on the held-out images and their VAE reconstructions, and the real-vs-real FD floor."""
+    m: dict[str, Any] = {}
+    m["classifier_heldout_accuracy"] = float((real["probs"].argmax(1) == y_held).float().mean())
+    m["classifier_parameters"] = sum(p.numel() for p in clf.parameters())
+    rec_c = classify(clf, rec)
+    m["classifier_accuracy_on_vae_reconstructions"] = float((rec_c["probs"].argmax(1) == y_held).float().mean())
+    m["fd_vae_reconstructions_vs_heldout"] = fd(rec_c["features"], real["features"])
+    g = torch.Generator().manual_seed(cfg.seed)
+    ref_idx = torch.randperm(len(x_train), generator=g)[: min(cfg.eval_samples, len(x_train))]
+    m["fd_train_real_vs_heldout"] = fd(classify(clf, x_train[ref_idx])["features"], real["features"])
+    return m
+
+
+def _eval_settings(cfg: TrainConfig, k: int, n: int, null_id: int) -> tuple[list[dict[str, Any]], torch.Tensor]:
+    """The sampling settings evaluated (conditional ones when there are classes, then unconditional ones), and
+    the unconditional labels."""
     settings: list[dict[str, Any]] = []
     if k > 0:
         cond = torch.arange(n) % k
@@ -153,7 +180,22 @@ def evaluate(
             "ig": cfg.eval_ig_scale,
         },
     ]
+    return settings, uncond
+
+
+def _sample_settings(
+    cfg: TrainConfig,
+    prior: Any,
+    settings: list[dict[str, Any]],
+    clf: Any,
+    real: dict[str, torch.Tensor] | None,
+    k: int,
+    null_id: int,
+) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+    """Sample every setting, timed, and judge the samples with the classifier: (runs, metrics by setting)."""
     runs = {}
+    results: dict[str, dict[str, Any]] = {}
+    n = cfg.eval_samples
     total = sum(n * (2 if s["cfg"] != 1.0 else 1) for s in settings)
     bar = progress_bar(total, 0, "eval (sample-passes)")
     for s in settings:
@@ -190,20 +232,20 @@ def evaluate(
             is_cond = not bool((s["labels"] == null_id).all())
             r.update(class_summary(c["probs"], s["labels"] if is_cond else None, k))
             r["fd_vs_heldout"] = fd(c["features"], real["features"])
-        m[s["name"]] = r
+        results[s["name"]] = r
         tqdm.write(f"[eval] {s['name']}: {json.dumps({a: b for a, b in r.items() if 'histogram' not in a})}")
     bar.close()
-    if compare_to is not None and clf is not None:
-        m["previous_prior"] = compare_previous(compare_to, clf, real["features"], uncond, cfg, device)
-        tqdm.write(f"[eval] previous prior {compare_to}: {json.dumps(m['previous_prior'])}")
-    # grids: class-conditional with CFG (one class per row) and unconditional samples
-    grid_n = min(100, n)
+    return runs, results
+
+
+def _save_grids(cfg: TrainConfig, runs: dict[str, Any], out: Path, k: int) -> None:
+    """The card's grids: class-conditional samples with CFG (one class per row) and unconditional samples."""
+    grid_n = min(100, cfg.eval_samples)
     if k > 0:
         name = f"conditional_cfg{cfg.eval_cfg_scale:g}"
         order = torch.argsort(runs[name].labels[:grid_n], stable=True)
         save_grid(runs[name].images[:grid_n][order], out / "samples_cfg.png", nrow=grid_n // k or 1)
     save_grid(runs["unconditional_ig1"].images[:grid_n], out / "samples_uncond.png", nrow=10)
-    return m
 
 
 def compare_previous(
