@@ -127,7 +127,8 @@ _context_cache: dict[str, Any] = {}
 
 
 def _model_key(cfg: AugmentConfig) -> str:
-    return f"{model_fingerprint(cfg.model)}|{cfg.device}|{cfg.dtype}"  # a rewritten model folder reloads
+    # a rewritten model folder reloads
+    return f"{model_fingerprint(cfg.model)}|{cfg.device}|{cfg.dtype}|{cfg.resolution}|{cfg.offload}"
 
 
 def _context_key(cfg: AugmentConfig) -> str:
@@ -142,7 +143,7 @@ def shared_model(cfg: AugmentConfig) -> LoadedModel:
         if _model_cache.get("key") != key:
             _model_cache.clear()
             _context_cache.clear()
-            model = load_model(cfg.model, cfg.device, cfg.dtype)
+            model = load_model(cfg.model, cfg.device, cfg.dtype, resolution=cfg.resolution, offload=cfg.offload)
             _model_cache.update(key=key, model=model, scheduler=model.scheduler)
         model = _model_cache["model"]
         model.scheduler = _model_cache["scheduler"]

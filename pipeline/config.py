@@ -11,7 +11,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-SamplerName = Literal["ddim", "ddpm", "euler", "dpmpp"]
+SamplerName = Literal["auto", "ddim", "ddpm", "euler", "dpmpp"]
 GuidanceName = Literal["none", "latent", "posterior", "lookahead", "noisy"]
 KernelName = Literal["rbf", "rbf-multi", "imq", "cubic", "rff"]
 ScheduleName = Literal["constant", "interval", "linear_decay", "linear_ramp"]
@@ -32,10 +32,23 @@ PILOT_MAX_SAMPLES = 512
 #: `allow_shortfall` only decides what a finished run reports (exit code 3 or 0), so a re-run of a run that
 #: finished short may add it.
 RUNTIME_FIELDS = frozenset(
-    {"out", "ref", "device", "processes", "progress", "cache_dir", "allow_shortfall"}
+    {"out", "ref", "device", "processes", "progress", "cache_dir", "allow_shortfall", "offload"}
     # the reach check only decides whether the job starts: `--force` or other thresholds resume the same run
     | {"reach_check", "reach_samples", "reach_steps", "reach_refuse_share", "reach_warn_share", "force"}
 )
+
+#: Fields added after runs were first made, with the value they are hashed as *absent* at: a run that leaves them at
+#: these values keeps the config hash it had before they existed (its shards stay byte-identical and it resumes).
+ADDED_FIELD_DEFAULTS: dict[str, object] = {
+    "prompt": None,
+    "negative_prompt": None,
+    "class_prompt": None,
+    "resolution": None,
+}
+
+#: `auto` settings hashed as the value they stood for before `auto` existed, where they resolve to it: on the
+#: shipped prior (`model` None or "shipped") `cfg_scale auto` is 2 and `sampler auto` is DDIM, as before.
+SHIPPED_AUTO_AS = {"cfg_scale": 2.0, "sampler": "ddim"}
 
 #: Fields set only in a config file (`--config FILE`), on purpose: every other field is a flag of
 #: `augment` and `augment flow` (generated from this class by `pipeline.cli.options`). Empty today.
@@ -69,7 +82,11 @@ class AugmentConfig(BaseModel):
     )
 
     # sampling
-    sampler: SamplerName = Field(default="ddim", description="diffusers sampler")
+    sampler: SamplerName = Field(
+        default="auto",
+        description="diffusers sampler; auto: DDIM for DDPM-style (VP) models, the model's own scheduler for "
+        "flow-matching models (SD3, Flux, Sana), which accept auto or euler",
+    )
     steps: int = Field(default=50, ge=1, le=1000, description="sampling steps")
     eta: float = Field(
         default=1.0,
@@ -78,11 +95,31 @@ class AugmentConfig(BaseModel):
         description="DDIM η: 1 = ancestral (much better samples from the shipped prior), 0 = deterministic ODE",
     )
     batch_size: int = Field(default=64, ge=1, description="samples per batch (lower it on out-of-memory)")
-    cfg_scale: float = Field(
-        default=2.0,
-        ge=0.0,
-        description="classifier-free guidance scale (1 = off); acts only on class-conditional samples (labelled or "
-        "pseudo-labelled references on a class-conditional model), at twice the denoiser calls",
+    resolution: int | None = Field(
+        default=None,
+        ge=8,
+        description="side of the generated (square) images in pixels, for text-to-image models; default: the "
+        "model's own (SD 1.5: 512, SDXL and Flux: 1024, ...); the references are resized to it",
+    )
+    cfg_scale: Annotated[float, Field(ge=0.0)] | Literal["auto"] = Field(
+        default="auto",
+        description="classifier-free guidance scale (1 = off), at twice the denoiser calls; acts on class-conditional "
+        "samples and on prompted samples of text-to-image models; guidance-distilled Flux gets it as its guidance "
+        "input instead. auto: 2 for class-label models (as measured on the shipped prior), the family's customary "
+        "scale for text models (docs/models.md)",
+    )
+    prompt: str | None = Field(
+        default=None,
+        description="text-to-image models: the prompt of every sample (captions of the references, when they have "
+        "some, are used instead only without it)",
+    )
+    negative_prompt: str | None = Field(
+        default=None, description="text-to-image models: the unconditional branch of classifier-free guidance"
+    )
+    class_prompt: str | None = Field(
+        default=None,
+        description="text-to-image models with class sub-folders: the prompt of each class, with the folder name in "
+        '{} ("a chest x-ray showing {}")',
     )
     ig_scale: float = Field(default=1.0, ge=0.0, description="Internal Guidance scale (1 = off)")
     ig_interval: tuple[float, float] | None = Field(
@@ -234,6 +271,11 @@ class AugmentConfig(BaseModel):
     )
 
     # runtime only (not hashed)
+    offload: bool = Field(
+        default=False,
+        description="move each model component to the GPU only while it runs (diffusers' model CPU offload), for "
+        "cards that cannot hold the whole model",
+    )
     device: str = Field(default="auto", description="auto | cpu | cuda | cuda:1 ...")
     dtype: DTypeName = Field(default="auto", description="model dtype (auto: float32 on CPU, bf16/fp16 on GPU)")
     processes: int = Field(default=1, ge=1, description="worker processes on this node (accelerate)")
@@ -260,6 +302,10 @@ class AugmentConfig(BaseModel):
             )
         if any(f <= 0 for f in self.bandwidth_factors):
             raise ValueError(f"bandwidth_factors must be positive, got {self.bandwidth_factors}")
+        if self.class_prompt is not None and "{}" not in self.class_prompt:
+            raise ValueError(
+                f"class_prompt must contain {{}} (where the class folder name goes), got {self.class_prompt!r}"
+            )
         if self.reach_refuse_share > self.reach_warn_share:
             raise ValueError(
                 f"reach_refuse_share ({self.reach_refuse_share}) must be <= reach_warn_share ({self.reach_warn_share})"
@@ -305,7 +351,16 @@ class AugmentConfig(BaseModel):
         return math.ceil(self.shard_size / self.keep)
 
     def hashed_fields(self) -> dict:
-        return {k: v for k, v in self.model_dump(mode="json").items() if k not in RUNTIME_FIELDS}
+        """The sample-defining settings: all but the runtime ones, added fields left at their defaults dropped,
+        and the shipped prior's `auto` settings as the values they stood for (`ADDED_FIELD_DEFAULTS`,
+        `SHIPPED_AUTO_AS`: runs made before those fields existed keep their hash)."""
+        fields = {k: v for k, v in self.model_dump(mode="json").items() if k not in RUNTIME_FIELDS}
+        for name, default in ADDED_FIELD_DEFAULTS.items():
+            if fields.get(name) == default:
+                del fields[name]
+        if self.model in (None, "shipped"):
+            fields.update({k: v for k, v in SHIPPED_AUTO_AS.items() if fields[k] == "auto"})
+        return fields
 
     @property
     def config_hash(self) -> str:

@@ -5,6 +5,11 @@ order into `manifest.parquet` (streamed: one part in memory at a time). The sche
 so that parts from different processes always concatenate, and a training job can filter on it
 (`kept == True`, `label == 3`, ...).
 
+Runs with prompts (text-to-image models) put each sample's prompt in its row under `prompt`; their parts
+and manifest have `PROMPT_SCHEMA` (`MANIFEST_SCHEMA` plus a nullable string `prompt` at the end). Runs
+without prompts write `MANIFEST_SCHEMA`, byte-identical to versions that had no prompt column. All parts
+of one run share one schema.
+
 A shard's part is written before its done marker, so the marker vouches for it. A part lost later
 (`manifest/` deleted) is not rebuilt: `forget_shards_without_part` removes those shards' markers and the
 next run regenerates them, byte-identical.
@@ -27,6 +32,7 @@ from storage.shards import SHARDS_DIR, done_shard_ids, marker_path
 __all__ = [
     "MANIFEST_FILE",
     "MANIFEST_SCHEMA",
+    "PROMPT_SCHEMA",
     "forget_shards_without_part",
     "manifest_rows",
     "manifest_part_path",
@@ -70,7 +76,10 @@ MANIFEST_SCHEMA = pa.schema(
     ],
     metadata={"mmd_augment.manifest_version": MANIFEST_VERSION},
 )
-_COLUMNS = tuple(MANIFEST_SCHEMA.names)
+_PROMPT = "prompt"
+#: The schema of runs with prompts; runs without keep `MANIFEST_SCHEMA` (and its bytes) unchanged.
+PROMPT_SCHEMA = MANIFEST_SCHEMA.append(pa.field(_PROMPT, pa.string(), nullable=True))  # each sample's prompt
+_COLUMNS = tuple(PROMPT_SCHEMA.names)  # every column a row may have
 _REQUIRED = frozenset(f.name for f in MANIFEST_SCHEMA if not f.nullable)
 _PART_RE = re.compile(r"^part-(\d{6,})\.parquet$")
 
@@ -91,9 +100,12 @@ def _table_bytes(table: pa.Table) -> bytes:
 def write_manifest_part(out_dir: str | os.PathLike[str], shard_id: int, rows: Sequence[dict[str, Any]]) -> Path:
     """Write one shard's rows to `out_dir/manifest/part-{shard_id:06d}.parquet` atomically.
 
+    The part has `PROMPT_SCHEMA` when any row has a `prompt` key (rows without it get a null prompt),
+    else `MANIFEST_SCHEMA`.
+
     Raises:
-        ValueError: a row has a column not in `MANIFEST_SCHEMA`, lacks or nulls a required column, or
-            a value does not convert to the column's type.
+        ValueError: a row has a column not in `PROMPT_SCHEMA`, lacks or nulls a required column, or
+            a value does not convert to the column's type (a prompt must be a string or None).
     """
     for i, row in enumerate(rows):
         unknown = sorted(set(row) - set(_COLUMNS))
@@ -104,11 +116,10 @@ def write_manifest_part(out_dir: str | os.PathLike[str], shard_id: int, rows: Se
         missing = sorted(c for c in _REQUIRED if row.get(c) is None)
         if missing:
             raise ValueError(f"manifest row {i}: missing required column(s) {', '.join(missing)}")
-    columns = {name: [row.get(name) for row in rows] for name in _COLUMNS}
+    schema = PROMPT_SCHEMA if any(_PROMPT in row for row in rows) else MANIFEST_SCHEMA
+    columns = {name: [row.get(name) for row in rows] for name in schema.names}
     try:
-        table = pa.Table.from_pydict(
-            {f.name: pa.array(columns[f.name], type=f.type) for f in MANIFEST_SCHEMA}, schema=MANIFEST_SCHEMA
-        )
+        table = pa.Table.from_pydict({f.name: pa.array(columns[f.name], type=f.type) for f in schema}, schema=schema)
     except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError, OverflowError) as e:
         raise ValueError(f"manifest part {shard_id}: a value does not fit the schema ({e})") from e
     return atomic_write_bytes(manifest_part_path(out_dir, shard_id), _table_bytes(table))
@@ -138,26 +149,57 @@ def merge_manifest(out_dir: str | os.PathLike[str], *, expected_shards: Iterable
             merged), so a half-finished run cannot pass as complete. A `range` is never listed out in
             memory.
 
+    The manifest has `PROMPT_SCHEMA` when the parts have a prompt column, else `MANIFEST_SCHEMA`. A part
+    without rows fits either.
+
     Raises:
         FileNotFoundError: no parts, or an expected part is missing (nothing is written then).
-        ValueError: a part has a different schema.
+        ValueError: a part has a different schema, or the parts mix runs with and without prompts
+            (nothing is written then).
     """
     out_dir = Path(out_dir)
+    shard_ids: Iterable[int]
     if expected_shards is None:
-        parts: Iterable[tuple[int, Path]] = _parts(out_dir)
+        shard_ids = [s for s, _ in _parts(out_dir)]
     else:
-        wanted = expected_shards if isinstance(expected_shards, range) else sorted(set(expected_shards))
-        _require_parts(out_dir, wanted)
-        parts = ((s, manifest_part_path(out_dir, s)) for s in wanted)
+        shard_ids = expected_shards if isinstance(expected_shards, range) else sorted(set(expected_shards))
+        _require_parts(out_dir, shard_ids)
+    schema = _merged_schema(manifest_part_path(out_dir, s) for s in shard_ids)
+    if schema is None:
+        raise FileNotFoundError(f"{out_dir / MANIFEST_DIR}: no manifest parts to merge")
     merged = out_dir / MANIFEST_FILE
-    written = 0
-    with atomic_open(merged) as f, pq.ParquetWriter(f, MANIFEST_SCHEMA, compression="zstd") as writer:
-        for _, path in parts:
-            writer.write_table(_current_schema(pq.read_table(path), path))
-            written += 1
-        if not written:
-            raise FileNotFoundError(f"{out_dir / MANIFEST_DIR}: no manifest parts to merge")
+    with atomic_open(merged) as f, pq.ParquetWriter(f, schema, compression="zstd") as writer:
+        for s in shard_ids:
+            path = manifest_part_path(out_dir, s)
+            writer.write_table(_current_schema(pq.read_table(path), path, schema))
     return merged
+
+
+def _merged_schema(paths: Iterable[Path]) -> pa.Schema | None:
+    """The schema of the merged manifest from the parts' footers: `PROMPT_SCHEMA` when the parts with rows
+    have a prompt column (or, all parts being empty, any part has one), else `MANIFEST_SCHEMA`; None for no
+    parts. ValueError naming a part when the parts with rows disagree."""
+    first: tuple[Path, bool] | None = None  # the first part with rows, and whether it has prompts
+    any_prompt = False
+    count = 0
+    for path in paths:
+        count += 1
+        meta = pq.read_metadata(path)
+        has_prompt = _PROMPT in meta.schema.names
+        any_prompt |= has_prompt
+        if meta.num_rows == 0:
+            continue
+        if first is None:
+            first = (path, has_prompt)
+        elif has_prompt != first[1]:
+            raise ValueError(
+                f"{path}: manifest part {'has' if has_prompt else 'has no'} prompt column, unlike {first[0]} "
+                "(the parts of one run have prompts, or none)"
+            )
+    if not count:
+        return None
+    prompted = first[1] if first is not None else any_prompt
+    return PROMPT_SCHEMA if prompted else MANIFEST_SCHEMA
 
 
 def _require_parts(out_dir: Path, shard_ids: Iterable[int]) -> None:
@@ -208,19 +250,20 @@ def manifest_rows(path: str | os.PathLike[str], columns: Sequence[str]) -> Itera
         yield pf.read_row_group(i, columns=list(columns)).to_pydict()
 
 
-def _current_schema(table: pa.Table, path: Path) -> pa.Table:
-    """A part in this version's schema; a part of an earlier version that lacks only nullable columns
-    (e.g. `nearest_reference_distance`) gets them as nulls. Anything else is an error."""
+def _current_schema(table: pa.Table, path: Path, schema: pa.Schema = MANIFEST_SCHEMA) -> pa.Table:
+    """A part in `schema` (this version's `MANIFEST_SCHEMA` or `PROMPT_SCHEMA`); a part of an earlier
+    version that lacks only nullable columns (e.g. `nearest_reference_distance`) gets them as nulls, and an
+    empty part drops a prompt column `schema` lacks. Anything else is an error."""
+    if table.num_rows == 0 and _PROMPT in table.column_names and _PROMPT not in schema.names:
+        table = table.drop_columns([_PROMPT])
     have = {f.name: f for f in table.schema}
-    added = [f for f in MANIFEST_SCHEMA if f.name not in have]
-    unknown = sorted(set(have) - set(_COLUMNS))
-    retyped = sorted(f.name for f in MANIFEST_SCHEMA if f.name in have and have[f.name].type != f.type)
+    added = [f for f in schema if f.name not in have]
+    unknown = sorted(set(have) - set(schema.names))
+    retyped = sorted(f.name for f in schema if f.name in have and have[f.name].type != f.type)
     if unknown or retyped or any(not f.nullable for f in added):
         raise ValueError(f"{path}: manifest part has a different schema than this version writes")
-    columns = [
-        table[f.name].combine_chunks() if f.name in have else pa.nulls(len(table), f.type) for f in MANIFEST_SCHEMA
-    ]
-    return pa.Table.from_arrays(columns, schema=MANIFEST_SCHEMA)
+    columns = [table[f.name].combine_chunks() if f.name in have else pa.nulls(len(table), f.type) for f in schema]
+    return pa.Table.from_arrays(columns, schema=schema)
 
 
 def read_manifest(

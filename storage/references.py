@@ -5,8 +5,25 @@ Layout (as torchvision's ImageFolder):
     refs/a.png, refs/b.png, ...               unlabelled
     refs/cat/a.png, refs/dog/b.png, ...       labelled; class names sorted -> label ids 0..K-1
 
-Optional captions: a sidecar `<stem>.txt` next to an image, or `captions.jsonl` / `captions.csv` at
-the root mapping file name (relative path, or bare name when unique) to caption.
+Optional captions, from any mix of:
+
+- a sidecar `<stem>.txt` next to an image;
+- `captions.jsonl` / `captions.csv` at the root: every row maps a file name (`file_name`, `file`, `image`
+  or `path`: a path relative to the root, or a bare name when unique) to a caption (`caption`, `text` or
+  `prompt`);
+- Hugging Face `imagefolder`'s `metadata.jsonl` / `metadata.csv` at the root: every row names an image in a
+  `file_name` column (resolved as above, class sub-folders included, e.g. `cat/a.png`) and may carry a
+  caption column (`caption`, `text` or `prompt`, the first present; `text` is imagefolder's). Its other
+  columns (`label`, `source`, ...) are ignored. A metadata file without a caption column gives no
+  captions and is no error (the report says it was read without captions), but its rows must still name
+  images of the folder.
+
+A row naming no image of the folder, a malformed row and a caption that differs from another source's
+caption for the same image are errors naming the table and its line; when any image has a caption,
+every image needs one. Caption and metadata tables are never read as images or counted as other files.
+Captions enter `References.content_hash` as text, whatever file they come from: the same captions from
+sidecars, `captions.*` or `metadata.*` give the same hash, and the ignored metadata columns (or a metadata
+file without captions) do not change it.
 
 Every image is converted to the model's channel count (alpha composited on black, 16-bit scaled,
 not clipped, to the 8-bit range), center-cropped to the model's aspect ratio if needed and resized
@@ -40,7 +57,14 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from storage.errors import InputError
 
-__all__ = ["IMAGE_EXTENSIONS", "References", "read_references", "refuse_output_inside"]
+__all__ = [
+    "CAPTION_FILES",
+    "IMAGE_EXTENSIONS",
+    "METADATA_FILES",
+    "References",
+    "read_references",
+    "refuse_output_inside",
+]
 
 #: File extensions read as images (lower case).
 IMAGE_EXTENSIONS: frozenset[str] = frozenset({".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp"})
@@ -48,6 +72,10 @@ IMAGE_EXTENSIONS: frozenset[str] = frozenset({".png", ".jpg", ".jpeg", ".tif", "
 _PIL_FORMATS = ("PNG", "JPEG", "TIFF", "BMP", "WEBP")
 #: Root-level caption tables.
 CAPTION_FILES = ("captions.jsonl", "captions.csv")
+#: Root-level Hugging Face imagefolder metadata: a `file_name` column, optionally a caption column, others ignored.
+METADATA_FILES = ("metadata.jsonl", "metadata.csv")
+_TABLE_FILES = CAPTION_FILES + METADATA_FILES
+_METADATA_FILE_KEY = "file_name"
 _CAPTION_FILE_KEYS = ("file_name", "file", "image", "path")
 _CAPTION_TEXT_KEYS = ("caption", "text", "prompt")
 #: Operating-system clutter ignored like hidden files.
@@ -75,9 +103,11 @@ class References:
         class_names: sorted class folder names, or None when unlabelled.
         captions: one caption per image, or None when there are no captions.
         files: relative POSIX paths, sorted; row i of `images` is `files[i]`.
-        content_hash: sha256 hex over sorted (relative path, file bytes, class, caption); independent
-            of file times and of where the folder lives. It does not cover `channels`/`size`: key
-            caches on those separately.
+        content_hash: sha256 hex over sorted (relative path, image file bytes, class, caption text);
+            independent of file times, of where the folder lives and of which file a caption comes from
+            (sidecar, captions table or metadata table: the bytes of those files are not hashed, so
+            metadata columns other than the caption do not count). It does not cover
+            `channels`/`size`: key caches on those separately.
         report: human-readable lines about what was found and converted.
         warnings: the lines of `report` a user should see even in a quiet run (valid input that may
             not be what was meant, e.g. images in sub-sub-folders labelled with their top-level class,
@@ -180,7 +210,9 @@ def read_references(
 
     # Read every file once: bytes feed both the decoder and the content hash.
     blobs = _read_blobs(fs, root, images + list(found.sidecars.values()) + found.caption_tables, files, shown, problems)
-    captions_by_image = _read_captions(images, found.sidecars, found.caption_tables, blobs, shown, problems)
+    captions_by_image = _read_captions(
+        images, found.sidecars, found.caption_tables, blobs, shown, problems, report_notes
+    )
     decoded = _decode_all(images, blobs, channels, (height, width), max_pixels, shown, problems)
     if not problems.items and len(images) < min_count:
         problems.add(
@@ -227,8 +259,8 @@ class _Sorted:
 
     images: list[str]  # sorted relative paths of the image files
     sidecars: dict[str, str]  # image rel -> its `<stem>.txt` caption rel
-    caption_tables: list[str]  # root-level captions.jsonl / captions.csv present
-    others: list[str]  # visible files that are neither images nor caption tables (sidecars included)
+    caption_tables: list[str]  # root-level captions.jsonl / .csv and metadata.jsonl / .csv present
+    others: list[str]  # visible files that are neither images nor caption/metadata tables (sidecars included)
     ignored: list[str]  # hidden or system files
 
 
@@ -254,13 +286,21 @@ def _sort_files(files: dict[str, dict[str, Any]], shown: Callable[[str], str], p
     images = [rel for rel in visible if posixpath.splitext(rel)[1].lower() in IMAGE_EXTENSIONS]
     image_set = set(images)
     sidecars: dict[str, str] = {}  # image rel -> sidecar rel
-    caption_tables = [rel for rel in visible if rel in CAPTION_FILES]
+    caption_tables = [rel for rel in visible if rel in _TABLE_FILES]
     images_by_stem: dict[str, list[str]] = defaultdict(list)
     for img in images:
         images_by_stem[posixpath.splitext(img)[0]].append(img)
     others: list[str] = []
     for rel in visible:
-        if rel in image_set or rel in CAPTION_FILES:
+        if rel in image_set or rel in _TABLE_FILES:
+            continue
+        name = posixpath.basename(rel)
+        if name in _TABLE_FILES:  # a table in a sub-folder: never an image nor "other files", but not read
+            problems.add(
+                shown(rel),
+                f"{name} is read only at the root of the folder: move it there, with file names relative "
+                f"to the root (e.g. {rel.rsplit('/', 1)[0]}/a.png)",
+            )
             continue
         others.append(rel)
         ext = posixpath.splitext(rel)[1].lower()
@@ -526,8 +566,10 @@ def _read_captions(
     blobs: dict[str, bytes],
     shown: Any,
     problems: _Problems,
+    notes: list[str],
 ) -> dict[str, str]:
-    """Image rel -> caption, from sidecars and root tables. Empty when there are no captions."""
+    """Image rel -> caption, from sidecars, root caption tables and root metadata tables. Empty when there
+    are no captions. Report lines on metadata tables (captions or none, columns ignored) go to `notes`."""
     by_image: dict[str, str] = {}
     source: dict[str, str] = {}
     for img, txt in sidecars.items():
@@ -549,8 +591,13 @@ def _read_captions(
         except UnicodeDecodeError:
             problems.add(shown(table), "not UTF-8 text")
             continue
+        entries: list[tuple[str, str, str | None]]
         try:
-            entries = _parse_caption_table(table, text)
+            if table in METADATA_FILES:
+                entries, caption_column, ignored = _parse_metadata_table(table, text)
+                notes.append(_metadata_note(table, caption_column, ignored))
+            else:
+                entries = list(_parse_caption_table(table, text))
         except ValueError as e:
             problems.add(shown(table), str(e))
             continue
@@ -564,6 +611,8 @@ def _read_captions(
             else:
                 reason = "matches several images" if basenames.get(name, 0) > 1 else "names no image"
                 problems.add(f"{shown(table)} {where}", f"'{name}' {reason}")
+                continue
+            if caption is None:  # a metadata table without a caption column: the row only names its image
                 continue
             if img in by_image and by_image[img] != caption:
                 problems.add(f"{shown(table)} {where}", f"caption for {img} conflicts with the one in {source[img]}")
@@ -582,9 +631,11 @@ def _read_captions(
     return by_image
 
 
-def _parse_caption_table(table: str, text: str) -> list[tuple[str, str, str]]:
-    """(location, file name, caption) rows of captions.jsonl / captions.csv."""
+def _table_rows(table: str, text: str) -> tuple[list[tuple[str, dict[str, Any]]], list[str]]:
+    """(location, row) of a `.jsonl` (one JSON object a line; blank lines skipped) or `.csv` (header line)
+    table, and its column names in order of first appearance."""
     rows: list[tuple[str, dict[str, Any]]] = []
+    columns: dict[str, None] = {}
     if table.endswith(".jsonl"):
         for n, line in enumerate(text.splitlines(), start=1):
             if not line.strip():
@@ -596,10 +647,18 @@ def _parse_caption_table(table: str, text: str) -> list[tuple[str, str, str]]:
             if not isinstance(obj, dict):
                 raise ValueError(f"line {n} is not a JSON object")
             rows.append((f"line {n}", obj))
+            columns.update(dict.fromkeys(obj))
     else:
         reader = csv.DictReader(io.StringIO(text))
         for n, obj in enumerate(reader, start=2):
             rows.append((f"line {n}", obj))
+        columns.update(dict.fromkeys(name for name in reader.fieldnames or () if name is not None))
+    return rows, list(columns)
+
+
+def _parse_caption_table(table: str, text: str) -> list[tuple[str, str, str]]:
+    """(location, file name, caption) rows of captions.jsonl / captions.csv."""
+    rows, _ = _table_rows(table, text)
     out = []
     for where, obj in rows:
         file_key = next((k for k in _CAPTION_FILE_KEYS if k in obj), None)
@@ -614,6 +673,44 @@ def _parse_caption_table(table: str, text: str) -> list[tuple[str, str, str]]:
             raise ValueError(f"{where}: file name and caption must be strings")
         out.append((where, name.strip(), caption.strip()))
     return out
+
+
+def _parse_metadata_table(table: str, text: str) -> tuple[list[tuple[str, str, str | None]], str | None, list[str]]:
+    """Hugging Face imagefolder's metadata.jsonl / metadata.csv: (location, file name, caption or None)
+    rows, the caption column (the first of `_CAPTION_TEXT_KEYS` the table has; None when it has none) and
+    the other columns, which are ignored. Every row needs a `file_name`, and a caption when the table has
+    a caption column."""
+    rows, columns = _table_rows(table, text)
+    caption_column = next((k for k in _CAPTION_TEXT_KEYS if k in columns), None)
+    out: list[tuple[str, str, str | None]] = []
+    for where, obj in rows:
+        name = obj.get(_METADATA_FILE_KEY)
+        if name is None:
+            raise ValueError(
+                f"{where} has no {_METADATA_FILE_KEY} (Hugging Face imagefolder's metadata names each image, "
+                "relative to the folder, in a file_name column)"
+            )
+        if not isinstance(name, str):
+            raise ValueError(f"{where}: {_METADATA_FILE_KEY} must be a string")
+        caption = None
+        if caption_column is not None:
+            caption = obj.get(caption_column)
+            if caption is None:
+                raise ValueError(f"{where} has no {caption_column} (the caption column of this table)")
+            if not isinstance(caption, str):
+                raise ValueError(f"{where}: {caption_column} must be a string")
+            caption = caption.strip()
+        out.append((where, name.strip(), caption))
+    ignored = [c for c in columns if c not in (_METADATA_FILE_KEY, caption_column)]
+    return out, caption_column, ignored
+
+
+def _metadata_note(table: str, caption_column: str | None, ignored: list[str]) -> str:
+    """The report line on a metadata table: where its captions come from, or that it has none."""
+    rest = f"; columns ignored: {_listing(ignored)}" if ignored else ""
+    if caption_column is None:
+        return f"{table} read without captions (no caption column: {', '.join(_CAPTION_TEXT_KEYS)}){rest}"
+    return f"{table}: captions from its {caption_column} column{rest}"
 
 
 # ---------------------------------------------------------------------------------------------- decoding

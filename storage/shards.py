@@ -14,7 +14,9 @@ uid/gid 0, fixed user/group names, mode 0444, USTAR format) and JSON is serialis
 
 Member encoding follows webdataset's conventions: bytes as they are, `str` as UTF-8, `json`
 dict -> UTF-8 JSON, `cls` int -> ASCII digits, `*.npy` array/tensor -> `.npy` bytes, `png` PIL image or
-uint8 array -> PNG. Pickle-based extensions are refused.
+uint8 array -> PNG, `txt` str -> UTF-8 (the caption of an image-text pair: samples of prompted runs carry
+their prompt there, so `WebDataset(...).decode().to_tuple("png", "txt")` gives (image, prompt)).
+Pickle-based extensions are refused.
 """
 
 from __future__ import annotations
@@ -131,6 +133,14 @@ def _npy_bytes(value: Any) -> bytes:
     return default_handlers["npy"](np.ascontiguousarray(np.asarray(value)))
 
 
+def _text_bytes(value: Any) -> bytes:
+    if isinstance(value, bytes | bytearray | memoryview):
+        return bytes(value)
+    if not isinstance(value, str):
+        raise ValueError(f"a text member must be a str, got {type(value).__name__}")
+    return value.encode("utf-8")  # no BOM, verbatim: webdataset decodes it back with UTF-8
+
+
 def _cls_bytes(value: Any) -> bytes:
     if isinstance(value, bytes | bytearray | memoryview):
         return bytes(value)
@@ -169,6 +179,8 @@ def encode_sample(sample: dict[str, Any]) -> dict[str, Any]:
                 data = _npy_bytes(value)
             elif ext in ("cls", "cls2", "index", "count"):
                 data = _cls_bytes(value)
+            elif ext in ("txt", "text"):
+                data = _text_bytes(value)
             elif isinstance(value, bytes | bytearray | memoryview):
                 data = bytes(value)
             elif isinstance(value, str):

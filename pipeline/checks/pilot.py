@@ -585,7 +585,16 @@ def _evaluate_candidate(ctx: Any, space: _ScoringSpace, n: int, strength: float)
     labels = space.labels
     t = time.perf_counter()
     sub_cfg = replace_cfg(space.pilot_cfg, strength)
-    latents = generate(sub_cfg, model, space.guide_target, float(sub_cfg.strength), ctx.model_labels, range(n), labels)
+    latents = generate(
+        sub_cfg,
+        model,
+        space.guide_target,
+        float(sub_cfg.strength),
+        ctx.model_labels,
+        range(n),
+        labels,
+        prompts=ctx.prompts,
+    )
     images = model.decode(latents.to(model.device), batch_size=cfg.batch_size)
     feats = extract(space.features, images)
     quality = prdc(feats, space.held_feats, k=space.k)

@@ -51,7 +51,7 @@ from storage.errors import InputError
 from ..config import AugmentConfig
 from ..measures.features import extract
 from ..measures.metrics import prdc
-from ..models.generation import generate
+from ..models.generation import generate, sampler_name
 from ..plan import ShardPlan, assign_classes
 from ..seeding import derive_seed
 from .pilot import PRDC_K, feature_space
@@ -164,7 +164,9 @@ def check_reach(ctx: Any) -> dict[str, Any]:
     # unguided, so batch coupling gives the same samples as sequential, faster
     reach_cfg = cfg.model_copy(update={"seed": seed, "strength": 0.0, "steps": steps, "coupling": "batch"})
     labels = assign_classes(reach_cfg, ShardPlan(0, 0, n, n), ctx.proportions)
-    latents = generate(reach_cfg, model, ctx.target, float(reach_cfg.strength), ctx.model_labels, range(n), labels)
+    latents = generate(
+        reach_cfg, model, ctx.target, float(reach_cfg.strength), ctx.model_labels, range(n), labels, prompts=ctx.prompts
+    )
     compared = compared_references(len(bundle.latents), seed)
     latent = measure(
         latents,
@@ -191,7 +193,7 @@ def check_reach(ctx: Any) -> dict[str, Any]:
         forced=cfg.force,
         samples=n,
         steps=steps,
-        sampler=cfg.sampler,
+        sampler=sampler_name(cfg.sampler, model),
         seed=seed,
         latent=asdict(latent),
         features=asdict(featured),

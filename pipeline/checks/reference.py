@@ -12,6 +12,7 @@ import torch
 
 from guidance import (
     DeltaKernel,
+    EmbeddingKernel,
     InverseMultiquadricKernel,
     Kernel,
     MMDTarget,
@@ -27,6 +28,7 @@ from storage.references import References, read_references
 
 from ..config import AugmentConfig
 from ..models.loading import LoadedModel
+from ..models.prompts import SamplePrompts
 from ..seeding import derive_seed
 
 log = logging.getLogger(__name__)
@@ -52,10 +54,19 @@ class ReferenceBundle:
     # unlabelled references given the classes a judge reads in them (`pipeline.checks.pseudo`; never cached)
     pseudo_labels: bool = False
     pseudo_classes: dict | None = None  # that step's record for run.json (None: it did not apply)
+    captions: list[str] | None = None  # one per file (None: the references carry no captions)
+    # text-to-image runs on captions: each reference's pooled caption embedding [M, D], the prompt-aware kernel's
+    # conditions (`attach_caption_embeddings`; never cached)
+    caption_embeddings: torch.Tensor | None = None
 
     @property
     def num_classes(self) -> int | None:
         return None if self.class_names is None else len(self.class_names)
+
+    @property
+    def kernel_conditions(self) -> torch.Tensor | None:
+        """What the product kernel sees of the references: their classes, else their caption embeddings."""
+        return self.labels if self.labels is not None else self.caption_embeddings
 
 
 def outside_support(nearest: torch.Tensor, bandwidth: float, radius: float) -> torch.Tensor:
@@ -122,6 +133,8 @@ def split_holdout(bundle: ReferenceBundle, fraction: float, seed: int) -> Refere
         bundle,
         latents=bundle.latents[keep],
         labels=bundle.labels[keep] if bundle.labels is not None else None,
+        captions=[c for c, k in zip(bundle.captions, keep.tolist(), strict=True) if k] if bundle.captions else None,
+        caption_embeddings=bundle.caption_embeddings[keep] if bundle.caption_embeddings is not None else None,
         files=[f for f, k in zip(bundle.files, keep.tolist(), strict=True) if k],
         heldout_files=[f for f, k in zip(bundle.files, keep.tolist(), strict=True) if not k],
     )
@@ -153,6 +166,7 @@ def _encoded_references(cfg: AugmentConfig, model: LoadedModel) -> ReferenceBund
             files=refs.files,
             reused=True,
             source=refs.source,
+            captions=refs.captions,
         )
     latents = model.encode(refs.images, batch_size=cfg.batch_size).cpu()
     bandwidth = float(median_pairwise_distance(latents.flatten(1)))
@@ -178,7 +192,59 @@ def _encoded_references(cfg: AugmentConfig, model: LoadedModel) -> ReferenceBund
         model_id=model.model_id,
         files=refs.files,
         source=refs.source,
+        captions=refs.captions,
     )
+
+
+def prompt_kernel(embeddings: torch.Tensor) -> EmbeddingKernel:
+    """k_C on pooled prompt embeddings: RBF with the median distance between the distinct embeddings
+    (DESIGN.md §5c); the job's and `MMDGuidanceCallback`'s."""
+    distinct = torch.unique(embeddings, dim=0)
+    if len(distinct) < 2:
+        raise ValueError("every reference has the same prompt; the prompt-aware kernel needs two")
+    return EmbeddingKernel("rbf", median_pairwise_distance(distinct))
+
+
+def sample_prompts(cfg: AugmentConfig, bundle: ReferenceBundle, model: LoadedModel) -> SamplePrompts | None:
+    """Each sample's prompt on a text-to-image model (`pipeline.models.prompts`): `--class-prompt` with class
+    folders, else the references' captions unless `--prompt` is given, else `--prompt`; None: unprompted.
+
+    Raises:
+        InputError: a prompt flag on a model without text conditioning, or `--class-prompt` without classes.
+    """
+    given = [name for name in ("prompt", "negative_prompt", "class_prompt") if getattr(cfg, name) is not None]
+    if not model.text_conditioned:
+        if given:
+            flag = "--" + given[0].replace("_", "-")
+            raise InputError(
+                f"{flag}: {model.model_id} ({model.family}) is not a text-to-image model; prompts need one "
+                "(SD 1/2, SDXL, SD3, Flux, PixArt, Sana; docs/models.md)"
+            )
+        if bundle.captions is not None:
+            log.info("the references' captions are not used: %s takes no prompts", model.model_id)
+        return None
+    if cfg.class_prompt is not None:
+        if bundle.class_names is None or bundle.pseudo_labels:
+            raise InputError(f"--class-prompt {cfg.class_prompt!r}: {cfg.ref} has no class sub-folders")
+        return SamplePrompts.for_classes(cfg.class_prompt, bundle.class_names)
+    if bundle.captions is not None and cfg.prompt is None:
+        return SamplePrompts.from_captions(bundle.captions, bundle.labels, bundle.num_classes, cfg.seed)
+    if bundle.captions is not None:
+        log.info("--prompt given: every sample gets it, the references' captions are not used")
+    return SamplePrompts.single(cfg.prompt) if cfg.prompt is not None else None
+
+
+def attach_caption_embeddings(
+    bundle: ReferenceBundle, model: LoadedModel, prompts: SamplePrompts | None
+) -> ReferenceBundle:
+    """Captioned references with two or more distinct captions get their pooled caption embeddings, so the
+    kernel becomes the prompt-aware product k_C(e, e')·k(x, y) (labelled runs keep their class δ-kernel)."""
+    if prompts is None or prompts.source != "captions" or bundle.labels is not None:
+        return bundle
+    if len(set(bundle.captions)) < 2:
+        log.info("every reference has the same caption: guiding without the prompt kernel")
+        return bundle
+    return replace(bundle, caption_embeddings=model.denoiser.prompt_embeddings(bundle.captions))
 
 
 def build_kernel(cfg: AugmentConfig, bundle: ReferenceBundle) -> Kernel | ProductKernel:
@@ -198,10 +264,12 @@ def build_kernel(cfg: AugmentConfig, bundle: ReferenceBundle) -> Kernel | Produc
         kernel = RandomFourierFeatures(bw, dim, num_features=cfg.rff_features, seed=cfg.seed)
     if cfg.class_aware and bundle.labels is not None:
         return ProductKernel(kernel, DeltaKernel())
+    if bundle.labels is None and bundle.caption_embeddings is not None:
+        return ProductKernel(kernel, prompt_kernel(bundle.caption_embeddings))
     return kernel
 
 
 def build_target(cfg: AugmentConfig, bundle: ReferenceBundle, device: torch.device) -> MMDTarget:
     kernel = build_kernel(cfg, bundle)
-    labels = bundle.labels.to(device) if isinstance(kernel, ProductKernel) else None
-    return MMDTarget(bundle.latents.to(device), kernel, y_cond=labels, unbiased=False)
+    y_cond = bundle.kernel_conditions.to(device) if isinstance(kernel, ProductKernel) else None
+    return MMDTarget(bundle.latents.to(device), kernel, y_cond=y_cond, unbiased=False)

@@ -46,7 +46,6 @@ import logging
 import os
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -54,7 +53,6 @@ import torch
 from diffusers.callbacks import PipelineCallback
 
 from guidance import (
-    EmbeddingKernel,
     MMDGuidance,
     MMDTarget,
     ProductKernel,
@@ -66,9 +64,18 @@ from storage.bundle import bundle_dir, load_bundle, save_bundle
 from storage.references import read_references
 
 from ..checks.pilot import FALLBACK_STRENGTH
-from ..checks.reference import MIN_REFERENCES, ReferenceBundle, build_kernel, default_cache_dir, split_holdout
+from ..checks.reference import (
+    MIN_REFERENCES,
+    ReferenceBundle,
+    build_kernel,
+    default_cache_dir,
+    prompt_kernel,
+    split_holdout,
+)
 from ..config import AugmentConfig
+from ..models.families import pool_prompt_embeds
 from ..models.generation import make_guidance
+from ..models.vae import LatentEncoding, latent_encoding
 
 __all__ = [
     "LatentEncoding",
@@ -104,45 +111,6 @@ def check_pipeline(pipe: Any) -> None:
         )
     if getattr(pipe, "vae", None) is None:
         raise TypeError(f"{name} has no VAE: the callback guides latent diffusion pipelines; use augment instead")
-
-
-@dataclass(frozen=True)
-class LatentEncoding:
-    """How the pipeline's latents relate to the VAE posterior z: latents = (z − shift) × scale / std.
-
-    `shift`/`std` are scalars (SD3, Flux: `shift_factor`) or per-channel lists (`latents_mean`/`latents_std`
-    of some SDXL VAEs); `packed` is True for pipelines that pack 2×2 latent patches (Flux).
-    """
-
-    scaling_factor: float
-    shift: float | tuple[float, ...] = 0.0
-    std: float | tuple[float, ...] = 1.0
-    packed: bool = False
-
-    def apply(self, z: torch.Tensor) -> torch.Tensor:
-        """VAE posterior mode [B, C, H, W] -> the pipeline's (unpacked) latents, float32."""
-        z = z.float()
-        shift = torch.as_tensor(self.shift, dtype=torch.float32, device=z.device)
-        std = torch.as_tensor(self.std, dtype=torch.float32, device=z.device)
-        if shift.dim() == 1:
-            shift = shift.view(1, -1, 1, 1)
-        if std.dim() == 1:
-            std = std.view(1, -1, 1, 1)
-        return (z - shift) * self.scaling_factor / std
-
-
-def latent_encoding(pipe: Any) -> LatentEncoding:
-    """The pipeline's latent normalisation, read from its VAE config as its own decode step reads it."""
-    cfg = pipe.vae.config
-    scale = float(getattr(cfg, "scaling_factor", None) or 1.0)
-    mean, std = getattr(cfg, "latents_mean", None), getattr(cfg, "latents_std", None)
-    packed = callable(getattr(type(pipe), "_pack_latents", None)) and callable(
-        getattr(type(pipe), "_unpack_latents", None)
-    )
-    if mean is not None and std is not None:  # SDXL decode: latents × std / scaling_factor + mean
-        return LatentEncoding(scale, tuple(float(v) for v in mean), tuple(float(v) for v in std), packed)
-    shift = float(getattr(cfg, "shift_factor", None) or 0.0)  # SD3/Flux decode: latents / scaling + shift
-    return LatentEncoding(scale, shift, 1.0, packed)
 
 
 def default_resolution(pipe: Any) -> tuple[int, int]:
@@ -301,12 +269,6 @@ def pooled_prompt_embeddings(
         embeds = pipe.encode_prompt(prompt=list(prompts[start : start + batch_size]), **kwargs)[0]
         out.append(pool_prompt_embeds(embeds).cpu())
     return torch.cat(out)
-
-
-def pool_prompt_embeds(embeds: torch.Tensor) -> torch.Tensor:
-    """[n, L, D] token embeddings -> [n, D] float32 (mean over tokens); [n, D] passes through."""
-    embeds = embeds.float()
-    return embeds.mean(1) if embeds.dim() == 3 else embeds.reshape(embeds.shape[0], -1)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -582,8 +544,8 @@ def _prompt_conditions(
         )
     y_cond = pooled_prompt_embeddings(pipe, prompts, **(encode_prompt_kwargs or {}))
     if condition_kernel is None:
-        distinct = torch.unique(y_cond, dim=0)
-        if len(distinct) < 2:
-            raise ValueError(f"{ref}: every reference has the same prompt; prompt-aware guidance needs two")
-        condition_kernel = EmbeddingKernel("rbf", median_pairwise_distance(distinct))
+        try:
+            condition_kernel = prompt_kernel(y_cond)
+        except ValueError as exc:
+            raise ValueError(f"{ref}: {exc}") from None
     return y_cond, condition_kernel

@@ -19,7 +19,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler
+from diffusers import (
+    DDIMScheduler,
+    DDPMScheduler,
+    DPMSolverMultistepScheduler,
+    EulerDiscreteScheduler,
+    FlowMatchEulerDiscreteScheduler,
+)
 
 from storage.errors import InputError
 from storage.manifest import forget_shards_without_part, manifest_rows, merge_manifest
@@ -42,9 +48,17 @@ from ..checks.fidelity import make_judge
 from ..checks.pilot import pilot_key, run_pilot
 from ..checks.pseudo import assign_pseudo_classes
 from ..checks.reach import reach_or_stop
-from ..checks.reference import ReferenceBundle, build_target, check_references, default_cache_dir, prepare_reference
+from ..checks.reference import (
+    ReferenceBundle,
+    attach_caption_embeddings,
+    build_target,
+    check_references,
+    default_cache_dir,
+    prepare_reference,
+    sample_prompts,
+)
 from ..config import AugmentConfig
-from ..models.generation import model_label_map
+from ..models.generation import cfg_scale_for, model_label_map
 from ..models.loading import LoadedModel, load_model
 from ..plan import JobPlan, RemainingShards, ShardRanges, class_proportions, plan_job
 from .executors import launch_workers, run_shards_in_process
@@ -91,8 +105,27 @@ class FinishedShort(RuntimeError):
 
 
 def with_sampler(model: LoadedModel, sampler: str) -> LoadedModel:
-    """The model's noise schedule under the chosen diffusers sampler."""
-    model.scheduler = SCHEDULERS[sampler].from_config(model.scheduler.config)
+    """The model's noise schedule under the chosen diffusers sampler (`auto`: DDIM for VP models).
+
+    A flow-matching model keeps its own scheduler (`auto`) or takes the flow-matching Euler solver (`euler`);
+    the VP samplers do not fit it.
+
+    Raises:
+        InputError: a sampler that does not fit the model.
+    """
+    config = model.scheduler.config
+    if not model.flow_matching:
+        model.scheduler = SCHEDULERS["ddim" if sampler == "auto" else sampler].from_config(config)
+        return model
+    own = type(model.scheduler).__name__
+    if sampler == "euler" and not isinstance(model.scheduler, FlowMatchEulerDiscreteScheduler):
+        shift = config.get("flow_shift", None) or config.get("shift", 1.0)
+        model.scheduler = FlowMatchEulerDiscreteScheduler.from_config(config, shift=shift)
+    elif sampler not in ("auto", "euler"):
+        raise InputError(
+            f"--sampler {sampler}: does not fit {model.model_id}, a flow-matching model ({model.family}); use auto "
+            f"(its own {own}) or euler (FlowMatchEulerDiscreteScheduler)"
+        )
     return model
 
 
@@ -109,7 +142,7 @@ def build_context(
     refuse_output_inside(cfg.ref, cfg.out)
     if model is None:
         check_references(cfg)
-        model = load_model(cfg.model, cfg.device, cfg.dtype)
+        model = load_model(cfg.model, cfg.device, cfg.dtype, resolution=cfg.resolution, offload=cfg.offload)
     model = with_sampler(model, cfg.sampler)
     if cfg.ig_scale != 1.0 and not model.denoiser.supports_internal_guidance:
         raise InputError(
@@ -118,6 +151,12 @@ def build_context(
         )
     # unlabelled references on a class-conditional model: the classes a judge reads in them (`pipeline.checks.pseudo`)
     bundle, _ = assign_pseudo_classes(prepare_reference(cfg, model), model, cfg)
+    prompts = sample_prompts(cfg, bundle, model)
+    if model.text_conditioned:
+        model.denoiser.configure(cfg.negative_prompt, cfg_scale_for(cfg, model))
+        if prompts is not None:
+            log.info("prompts from %s: %d distinct (%s)", prompts.source, len(prompts.table), prompts.table[0][:60])
+    bundle = attach_caption_embeddings(bundle, model, prompts)
     target = build_target(cfg, bundle, model.device)
     props = class_proportions(bundle.labels, bundle.num_classes or 0, cfg.class_balance)
     labels_map = model_label_map(bundle.class_names, model.num_classes)
@@ -126,7 +165,7 @@ def build_context(
         kind = "pseudo-classes" if bundle.pseudo_labels else "classes"
         log.info("%s %s steered by %s", kind, bundle.class_names, how)
     judge = make_judge(cfg.model, bundle.latents, bundle.labels, bundle.class_names)
-    ctx = JobContext(cfg, model, bundle, target, props, labels_map, judge=judge)
+    ctx = JobContext(cfg, model, bundle, target, props, labels_map, judge=judge, prompts=prompts)
     if check_reach:
         ctx.reach = reach_or_stop(ctx)
     if cfg.strength == "auto" and pilot:

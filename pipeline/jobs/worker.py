@@ -40,8 +40,9 @@ from ..checks.fidelity import LabelJudge
 from ..checks.reference import ReferenceBundle, outside_support
 from ..config import AugmentConfig
 from ..models import generation
-from ..models.generation import Progress
+from ..models.generation import Progress, cfg_scale_for, kernel_conditions, sampler_name
 from ..models.loading import LoadedModel
+from ..models.prompts import SamplePrompts
 from ..plan import ShardPlan, assign_classes, class_quotas, reserve_per_shard, reserved_index, seeds_for
 
 log = logging.getLogger(__name__)
@@ -67,6 +68,7 @@ class JobContext:
     judge: LabelJudge | None = None  # labelled runs: who says which class a sample shows
     pilot: dict[str, Any] | None = None  # `--strength auto`: the pilot's record (its "chosen" strength)
     reach: dict[str, Any] | None = None  # the reach check's record (`pipeline.checks.reach`), when it ran
+    prompts: SamplePrompts | None = None  # text-to-image models: each sample's prompt (None: unprompted)
 
     @property
     def strength(self) -> float:
@@ -100,7 +102,7 @@ def generate(
 ) -> torch.Tensor:
     """`pipeline.models.generation.generate` with the job's config, model, target, strength and model labels."""
     return generation.generate(
-        ctx.cfg, ctx.model, ctx.target, ctx.strength, ctx.model_labels, indices, labels, progress
+        ctx.cfg, ctx.model, ctx.target, ctx.strength, ctx.model_labels, indices, labels, progress, ctx.prompts
     )
 
 
@@ -113,8 +115,11 @@ def generate_pool(ctx: JobContext, shard: ShardPlan, progress: Progress | None =
 # ------------------------------------------------------------------------------------------------ filter
 
 
-def pool_scores(ctx: JobContext, latents: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
-    """Each sample's exact leave-one-out contribution to MMD² of the pool against the references [n].
+def pool_scores(
+    ctx: JobContext, latents: torch.Tensor, labels: torch.Tensor | None, indices: Sequence[int] | None = None
+) -> torch.Tensor:
+    """Each sample's exact leave-one-out contribution to MMD² of the pool against the references [n]
+    (`indices`: the samples' global indices, which give their prompts; default 0..n−1).
 
     Unbiased (U-statistic) for pools of 3 or more; a pool of 2 uses the V-statistic (the U-statistic's
     leave-one-out needs 3); a single sample has nothing to be compared with and scores 0.
@@ -122,7 +127,9 @@ def pool_scores(ctx: JobContext, latents: torch.Tensor, labels: torch.Tensor | N
     n = len(latents)
     if n < 2:
         return torch.zeros(n, dtype=torch.float64)
-    return mmd_contributions(latents, ctx.bundle.latents, unbiased=n >= 3, **_kernel_args(ctx, labels)).double()
+    indices = range(n) if indices is None else indices
+    kernel_args = _kernel_args(ctx, labels, indices)
+    return mmd_contributions(latents, ctx.bundle.latents, unbiased=n >= 3, **kernel_args).double()
 
 
 def select_kept(
@@ -243,7 +250,7 @@ def filter_shard(ctx: JobContext, shard: ShardPlan, progress: Progress | None = 
         judged = torch.cat([judged, e_judged]) if judged is not None else None
         used += len(extra_indices)
 
-    scores = pool_scores(ctx, latents, labels)
+    scores = pool_scores(ctx, latents, labels, indices)
     kept, rank = select_kept(scores, ~outside & ~mismatch, labels, quotas)
     return FilteredPool(
         latents, indices, labels, scores, nearest, outside, mismatch, judged, kept, rank, quotas, images
@@ -360,10 +367,10 @@ def _guidance_meta(ctx: JobContext) -> dict[str, Any]:
         "strength_requested": cfg.strength,
         "schedule": cfg.schedule,
         "normalization": cfg.normalization,
-        "cfg_scale": cfg.cfg_scale,
+        "cfg_scale": cfg_scale_for(cfg, ctx.model),
         "ig_scale": cfg.ig_scale,
         "steps": cfg.steps,
-        "sampler": cfg.sampler,
+        "sampler": sampler_name(cfg.sampler, ctx.model),
     }
 
 
@@ -430,6 +437,9 @@ def _manifest_row(
     }
     if ctx.bundle.pseudo_labels:  # pseudo-classes: the manifest keeps the class even where the output does not
         row["pseudo_class"] = class_name
+    if ctx.prompts is not None:  # text-to-image runs: the sample's prompt
+        labels_j = pool.labels[j : j + 1] if pool.labels is not None else None
+        row["prompt"] = ctx.prompts.texts([index], labels_j)[0]
     return row
 
 
@@ -454,6 +464,8 @@ def _sample(
     sample: dict[str, Any] = {"__key__": row["key"], "png": to_png(pool.images[j]), "json": meta}
     if label is not None and shown:
         sample["cls"] = label
+    if "prompt" in row:  # the webdataset convention for image-text pairs
+        sample["txt"] = row["prompt"]
     if cfg.save_latents:
         sample["latent.npy"] = np.ascontiguousarray(pool.latents[j].numpy())
     return sample
@@ -476,8 +488,15 @@ def _write(
         shard_id=shard.shard_id,
         num_generated=len(latents),
         num_kept=int(kept.sum()),
-        mmd2_pool=_mmd2(ctx, latents, labels),
-        mmd2_kept=_mmd2(ctx, latents[kept], labels[kept] if labels is not None else None) if kept.any() else None,
+        mmd2_pool=_mmd2(ctx, latents, labels, pool.indices),
+        mmd2_kept=_mmd2(
+            ctx,
+            latents[kept],
+            labels[kept] if labels is not None else None,
+            [i for i, k in zip(pool.indices, kept.tolist(), strict=True) if k],
+        )
+        if kept.any()
+        else None,
         num_outside=int(pool.outside.sum()),
         num_label_rejected=int(pool.label_rejected.sum()),
         num_reserved=len(latents) - shard.num_generated,
@@ -505,35 +524,39 @@ def _write(
     return result
 
 
-def _kernel_args(ctx: JobContext, labels: torch.Tensor | None) -> dict:
-    """The job's kernel and, for the product kernel, the sample and reference conditions."""
-    product = isinstance(ctx.target.kernel, ProductKernel)
+def _kernel_args(ctx: JobContext, labels: torch.Tensor | None, indices: Sequence[int]) -> dict:
+    """The job's kernel and, for the product kernel, the samples' and the references' conditions."""
+    kernel = ctx.target.kernel
+    product = isinstance(kernel, ProductKernel)
     return {
-        "kernel": ctx.target.kernel,
-        "x_cond": labels if product else None,
-        "y_cond": ctx.bundle.labels if product else None,
+        "kernel": kernel,
+        "x_cond": kernel_conditions(ctx.model, kernel, ctx.prompts, indices, labels),
+        "y_cond": ctx.bundle.kernel_conditions if product else None,
     }
 
 
-def _mmd2(ctx: JobContext, latents: torch.Tensor, labels: torch.Tensor | None) -> float:
-    return mmd2_to_references(latents, labels, ctx.bundle, ctx.target.kernel)
+def _mmd2(ctx: JobContext, latents: torch.Tensor, labels: torch.Tensor | None, indices: Sequence[int]) -> float:
+    x_cond = kernel_conditions(ctx.model, ctx.target.kernel, ctx.prompts, indices, labels)
+    return mmd2_to_references(latents, x_cond, ctx.bundle, ctx.target.kernel)
 
 
 def mmd2_to_references(
-    latents: torch.Tensor, labels: torch.Tensor | None, bundle: ReferenceBundle, kernel: Kernel | ProductKernel
+    latents: torch.Tensor, x_cond: torch.Tensor | None, bundle: ReferenceBundle, kernel: Kernel | ProductKernel
 ) -> float:
-    """MMD²_V of a set of samples to the references (the shard summary: pool and kept set), in float64.
+    """MMD²_V of a set of samples to the references (the shard summary: pool and kept set), in float64;
+    `x_cond` are the samples' product-kernel conditions (classes or prompt embeddings; None: plain kernel).
 
     A V-statistic of a positive-definite kernel is ≥ 0; float64 keeps it so for pools holding blown-up
     samples (latent norms of 1e8 occur), where float32 cancellation in ‖x‖² + ‖y‖² − 2xᵀy does not.
     """
     product = isinstance(kernel, ProductKernel)
+    y_cond = bundle.kernel_conditions if product else None
     value = mmd2(
         latents.double(),
         bundle.latents.double(),
         kernel,
         unbiased=False,
-        x_cond=labels if product else None,
-        y_cond=bundle.labels if product else None,
+        x_cond=x_cond if product else None,
+        y_cond=y_cond.double() if y_cond is not None and y_cond.is_floating_point() else y_cond,
     )
     return float(value)

@@ -12,12 +12,13 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from guidance import MMDGuidance, MMDTarget, ProductKernel, SampleMemory, StrengthSchedule
+from guidance import DeltaKernel, MMDGuidance, MMDTarget, ProductKernel, SampleMemory, StrengthSchedule
 
 from ..config import AugmentConfig
 from ..plan import seeds_for
 from .loading import LoadedModel
 from .numerics import sample_finite
+from .prompts import SamplePrompts
 from .sampling import sample_latents
 
 #: Called with the number of samples just finished (generated, for the progress bar).
@@ -36,6 +37,38 @@ def model_label_map(class_names: list[str] | None, num_model_classes: int | None
     if any(not 0 <= i < num_model_classes for i in ids):
         return None
     return dict(enumerate(ids))
+
+
+def cfg_scale_for(cfg: AugmentConfig, model: LoadedModel) -> float:
+    """The classifier-free guidance scale of the run: the config's, or under `auto` the model's default (2 for
+    class-label models, the family's customary scale for text-to-image models)."""
+    return model.default_cfg_scale if cfg.cfg_scale == "auto" else float(cfg.cfg_scale)
+
+
+def sampler_name(sampler: str, model: LoadedModel) -> str:
+    """The sampler a run uses: `auto` is DDIM for VP models and the model's own scheduler (by class name) for
+    flow-matching ones (`pipeline.jobs.job.with_sampler`)."""
+    if sampler != "auto":
+        return sampler
+    return type(model.scheduler).__name__ if model.flow_matching else "ddim"
+
+
+def kernel_conditions(
+    model: LoadedModel,
+    kernel: object,
+    prompts: SamplePrompts | None,
+    indices: Sequence[int],
+    labels: torch.Tensor | None,
+) -> torch.Tensor | None:
+    """What the product kernel sees of these samples: their classes (δ-kernel), the pooled embeddings of their
+    prompts (prompt-aware kernel on captions), or None for a plain kernel."""
+    if not isinstance(kernel, ProductKernel):
+        return None
+    if isinstance(kernel.condition_kernel, DeltaKernel):
+        return labels
+    if prompts is None:
+        raise ValueError("a prompt-aware kernel needs the samples' prompts")
+    return model.denoiser.prompt_embeddings(prompts.texts(indices, labels))
 
 
 def make_guidance(cfg: AugmentConfig, target: MMDTarget, strength: float | None = None) -> MMDGuidance | None:
@@ -70,15 +103,19 @@ def generate(
     indices: Sequence[int],
     labels: torch.Tensor | None,
     progress: Progress | None = None,
+    prompts: SamplePrompts | None = None,
 ) -> torch.Tensor:
     """Latents [n, C, H, W] (float32, CPU) of the samples with these global indices and target classes.
 
     Guided toward `target` at `strength` (a number: 'auto' is resolved by the pilot first); `model_labels`
-    maps a reference class id to the model's class id (None: the model is not told the class). Batches are
-    consecutive slices of `indices`; each sample's noise comes from its own seed.
+    maps a reference class id to the model's class id (None: the model is not told the class); `prompts`
+    gives each sample its prompt on a text-to-image model (None: unprompted). Batches are consecutive slices
+    of `indices`; each sample's noise comes from its own seed.
     """
     guidance = make_guidance(cfg, target, strength)  # fresh memory per call: independent of process count
-    product = isinstance(target.kernel, ProductKernel)
+    cfg_scale = cfg_scale_for(cfg, model)
+    if getattr(model.denoiser, "guidance_embedded", False):  # Flux: the scale is an input, not a second pass
+        model.denoiser.guidance_scale, cfg_scale = cfg_scale, 1.0
     sequential = cfg.coupling == "sequential"
     if sequential and guidance is not None and guidance.memory is None:
         guidance.memory = SampleMemory(100)
@@ -92,17 +129,20 @@ def generate(
         condition = None
         if lab is not None and model_labels is not None:
             condition = torch.tensor([model_labels[int(c)] for c in lab], device=model.device)
+        elif prompts is not None:
+            condition = model.denoiser.encode_prompts(prompts.texts(batch, lab))
+        mmd_condition = kernel_conditions(model, target.kernel, prompts, batch, lab)
         result = sample_finite(cfg, model.device, batch, sample_latents)(
             model.denoiser,
             model.scheduler,
             seeds_for(cfg, batch),
             num_steps=cfg.steps,
             condition=condition,
-            cfg_scale=cfg.cfg_scale,
+            cfg_scale=cfg_scale,
             ig_scale=cfg.ig_scale,
             ig_interval=cfg.ig_interval,
             guidance=guidance,
-            mmd_condition=lab.to(model.device) if (product and lab is not None) else None,
+            mmd_condition=mmd_condition.to(model.device) if mmd_condition is not None else None,
             eta=cfg.eta,
             device=model.device,
         )
@@ -112,4 +152,12 @@ def generate(
     return torch.cat(out)
 
 
-__all__ = ["Progress", "generate", "make_guidance", "model_label_map"]
+__all__ = [
+    "Progress",
+    "cfg_scale_for",
+    "generate",
+    "kernel_conditions",
+    "make_guidance",
+    "model_label_map",
+    "sampler_name",
+]

@@ -19,6 +19,12 @@ from storage.errors import InputError
 
 from .adapters import InternalGuidanceUNetAdapter, adapter_for, load_object
 from .denoiser import Denoiser
+from .families import FAMILY_CFG_SCALE, SUPPORTED_FAMILIES, TextToImageAdapter, text_adapter_for
+from .vae import LatentEncoding, encoding_of_vae, posterior_mode
+
+#: `--cfg-scale auto` for class-label models (the shipped prior, DiT, class-conditional DDPM), as measured on the
+#: shipped prior (docs/results.md §6).
+LABEL_CFG_SCALE = 2.0
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -88,6 +94,26 @@ class LoadedModel:
     dtype: torch.dtype = torch.float32
     extras: dict[str, Any] = field(default_factory=dict)
     description: str = ""  # what it draws ("handwritten digits"); "" when unknown
+    latent_encoding: LatentEncoding | None = None  # None: latents = z × the VAE's scaling factor
+    family: str = "custom"  # "shipped", "ddpm", "dit", "sd", "sdxl", "sd3", "flux", "pixart", "sana", "custom"
+
+    @property
+    def text_conditioned(self) -> bool:
+        """The model takes prompts (`pipeline.models.families`)."""
+        return isinstance(self.denoiser, TextToImageAdapter)
+
+    @property
+    def flow_matching(self) -> bool:
+        """A rectified-flow model (SD3, Flux, Sana): its own flow-matching scheduler is kept."""
+        return self.denoiser.prediction_type == "flow_prediction"
+
+    @property
+    def default_cfg_scale(self) -> float:
+        """`--cfg-scale auto`: the family's customary scale for text models, 2 for class-label models."""
+        return FAMILY_CFG_SCALE.get(self.family, LABEL_CFG_SCALE)
+
+    def _encoding(self) -> LatentEncoding:
+        return self.latent_encoding or LatentEncoding(self.scaling_factor)
 
     @property
     def draws(self) -> str:
@@ -104,10 +130,11 @@ class LoadedModel:
         """Images in [−1, 1] -> latents (VAE posterior mode × scaling factor), float32, in batches."""
         if self.vae is None:
             return images.float()
+        # a VAE kept in float32 (force_upcast) runs in it
+        encoding, dtype = self._encoding(), getattr(self.vae, "dtype", self.dtype)
         out = []
         for chunk in images.split(batch_size):
-            dist = self.vae.encode(chunk.to(self.device, self.dtype)).latent_dist
-            out.append((dist.mode() * self.scaling_factor).float())
+            out.append(encoding.apply(posterior_mode(self.vae, chunk.to(self.device, dtype))))
         return torch.cat(out)
 
     @torch.no_grad()
@@ -115,22 +142,35 @@ class LoadedModel:
         """Latents -> images in [−1, 1], float32 on the CPU, in batches (bounded memory)."""
         if self.vae is None:
             return latents.float().cpu().clamp(-1, 1)
+        encoding, dtype = self._encoding(), getattr(self.vae, "dtype", self.dtype)
         out = []
         for chunk in latents.split(batch_size):
-            img = self.vae.decode(chunk.to(self.device, self.dtype) / self.scaling_factor).sample
+            img = self.vae.decode(encoding.invert(chunk.to(self.device, dtype))).sample
             out.append(img.float().cpu().clamp(-1, 1))
         return torch.cat(out)
 
 
-def load_model(spec: str | None = None, device: str = "auto", dtype: str = "auto") -> LoadedModel:
+def load_model(
+    spec: str | None = None,
+    device: str = "auto",
+    dtype: str = "auto",
+    *,
+    resolution: int | None = None,
+    offload: bool = False,
+) -> LoadedModel:
     """Load a model by spec.
 
     - None or "shipped": the small MNIST latent diffusion prior inside the package (offline); a folder
       with the same layout (a prior trained with `python -m pipeline.train_prior --data DIR`);
     - "package.module:factory": a callable returning a LoadedModel or a Denoiser (a pixel-space model
       then needs its own scheduler: return a LoadedModel);
-    - a local diffusers folder or a hub id: `DiffusionPipeline.from_pretrained` (UNet2DModel, DiT,
-      UNet2DConditionModel + text encoder), adapted to the denoiser contract.
+    - a local diffusers folder or a hub id: `DiffusionPipeline.from_pretrained` (DDPM's UNet2DModel, DiT,
+      and the text-to-image families of `pipeline.models.families`), adapted to the denoiser contract;
+      `resolution` (pixels) overrides a text-to-image model's default size, `offload` uses diffusers' model
+      CPU offload on a GPU.
+
+    Raises:
+        InputError: the model cannot be loaded, or is no family the job drives (one line naming it).
     """
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
@@ -143,7 +183,7 @@ def load_model(spec: str | None = None, device: str = "auto", dtype: str = "auto
         return _load_import_path(spec, dev, dt)
     if _looks_like_a_path(spec) and not Path(spec).expanduser().exists():
         raise InputError(f"--model {spec}: no such folder (give a diffusers model folder, a hub id or pkg.mod:factory)")
-    return _load_diffusers(spec, dev, dt)
+    return _load_diffusers(spec, dev, dt, resolution=resolution, offload=offload)
 
 
 def _looks_like_a_path(spec: str) -> bool:
@@ -158,6 +198,7 @@ def _load_shipped(device: torch.device, dtype: torch.dtype, path: str | Path | N
     info = prior.info
     denoiser = InternalGuidanceUNetAdapter(prior.unet, null_class=int(info["null_class_id"]))
     return LoadedModel(
+        family="shipped",
         denoiser=denoiser,
         scheduler=prior.scheduler,
         model_id=prior.model_id,
@@ -205,7 +246,9 @@ def _require_factory_signature(spec: str, factory: Callable[..., Any]) -> None:
         ) from None
 
 
-def _load_diffusers(spec: str, device: torch.device, dtype: torch.dtype) -> LoadedModel:
+def _load_diffusers(
+    spec: str, device: torch.device, dtype: torch.dtype, *, resolution: int | None = None, offload: bool = False
+) -> LoadedModel:
     from diffusers import DiffusionPipeline
 
     hub_logger = logging.getLogger("diffusers.pipelines.pipeline_utils")
@@ -216,25 +259,21 @@ def _load_diffusers(spec: str, device: torch.device, dtype: torch.dtype) -> Load
         raise _diffusers_load_error(spec, exc) from exc
     finally:
         hub_logger.removeFilter(_no_hub_traceback)
-    pipe.to(device)
-    scheduler = pipe.scheduler
-    prediction_type = getattr(scheduler.config, "prediction_type", "epsilon")
+    prediction_type = _prediction_type(pipe.scheduler)
+    text = text_adapter_for(pipe, prediction_type)
+    if text is None:
+        _require_label_family(spec, pipe)
+    _place(pipe, device, dtype, offload)
+    if text is not None:
+        return _text_model(spec, pipe, text, device, dtype, resolution)
     vae = getattr(pipe, "vae", None)
     num_classes = None
     if getattr(pipe, "transformer", None) is not None:
-        model = pipe.transformer
+        family, model = "dit", pipe.transformer
         denoiser = adapter_for(model, prediction_type=prediction_type)
         num_classes = model.config.num_embeds_ada_norm
-    elif getattr(pipe, "text_encoder", None) is not None:
-        denoiser = adapter_for(
-            pipe.unet,
-            text_encoder=pipe.text_encoder,
-            tokenizer=pipe.tokenizer,
-            prediction_type=prediction_type,
-        )
     else:
-        model = pipe.unet
-        null = None
+        family, model, null = "ddpm", pipe.unet, None
         if model.config.num_class_embeds is not None:
             num_classes = model.config.num_class_embeds - 1
             null = num_classes  # convention: the last class id is the null class
@@ -242,8 +281,9 @@ def _load_diffusers(spec: str, device: torch.device, dtype: torch.dtype) -> Load
     channels = vae.config.in_channels if vae is not None else denoiser.latent_shape[0]
     factor = 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 1
     return LoadedModel(
+        family=family,
         denoiser=denoiser,
-        scheduler=scheduler,
+        scheduler=pipe.scheduler,
         model_id=_model_id(spec),
         vae=vae,
         image_channels=channels,
@@ -251,6 +291,77 @@ def _load_diffusers(spec: str, device: torch.device, dtype: torch.dtype) -> Load
         num_classes=num_classes,
         device=device,
         dtype=dtype,
+    )
+
+
+def _prediction_type(scheduler: Any) -> str:
+    """What the model predicts, from its scheduler: flow matching (FlowMatch schedulers, DPM-Solver with flow
+    sigmas) is the velocity ("flow_prediction"); otherwise the config's `prediction_type` (ε by default)."""
+    config = scheduler.config
+    if type(scheduler).__name__.startswith("FlowMatch") or config.get("use_flow_sigmas", False):
+        return "flow_prediction"
+    return config.get("prediction_type", None) or "epsilon"
+
+
+def _require_label_family(spec: str, pipe: Any) -> None:
+    """InputError (one line) unless the pipeline is a DiT or a DDPM-style UNet2DModel the label adapters drive."""
+    transformer, unet = getattr(pipe, "transformer", None), getattr(pipe, "unet", None)
+    network = transformer if transformer is not None else unet
+    found = type(network).__name__ if network is not None else "no unet or transformer"
+    if found in ("DiTTransformer2DModel", "UNet2DModel"):
+        return
+    if found == "UNet2DConditionModel":
+        found += " without a text encoder"
+    raise InputError(
+        f"--model {spec}: a {type(pipe).__name__} ({found}) is not a model family augment drives; supported: "
+        f"{SUPPORTED_FAMILIES}"
+    )
+
+
+def _place(pipe: Any, device: torch.device, dtype: torch.dtype, offload: bool) -> None:
+    """Move the pipeline to the device (or offload it there), keep a VAE that asks for it in float32, and tile
+    the VAE of large images on a GPU."""
+    vae = getattr(pipe, "vae", None)
+    if offload and device.type == "cuda":
+        pipe.enable_model_cpu_offload(device=device)
+    else:
+        pipe.to(device)
+    if vae is not None and dtype == torch.float16 and getattr(vae.config, "force_upcast", False):
+        vae.to(torch.float32)  # as the pipelines' decode: SDXL's VAE overflows in float16
+    if vae is not None and device.type == "cuda" and hasattr(vae, "enable_tiling"):
+        size = getattr(vae.config, "sample_size", 0)
+        if isinstance(size, int) and size >= 1024:
+            vae.enable_tiling()
+
+
+def _text_model(
+    spec: str, pipe: Any, adapter: TextToImageAdapter, device: torch.device, dtype: torch.dtype, resolution: int | None
+) -> LoadedModel:
+    """A text-to-image pipeline as a LoadedModel at `resolution` pixels (default: the model's own)."""
+    vae = pipe.vae
+    factor = int(getattr(pipe, "vae_scale_factor", 8))
+    encoding = encoding_of_vae(vae)
+    adapter.device = device
+    if resolution is not None:
+        multiple = factor * (2 if adapter.family == "flux" else 1)
+        if resolution % multiple:
+            raise InputError(
+                f"--resolution {resolution}: {adapter.family} images must be a multiple of {multiple} pixels"
+            )
+        c = adapter.latent_shape[0]
+        adapter.latent_shape = (c, resolution // factor, resolution // factor)
+    return LoadedModel(
+        family=adapter.family,
+        denoiser=adapter,
+        scheduler=pipe.scheduler,
+        model_id=_model_id(spec),
+        vae=vae,
+        image_channels=int(vae.config.in_channels),
+        image_size=adapter.latent_shape[-1] * factor,
+        device=device,
+        dtype=dtype,
+        latent_encoding=encoding,
+        extras={"pipeline": pipe},
     )
 
 

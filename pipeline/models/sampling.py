@@ -1,8 +1,9 @@
 """The sampling loop: any diffusers scheduler, per-sample seeds, CFG, Internal Guidance, MMD guidance.
 
 Like k-diffusion's samplers, it is a function of (denoiser, scheduler, initial noise); it knows nothing
-about the model beyond the `Denoiser` contract. All guidance math runs in float32 in the VP
-parameterisation x_t = α_t x0 + σ_t ε of the model input (after `scheduler.scale_model_input`).
+about the model beyond the `Denoiser` contract. All guidance math runs in float32 in the parameterisation
+x_t = α_t x0 + σ_t ε of the model input (after `scheduler.scale_model_input`): VP (α² + σ² = 1) for DDPM-style
+models, α = 1 − σ for rectified-flow models (SD3, Flux, Sana; `guidance.parameterization`).
 """
 
 from __future__ import annotations
@@ -43,13 +44,24 @@ def fresh_scheduler(scheduler: SchedulerMixin) -> SchedulerMixin:
     return scheduler.__class__.from_config(scheduler.config)
 
 
-def vp_coefficients(scheduler: SchedulerMixin, step_index: int, t: torch.Tensor) -> tuple[float, float]:
-    """(α_t, σ_t) of the model input at this step, from the scheduler's own noise levels.
+def is_flow(prediction_type: str) -> bool:
+    """Rectified-flow models (SD3, Flux, Sana): x_t = (1 − σ) x0 + σ ε, the model predicts v = ε − x0."""
+    return prediction_type == "flow_prediction"
 
-    Sigma-based schedulers (Euler, DPM-Solver) carry σ_VE per step: α = 1/√(1+σ²), σ_VP = σ α.
+
+def noise_coefficients(
+    scheduler: SchedulerMixin, step_index: int, t: torch.Tensor, prediction_type: str = "epsilon"
+) -> tuple[float, float]:
+    """(α_t, σ_t) of the model input x_t = α_t x0 + σ_t ε at this step, from the scheduler's own noise levels.
+
+    Flow matching (FlowMatch schedulers, DPM-Solver with flow sigmas): σ = sigmas[i], α = 1 − σ.
+    Sigma-based VP schedulers (Euler, DPM-Solver) carry σ_VE per step: α = 1/√(1+σ²), σ_VP = σ α.
     Others (DDIM, DDPM) use ᾱ_t = alphas_cumprod[t]: α = √ᾱ, σ = √(1−ᾱ).
     """
     sigmas = getattr(scheduler, "sigmas", None)
+    if is_flow(prediction_type):
+        s = float(sigmas[step_index])
+        return 1.0 - s, s
     if sigmas is not None and len(sigmas) == len(scheduler.timesteps) + 1:
         s = float(sigmas[step_index])
         alpha = 1.0 / math.sqrt(1.0 + s * s)
@@ -58,8 +70,19 @@ def vp_coefficients(scheduler: SchedulerMixin, step_index: int, t: torch.Tensor)
     return math.sqrt(abar), math.sqrt(1.0 - abar)
 
 
-def _training_alpha_sigma(scheduler: SchedulerMixin) -> AlphaSigmaFn:
-    """τ -> (α_τ, σ_τ) on the training schedule (integer timesteps; τ = 0 is the clean end)."""
+def training_alpha_sigma(scheduler: SchedulerMixin, prediction_type: str = "epsilon") -> AlphaSigmaFn:
+    """τ -> (α_τ, σ_τ) on the training schedule (model timesteps; τ = 0 is the clean end).
+
+    VP: ᾱ = alphas_cumprod[round(τ)]. Flow matching: the model's timestep is σ × num_train_timesteps.
+    """
+    if is_flow(prediction_type):
+        scale = float(scheduler.config.num_train_timesteps)
+
+        def flow_alpha_sigma(tau: float) -> tuple[float, float]:
+            s = float(tau) / scale
+            return 1.0 - s, s
+
+        return flow_alpha_sigma
     abar = scheduler.alphas_cumprod.double()
 
     def alpha_sigma(tau: float) -> tuple[float, float]:
@@ -67,6 +90,12 @@ def _training_alpha_sigma(scheduler: SchedulerMixin) -> AlphaSigmaFn:
         return math.sqrt(a), math.sqrt(1.0 - a)
 
     return alpha_sigma
+
+
+def _scale_model_input(scheduler: SchedulerMixin, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """The scheduler's input scaling (Euler's 1/√(σ²+1)); flow-matching schedulers have none."""
+    scale = getattr(scheduler, "scale_model_input", None)
+    return scale(x, t) if scale is not None else x
 
 
 def model_output(
@@ -110,6 +139,8 @@ def _is_prompt_list(condition: Any) -> bool:
 def _concat_conditions(a: Any, b: Any) -> Any:
     if isinstance(a, torch.Tensor):
         return torch.cat([a, b.to(a.device)])
+    if isinstance(a, dict):  # text conditions: batch-first tensors by name (`pipeline.models.families`)
+        return {k: torch.cat([v, b[k].to(v.device)]) for k, v in a.items()}
     return list(a) + list(b)
 
 
@@ -137,9 +168,12 @@ class _CountingModel:
     def predictor(self, ig_scale: float) -> PredictFn:
         """(x in VP space, τ) -> (x̂0, ε̂) on the training schedule: a guidance method's extra calls."""
 
+        ptype = self.denoiser.prediction_type
+        flow = is_flow(ptype)
+
         def predict(x: torch.Tensor, tau: float) -> tuple[torch.Tensor, torch.Tensor]:
             a, s = self.alpha_sigma(tau)
-            return to_x0_eps(self(x, round(tau), ig_scale), x, a, s, self.denoiser.prediction_type)
+            return to_x0_eps(self(x, float(tau) if flow else round(tau), ig_scale), x, a, s, ptype)
 
         return predict
 
@@ -186,12 +220,13 @@ def sample_latents(
     if _is_prompt_list(condition) and hasattr(denoiser, "encode_prompts"):
         condition = denoiser.encode_prompts(list(condition))  # once, not at every step (and CFG can concatenate)
     sched = fresh_scheduler(scheduler)
-    sched.set_timesteps(num_steps, device=device)
+    timestep_kwargs = getattr(denoiser, "timestep_kwargs", None)  # Flux: its σ ladder and resolution shift
+    sched.set_timesteps(num_steps, device=device, **(timestep_kwargs(num_steps) if timestep_kwargs else {}))
     timesteps = sched.timesteps
     ptype = denoiser.prediction_type
-    x = initial_noise(seeds, denoiser.latent_shape, device) * float(sched.init_noise_sigma)
+    x = initial_noise(seeds, denoiser.latent_shape, device) * float(getattr(sched, "init_noise_sigma", 1.0))
     step_kwargs = _step_kwargs(sched, seeds, eta)
-    model = _CountingModel(denoiser, condition, cfg_scale, _training_alpha_sigma(sched))
+    model = _CountingModel(denoiser, condition, cfg_scale, training_alpha_sigma(sched, ptype))
     internal = InternalGuidance(ig_scale, ig_interval)
     method = guidance.method if guidance is not None else None
     trace: list[float] = []
@@ -202,9 +237,9 @@ def sample_latents(
         strength = guidance.schedule(progress) if guidance is not None else 0.0
         guided = method is not None and strength > 0
         with torch.no_grad():
-            x_in = sched.scale_model_input(x, t)
-            c_in = float(sched.scale_model_input(torch.ones(1, device=x.device), t))
-        alpha, sigma = vp_coefficients(sched, i, t)
+            x_in = _scale_model_input(sched, x, t)
+            c_in = float(_scale_model_input(sched, torch.ones(1, device=x.device), t))
+        alpha, sigma = noise_coefficients(sched, i, t, ptype)
         needs_grad = guided and method.needs_denoiser_gradient
         with torch.set_grad_enabled(needs_grad):
             x_vp = x_in.detach().float().requires_grad_(needs_grad)

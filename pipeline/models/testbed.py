@@ -96,3 +96,39 @@ def square_mixture(
     means = torch.tensor([[-h, -h], [-h, h], [h, -h], [h, h]])
     denoiser = GaussianMixtureDenoiser(means, std, torch.ones(4), scheduler.alphas_cumprod)
     return denoiser, scheduler
+
+
+class FlowGaussianMixtureDenoiser(GaussianMixtureDenoiser):
+    """The same mixture under rectified flow: x_t = (1 − σ) x0 + σ ε with σ = t / num_train_timesteps, the
+    exact velocity v̂ = E[ε − x0 | x_t] = ε̂ − x̂0, where ε̂ is the mixture's closed form above with α = 1 − σ
+    and x̂0 = (x_t − σ ε̂)/α (SD3/Flux's parameterisation, Esser et al. 2024 eq. 2-3)."""
+
+    prediction_type = "flow_prediction"
+
+    def __init__(self, means: torch.Tensor, std: float, weights: torch.Tensor, num_train_timesteps: int = 1000):
+        super().__init__(means, std, weights, torch.full((2,), 0.5))
+        self.num_train_timesteps = num_train_timesteps
+
+    def _alpha_sigma(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        sigma = (t.double() / self.num_train_timesteps).clamp(0.0, 1.0)
+        return 1.0 - sigma, sigma
+
+    def __call__(self, x_t: torch.Tensor, t: torch.Tensor, condition: Any) -> DenoiserOutput:
+        batch = x_t.shape[0]
+        eps = super().__call__(x_t, t, condition).sample.reshape(batch, -1).double()
+        alpha, sigma = self._alpha_sigma(torch.as_tensor(t).reshape(-1).expand(batch))
+        alpha, sigma = alpha[:, None], sigma[:, None]
+        x = x_t.reshape(batch, -1).double()
+        # x̂0 = (x_t − σ ε̂)/α; at σ = 1 (α = 0) it is the mixture mean, the limit of the same formula
+        mean = (self.weights[:, None] * self.means).sum(0)[None]
+        x0 = torch.where(alpha > 1e-12, (x - sigma * eps) / alpha.clamp_min(1e-12), mean)
+        return DenoiserOutput(sample=(eps - x0).to(x_t.dtype).reshape(x_t.shape))
+
+
+def square_flow_mixture(spacing: float = 4.0, std: float = 0.5, shift: float = 1.0):
+    """`square_mixture`'s four modes under rectified flow, with a FlowMatchEulerDiscreteScheduler."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    h = spacing / 2
+    means = torch.tensor([[-h, -h], [-h, h], [h, -h], [h, h]])
+    return FlowGaussianMixtureDenoiser(means, std, torch.ones(4)), FlowMatchEulerDiscreteScheduler(shift=shift)
