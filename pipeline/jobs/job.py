@@ -58,7 +58,7 @@ from ..checks.reference import (
     sample_prompts,
 )
 from ..config import AugmentConfig
-from ..models.generation import cfg_scale_for, model_label_map
+from ..models.generation import cfg_scale_for, model_label_map, sampler_name
 from ..models.loading import LoadedModel, load_model
 from ..plan import JobPlan, RemainingShards, ShardRanges, class_proportions, plan_job
 from .executors import launch_workers, run_shards_in_process
@@ -492,6 +492,13 @@ def run_record(cfg: AugmentConfig, model: LoadedModel, bundle: ReferenceBundle, 
             "bandwidth": bundle.bandwidth,
         },
         "pseudo_classes": bundle.pseudo_classes,
+        "model": {
+            "family": model.family,
+            "cfg_scale": cfg_scale_for(cfg, model),
+            "sampler": sampler_name(cfg.sampler, model),
+            "resolution": model.image_size,
+        },
+        "prompts": prompts.record() if (prompts := sample_prompts(cfg, bundle, model)) is not None else None,
         "plan": {"shards": len(plan.shards), "generated": plan.num_generated, "kept": plan.num_kept},
         "pilot": pinned_pilot(cfg, bundle),
         "reach": load_reach(cfg.out),

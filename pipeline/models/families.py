@@ -340,9 +340,10 @@ def text_adapter_for(pipe: Any, prediction_type: str) -> TextToImageAdapter | No
         cls = TEXT_FAMILIES.get(type(transformer).__name__)
         if cls is None:
             return None
-        size = _sample_size(transformer.config)
         if cls is FluxAdapter:  # Flux's transformer has no sample size: the pipeline's default resolution
             size = int(getattr(pipe, "default_sample_size", 128))
+        else:
+            size = _sample_size(transformer.config)
         return cls(pipe, transformer, prediction_type, size)
     if unet is not None and type(unet).__name__ == "UNet2DConditionModel" and getattr(pipe, "text_encoder", None):
         xl = getattr(unet.config, "addition_embed_type", None) == "text_time"

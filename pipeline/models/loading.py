@@ -176,14 +176,21 @@ def load_model(
     dt = resolve_dtype(dtype, dev)
     configure_backends(dev)
     if spec is None or spec == "shipped":
-        return _load_shipped(dev, dt)
-    if (Path(spec) / "shipped.json").is_file():  # a prior trained by `python -m pipeline.train_prior`
-        return _load_shipped(dev, dt, spec)
-    if ":" in spec and not Path(spec).exists() and "://" not in spec:
-        return _load_import_path(spec, dev, dt)
-    if _looks_like_a_path(spec) and not Path(spec).expanduser().exists():
+        model = _load_shipped(dev, dt)
+    elif (Path(spec) / "shipped.json").is_file():  # a prior trained by `python -m pipeline.train_prior`
+        model = _load_shipped(dev, dt, spec)
+    elif ":" in spec and not Path(spec).exists() and "://" not in spec:
+        model = _load_import_path(spec, dev, dt)
+    elif _looks_like_a_path(spec) and not Path(spec).expanduser().exists():
         raise InputError(f"--model {spec}: no such folder (give a diffusers model folder, a hub id or pkg.mod:factory)")
-    return _load_diffusers(spec, dev, dt, resolution=resolution, offload=offload)
+    else:
+        model = _load_diffusers(spec, dev, dt, resolution=resolution, offload=offload)
+    if resolution is not None and resolution != model.image_size and not model.text_conditioned:
+        raise InputError(
+            f"--resolution {resolution}: {model.model_id} draws {model.draws} only; --resolution sets the size of "
+            "text-to-image models"
+        )
+    return model
 
 
 def _looks_like_a_path(spec: str) -> bool:
