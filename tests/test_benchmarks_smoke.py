@@ -1,6 +1,6 @@
 """Every script in benchmarks/ runs end to end on its `--smoke` settings, so none rots unnoticed.
 
-One smoke test per script. Here: bench_real_size, bench_throughput, domain_suite, methods_study,
+One smoke test per script. Here: bench_families, bench_real_size, bench_throughput, domain_suite, methods_study,
 prior_null_class_probe, render_results, utility_evidence. In tests/test_prior_tools.py: ig_head_cost,
 pilot_stability, prior_ablation, prior_reach. Each calls the script's `main([...])` with its outputs in
 tmp_path and checks what it wrote or returned.
@@ -22,6 +22,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 #: Where each benchmark's smoke test is.
 SMOKE_TESTS = {
+    "bench_families": "test_benchmarks_smoke.py",
     "bench_real_size": "test_benchmarks_smoke.py",
     "bench_throughput": "test_benchmarks_smoke.py",
     "domain_suite": "test_benchmarks_smoke.py",
@@ -44,6 +45,31 @@ def test_every_benchmark_has_a_smoke_and_exactly_one_smoke_test() -> None:
         assert '"--smoke"' in (REPO / "benchmarks" / f"{name}.py").read_text(), name
         call = re.compile(rf'\b{name}\.main\(\s*\[\s*"--smoke"')
         assert {f: len(call.findall(text)) for f, text in tests.items() if call.search(text)} == {where: 1}, name
+
+
+def test_bench_families_smoke_times_stock_and_job_rows_for_every_family(tmp_path: Path) -> None:
+    import bench_families
+
+    out = tmp_path / "families.json"
+    report = bench_families.main(["--smoke", "--out", str(out)])
+    assert json.loads(out.read_text()) == json.loads(json.dumps(report))
+    table = out.with_suffix(".md").read_text()
+    assert report["settings"]["networks"] == "smoke (tiny)" and report["settings"]["steps"] == 2
+    assert list(report["families"]) == list(bench_families.FAMILIES)
+    for family, fam in report["families"].items():
+        assert fam["status"] == "ok" and fam["hub"] == bench_families.HUB[family]
+        assert fam["batches"].keys() == {"1", "2"}
+        for batch, b in fam["batches"].items():
+            rows = b["rows"]
+            assert set(rows) == {"stock", "job/none", "job/noisy"}, family
+            for name, row in rows.items():
+                assert row["status"] == "ok" and row["samples"] == int(batch), (family, name)
+                assert row["samples_per_second"] > 0 and len(row["seconds"]) == 1, (family, name)
+                assert row["network_calls"] == 2, (family, name)  # one (CFG-batched) denoiser call per step
+            assert b["ratios"]["job_none_vs_stock"] > 0 and b["ratios"]["job_noisy_vs_job_none"] > 0
+            assert rows["job/none"]["text_encoder_share"] == 0  # the job encodes its prompt once per job
+        assert f"| {family} | {fam['resolution']} |" in table
+    assert report["families"]["flux"]["cfg_scale"] == 3.5 and "one pass" in report["families"]["flux"]["note"]
 
 
 @pytest.mark.slow

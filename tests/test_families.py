@@ -106,7 +106,9 @@ def test_sd2_is_v_prediction_and_flow_models_keep_their_own_scheduler(world):
 
 def test_cfg_with_a_negative_prompt_differs_from_cfg_without(world, tmp_path):
     plain = augment(world, "sd1", tmp_path / "plain", "--prompt", "red", "--cfg-scale", "7.5")
-    negative = augment(world, "sd1", tmp_path / "neg", "--prompt", "red", "--cfg-scale", "7.5", "--negative-prompt", "blue")
+    negative = augment(
+        world, "sd1", tmp_path / "neg", "--prompt", "red", "--cfg-scale", "7.5", "--negative-prompt", "blue"
+    )
     off = augment(world, "sd1", tmp_path / "off", "--prompt", "red", "--cfg-scale", "1")
     assert plain.exit_code == negative.exit_code == off.exit_code == 0
     pngs = {name: [s["png"] for s in samples(tmp_path / name)] for name in ("plain", "neg", "off")}

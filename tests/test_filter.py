@@ -28,7 +28,9 @@ def _context(cfg: AugmentConfig, labelled: bool, proportions=None):
     refs = torch.randn(40, 2, 2, 2, generator=gen)
     labels = torch.arange(40) % 3 if labelled else None
     kernel = ProductKernel(RBFKernel(BANDWIDTH), DeltaKernel()) if labelled else RBFKernel(BANDWIDTH)
-    bundle = SimpleNamespace(latents=refs, labels=labels, bandwidth=BANDWIDTH, class_names=["a", "b", "c"])
+    bundle = SimpleNamespace(
+        latents=refs, labels=labels, kernel_conditions=labels, bandwidth=BANDWIDTH, class_names=["a", "b", "c"]
+    )
     props = None
     if labelled:
         props = torch.tensor(proportions or [0.5, 0.3, 0.2], dtype=torch.float64)
@@ -39,6 +41,7 @@ def _context(cfg: AugmentConfig, labelled: bool, proportions=None):
         proportions=props,
         judge=None,
         model=None,
+        prompts=None,
         strength=0.01,
     )
 

@@ -224,6 +224,22 @@ def test_flow_with_accelerate_workers_and_a_per_run_folder(harness, tiny, tmp_pa
     assert workers == {"rank0", "rank1"}
 
 
+def test_flow_with_a_text_to_image_model_gives_the_plain_jobs_bytes_and_prompts(harness, tiny, tmp_path):
+    from tiny_families import save_tiny_pipeline
+
+    model = str(save_tiny_pipeline("sd1", tiny["root"] / "sd1"))
+    settings = dict(model=model, prompt="a red square", resolution=16, reach_check=False, strength=0.1, n=12)
+    run_job(tiny_job_config(tiny, tmp_path / "plain", **settings))
+    result = augment(config=tiny_job_config(tiny, tmp_path / "flow", **settings))
+    assert result["num_kept"] == 12
+    assert shard_bytes(tmp_path / "flow") == shard_bytes(tmp_path / "plain")
+    manifest = (tmp_path / "flow" / "manifest.parquet").read_bytes()
+    assert manifest == (tmp_path / "plain" / "manifest.parquet").read_bytes()
+    import pyarrow.parquet as pq
+
+    assert set(pq.read_table(tmp_path / "flow" / "manifest.parquet")["prompt"].to_pylist()) == {"a red square"}
+
+
 def test_shard_task_retry_policy_is_exponential_backoff():
     task = augment_flow.run_shard_range
     assert task.retries == augment_flow.SHARD_RETRIES >= 2

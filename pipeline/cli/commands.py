@@ -84,7 +84,7 @@ def seconds_per_sample_estimate(cfg: AugmentConfig) -> float:
     from guidance import denoiser_cost, make_guidance_method
 
     method = None if cfg.guidance == "none" else make_guidance_method(cfg.guidance, lookahead_steps=cfg.lookahead_steps)
-    cfg_factor = 2 if cfg.cfg_scale != 1 else 1
+    cfg_factor = 2 if cfg.cfg_scale != 1 else 1  # auto: 2 on the shipped prior
     return SECONDS_PER_SAMPLE_STEP * cfg.steps * denoiser_cost(method, cfg.steps) * cfg_factor
 
 
@@ -185,8 +185,9 @@ def execute(cfg: AugmentConfig) -> None:
         fail(str(exc), as_json=as_json)
     except torch.OutOfMemoryError:
         fail(
-            f"out of memory at --batch-size {cfg.batch_size} on {cfg.device}: lower --batch-size "
-            "(or use --dtype float16/bfloat16 on a GPU); rerun the same command to resume",
+            f"out of memory at --batch-size {cfg.batch_size} on {cfg.device}: lower --batch-size, add --offload (the "
+            "model's parts on the GPU only while they run) or use --dtype float16/bfloat16 on a GPU; rerun the same "
+            "command to resume",
             as_json=as_json,
         )
     finally:

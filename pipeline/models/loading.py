@@ -272,7 +272,7 @@ def _load_diffusers(
         _require_label_family(spec, pipe)
     _place(pipe, device, dtype, offload)
     if text is not None:
-        return _text_model(spec, pipe, text, device, dtype, resolution)
+        return _text_model(_model_id(spec), pipe, text, device, dtype, resolution)
     vae = getattr(pipe, "vae", None)
     num_classes = None
     if getattr(pipe, "transformer", None) is not None:
@@ -341,8 +341,33 @@ def _place(pipe: Any, device: torch.device, dtype: torch.dtype, offload: bool) -
             vae.enable_tiling()
 
 
+def loaded_from_pipeline(
+    pipe: Any, model_id: str, *, resolution: int | None = None, offload: bool = False
+) -> LoadedModel:
+    """A text-to-image diffusers pipeline object already in memory (say, built with random weights by a benchmark)
+    as a LoadedModel on its device and in its dtype.
+
+    Raises:
+        InputError: it is none of the text-to-image families of `pipeline.models.families`.
+    """
+    text = text_adapter_for(pipe, _prediction_type(pipe.scheduler))
+    if text is None:
+        raise InputError(
+            f"{model_id}: a {type(pipe).__name__} is not a text-to-image family; supported: {SUPPORTED_FAMILIES}"
+        )
+    device = torch.device(getattr(pipe, "_execution_device", None) or pipe.device)
+    dtype = pipe.dtype
+    _place(pipe, device, dtype, offload)
+    return _text_model(model_id, pipe, text, device, dtype, resolution)
+
+
 def _text_model(
-    spec: str, pipe: Any, adapter: TextToImageAdapter, device: torch.device, dtype: torch.dtype, resolution: int | None
+    model_id: str,
+    pipe: Any,
+    adapter: TextToImageAdapter,
+    device: torch.device,
+    dtype: torch.dtype,
+    resolution: int | None,
 ) -> LoadedModel:
     """A text-to-image pipeline as a LoadedModel at `resolution` pixels (default: the model's own)."""
     vae = pipe.vae
@@ -361,7 +386,7 @@ def _text_model(
         family=adapter.family,
         denoiser=adapter,
         scheduler=pipe.scheduler,
-        model_id=_model_id(spec),
+        model_id=model_id,
         vae=vae,
         image_channels=int(vae.config.in_channels),
         image_size=adapter.latent_shape[-1] * factor,

@@ -47,18 +47,19 @@ def sample_finite(
 def non_finite_error(cfg: AugmentConfig, device: torch.device, indices: Sequence[int]) -> InputError:
     """The one-line error for NaN/inf latents in the batch of samples `indices`, with what to change."""
     strength = f"{cfg.strength:g}" if isinstance(cfg.strength, float) else str(cfg.strength)
+    cfg_scale = f"{cfg.cfg_scale:g}" if isinstance(cfg.cfg_scale, float) else str(cfg.cfg_scale)
     half = cfg.dtype in ("float16", "bfloat16")
     advice = []
     if half:
         advice.append(f"use --dtype float32 ({cfg.dtype} has a narrow range or precision)")
     if isinstance(cfg.strength, float) and cfg.guidance != "none" and cfg.strength > 1.0:
         advice.append(f"lower --strength (now {strength}; or 'auto', the default)")
-    if cfg.cfg_scale > 20.0:
+    if isinstance(cfg.cfg_scale, float) and cfg.cfg_scale > 20.0:
         advice.append(f"lower --cfg-scale (now {cfg.cfg_scale:g})")
     if not advice:
         advice.append("lower --strength or --cfg-scale, or use --dtype float32")
     where = f"samples {indices[0]}..{indices[-1]}" if len(indices) > 1 else f"sample {indices[0]}"
     return InputError(
         f"{where}: the sampler produced NaN or infinite latents (--dtype {cfg.dtype} on {device.type}, "
-        f"--guidance {cfg.guidance}, --strength {strength}, --cfg-scale {cfg.cfg_scale:g}); " + "; or ".join(advice)
+        f"--guidance {cfg.guidance}, --strength {strength}, --cfg-scale {cfg_scale}); " + "; or ".join(advice)
     )
