@@ -22,31 +22,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from guidance import (
-    CubicPolynomialKernel,
-    DeltaKernel,
-    MMDGuidance,
-    MMDTarget,
-    MultiBandwidthRBF,
-    ProductKernel,
-    RandomFourierFeatures,
-    RBFKernel,
-    SampleMemory,
-    StrengthSchedule,
-    mmd2,
-    mmd_contributions,
-    nearest_reference_distance,
-)
+from guidance import MMDTarget, RandomFourierFeatures, RBFKernel, denoiser_cost, make_guidance_method, mmd2
 from guidance.kernels import median_pairwise_distance
-from pipeline.checks.reference import ReferenceBundle, outside_support, split_holdout
+from pipeline.checks.reference import ReferenceBundle, build_target, split_holdout
 from pipeline.config import AugmentConfig
 from pipeline.jobs.job import with_sampler
-from pipeline.jobs.worker import select_kept
+from pipeline.jobs.worker import JobContext, filter_shard
 from pipeline.measures import metrics as M
 from pipeline.models.loading import LoadedModel, load_model
-from pipeline.models.sampling import sample_latents
-from pipeline.plan import class_proportions
-from pipeline.seeding import sample_seed
+from pipeline.plan import class_proportions, shard_plan
 from storage.references import read_references
 
 REPO = Path(__file__).resolve().parent.parent
@@ -63,6 +47,7 @@ class Domain:
     held_digits: torch.Tensor  # digit of each held-out image
     class_digits: list[int]  # reference class index -> digit (model label)
     bandwidth: float
+    bundle: ReferenceBundle  # the guidance half, as the job's reference bundle
 
 
 @dataclass
@@ -130,19 +115,10 @@ class Study:
             held_digits=torch.tensor([int(refs.class_names[int(c)]) for c in refs.labels[held_mask]]),
             class_digits=[int(c) for c in refs.class_names],
             bandwidth=bundle.bandwidth,
+            bundle=guide,
         )
 
     # ------------------------------------------------------------------ sampling
-    def kernel(self, s: Setting, d: Domain):
-        bw = d.bandwidth
-        base = {
-            "rbf": lambda: RBFKernel(bw),
-            "rbf-multi": lambda: MultiBandwidthRBF([bw * f for f in (0.5, 1.0, 2.0)]),
-            "cubic": CubicPolynomialKernel,
-            "rff": lambda: RandomFourierFeatures(bw, d.guide_latents[0].numel(), num_features=2048, seed=0),
-        }[s.kernel]()
-        return ProductKernel(base, DeltaKernel()) if s.class_aware else base
-
     def model_for(self, s: Setting) -> LoadedModel:
         if s.unet is None:
             return self.model
@@ -150,67 +126,60 @@ class Study:
             self._models[s.unet] = with_sampler(load_model(s.unet, device="cpu"), "ddim")
         return self._models[s.unet]
 
+    def config(self, s: Setting, seed: int) -> AugmentConfig:
+        """The job's config of a row (what `augment` would run), at the study's size and seed."""
+        n = s.n or self.args.n
+        return AugmentConfig(
+            ref=str(REPO),  # unused: the study hands the job its reference bundle directly
+            out="",
+            n=n,
+            seed=seed,
+            shard_size=n,
+            batch_size=self.args.batch,
+            steps=s.steps or self.args.steps,
+            sampler=s.sampler,
+            eta=self.args.eta,
+            guidance=s.mode if s.strength > 0 else "none",
+            strength=s.strength,
+            kernel=s.kernel,
+            class_aware=s.class_aware,
+            cfg_scale=s.cfg_scale,
+            ig_scale=s.ig_scale,
+            ig_interval=s.ig_interval,
+            lookahead_steps=s.lookahead_steps,
+            normalization=s.normalization,
+            coupling=s.coupling,
+            memory=100 if s.coupling == "sequential" else 0,
+            keep=s.keep,
+            reserve=0.0 if s.keep >= 1.0 else 1.0,
+            reach_check=False,
+            progress="quiet",
+        )
+
     def generate(self, s: Setting, d: Domain, seed: int) -> dict:
-        """n samples with intended classes in the references' proportions; returns latents, labels, cost."""
-        n, batch = s.n or self.args.n, self.args.batch
+        """The job's shard steps (`pipeline.jobs.worker.filter_shard`: generate the planned pool with the job's
+        seeds and class plan, judge support, score, keep) on this row's config; returns latents, labels, cost."""
+        cfg = self.config(s, seed)
         model = with_sampler(self.model_for(s), s.sampler)
-        props = class_proportions(d.guide_labels, len(d.class_digits), "reference")
-        gen = torch.Generator().manual_seed(1000 + seed)
-        n_gen = int(np.ceil(n / s.keep))
-        labels = torch.multinomial(props, n_gen, replacement=True, generator=gen)
-        kernel = self.kernel(s, d)
-        target = MMDTarget(d.guide_latents, kernel, y_cond=d.guide_labels if s.class_aware else None, unbiased=False)
-        out, calls = [], 0
+        bundle = d.bundle
+        props = class_proportions(bundle.labels, len(d.class_digits), "reference")
+        labels_map = dict(enumerate(d.class_digits)) if s.tell_model else None
+        ctx = JobContext(cfg, model, bundle, build_target(cfg, bundle, model.device), props, labels_map)
+        shard = shard_plan(cfg.n, cfg.shard_size, cfg.keep, 0)
         t0 = time.perf_counter()
-        sequential = s.coupling == "sequential"
-        guidance = None
-        if s.strength > 0:
-            guidance = MMDGuidance(
-                target,
-                StrengthSchedule(s.strength),
-                mode=s.mode,
-                normalization=s.normalization,
-                lookahead_steps=s.lookahead_steps,
-                memory=SampleMemory(100) if sequential else None,
-            )
-        step = 1 if sequential else batch
-        for i in range(0, n_gen, step):
-            lab = labels[i : i + step]
-            if sequential and guidance is not None and len(guidance.memory) >= 100:
-                guidance.memory.clear()
-            cond = torch.tensor([d.class_digits[int(c)] for c in lab]) if s.tell_model else None
-            res = sample_latents(
-                model.denoiser,
-                model.scheduler,
-                [sample_seed(seed, j) for j in range(i, i + len(lab))],
-                num_steps=s.steps or self.args.steps,
-                condition=cond,
-                cfg_scale=s.cfg_scale,
-                ig_scale=s.ig_scale,
-                ig_interval=s.ig_interval,
-                guidance=guidance,
-                mmd_condition=lab if s.class_aware else None,
-                eta=self.args.eta,
-            )
-            out.append(res.latents)
-            calls += res.denoiser_calls * len(lab)
-        latents = torch.cat(out)
+        pool = filter_shard(ctx, shard)
         seconds = time.perf_counter() - t0
-        if s.keep < 1.0:
-            scores = mmd_contributions(
-                latents,
-                d.guide_latents,
-                kernel,
-                unbiased=True,
-                x_cond=labels if s.class_aware else None,
-                y_cond=d.guide_labels if s.class_aware else None,
-            )
-            nearest = nearest_reference_distance(latents, d.guide_latents)
-            acceptable = ~outside_support(nearest, d.bandwidth, AugmentConfig.model_fields["support_radius"].default)
-            kept, _ = select_kept(scores, acceptable, None, torch.tensor([n]))  # the job's rule, unstratified
-            keep = kept.nonzero().flatten()
-            latents, labels = latents[keep], labels[keep]
-        return {"latents": latents, "labels": labels, "calls": calls / n, "seconds": seconds / n}
+        keep = pool.kept.nonzero().flatten()
+        method = (
+            None if cfg.guidance == "none" else make_guidance_method(cfg.guidance, lookahead_steps=s.lookahead_steps)
+        )
+        calls = cfg.steps * denoiser_cost(method, cfg.steps) * (2 if s.cfg_scale != 1 else 1) * len(pool.latents)
+        return {
+            "latents": pool.latents[keep],
+            "labels": pool.labels[keep],
+            "calls": calls / cfg.n,
+            "seconds": seconds / cfg.n,
+        }
 
     # ------------------------------------------------------------------ metrics
     def evaluate(self, s: Setting, d: Domain, seed: int) -> dict:

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from pipeline.models.prior_eval import class_summary, classify, generate
+from pipeline.models.prior_eval import class_summary, classify, sample_prior
 from pipeline.models.shipped import SHIPPED_MODEL_DIR, load_shipped
 from pipeline.training.config import TrainConfig
 from pipeline.training.data import load_data
@@ -39,7 +39,7 @@ def confident(prior, labels: torch.Tensor | None, num_samples: int, steps: int =
     k = int(prior.info["num_classes"])
     lab = torch.full((num_samples,), null_id) if labels is None else labels[:num_samples]
     with torch.no_grad():
-        run = generate(prior, lab, seed=12345, num_steps=steps, eta=eta, batch_size=150)
+        run = sample_prior(prior, lab, seed=12345, num_steps=steps, eta=eta, batch_size=150)
         summary = class_summary(classify(prior.classifier, run.images)["probs"], labels, k)
     return {key: round(summary[key], 4) for key in ("confident_fraction", "class_accuracy") if key in summary}
 

@@ -2,7 +2,7 @@
 
 For each prior (the new one and the one it replaces, side by side in one run): `--samples` class-conditional
 samples, balanced over the ten digits, without CFG (the unguided prior), 50 DDIM steps and the pipeline's
-default eta, one seed per sample (`pipeline.models.prior_eval.generate`). Then, per domain of the suite
+default eta, one seed per sample (`pipeline.models.prior_eval.sample_prior`). Then, per domain of the suite
 (`pipeline/evaluation/domains.py`), the samples of the domain's classes against the domain's real test
 images, in the judge classifier's penultimate features (the new prior's classifier unless `--judge`):
 
@@ -32,7 +32,7 @@ import torch
 from pipeline.evaluation.domains import DOMAINS, make_domain
 from pipeline.measures import metrics as M
 from pipeline.models.prior_data import load_mnist_arrays, mnist_split
-from pipeline.models.prior_eval import classify, generate
+from pipeline.models.prior_eval import classify, sample_prior
 from pipeline.models.shipped import load_shipped
 
 REPO = Path(__file__).resolve().parent.parent
@@ -54,7 +54,7 @@ def prior_samples(folder: Path, n: int, steps: int, cfg_scale: float, seed: int)
     prior = load_shipped(folder)
     labels = torch.arange(n) % int(prior.info["num_classes"])
     t0 = time.perf_counter()
-    run = generate(prior, labels, seed=seed, num_steps=steps, cfg_scale=cfg_scale, batch_size=250, eta=1.0)
+    run = sample_prior(prior, labels, seed=seed, num_steps=steps, cfg_scale=cfg_scale, batch_size=250, eta=1.0)
     return {
         "model_id": prior.info.get("model_id"),
         "images": run.images,

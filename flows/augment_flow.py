@@ -3,13 +3,13 @@
     precompute_reference   validate + encode the references once; cached on (reference bytes, model)
     run_shard_range        a range of shards, in-process or as `accelerate launch` of K workers;
                            retried with exponential backoff; skips shards whose done marker exists
-    augment (flow)         start (validate, claim, plan) -> shard ranges as tasks -> finish_job
+    augment (flow)         Run.start (validate, claim, plan) -> PrefectTasks (shard ranges as tasks) -> Run.finish
                            -> a run-summary artifact; returns paths and counts, never tensors; ends
                            Failed if it kept fewer than --n (`FinishedShort`, unless allow_shortfall)
 
 Shards travel as ranges (`pipeline.plan.ShardRanges`, JSON `[[start, stop], ...]`): a task's parameters
 and result do not grow with the number of shards it covers. A flow that fails between the job's start
-and its finish gives the output folder back (`pipeline.jobs.job.holding_output`): its lock always, its claim
+and its finish gives the output folder back (`pipeline.jobs.job.Run.holding`): its lock always, its claim
 too when it wrote no sample, so a corrected re-run is accepted.
 
 The flow's parameter is the same validated `AugmentConfig` the CLI builds, and every shard goes
@@ -30,7 +30,6 @@ from datetime import UTC
 from pathlib import Path
 from typing import Any
 
-import fsspec
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
@@ -41,15 +40,16 @@ from prefect.tasks import exponential_backoff
 from pipeline.checks.reference import check_references, default_cache_dir
 from pipeline.config import AugmentConfig
 from pipeline.jobs import job
-from pipeline.jobs.executors import launch_workers, run_shards_in_process
+from pipeline.jobs.executors import Executor, node_executor
+from pipeline.jobs.job import Run
+from pipeline.jobs.summary import check_delivered
 from pipeline.jobs.worker import JobContext
 from pipeline.models.loading import LoadedModel, load_model
-from pipeline.plan import ShardRanges, plan_job
+from pipeline.plan import ShardRanges
 from storage.bundle import bundle_dir
 from storage.errors import InputError
 from storage.manifest import MANIFEST_DIR
-from storage.references import is_hidden
-from storage.shards import shard_path
+from storage.references import reference_content_hash
 
 log = logging.getLogger(__name__)
 
@@ -63,29 +63,6 @@ SHARD_BACKOFF_SECONDS = 10.0
 
 
 # ------------------------------------------------------------------------------------- cache key
-
-
-def reference_fingerprint(ref: str) -> str:
-    """sha256 over the sorted (relative path, sha256 of bytes) of every non-hidden file under `ref`.
-
-    Cheap next to decoding: it reads the bytes once and decodes nothing. Any change of a file, a
-    name, a class folder or a caption file changes it.
-    """
-    fs, root = fsspec.core.url_to_fs(ref)
-    root = root.rstrip("/")
-    if not fs.isdir(root):
-        raise FileNotFoundError(f"{ref}: no such folder")
-    h = hashlib.sha256(b"refs-v1")
-    for path in sorted(fs.find(root)):
-        rel = path[len(root) :].lstrip("/")
-        if is_hidden(rel):
-            continue  # hidden and junk files (.DS_Store, Thumbs.db, ...): read_references ignores them too
-        digest = hashlib.sha256()
-        with fs.open(path, "rb") as f:
-            for chunk in iter(lambda f=f: f.read(1 << 20), b""):
-                digest.update(chunk)
-        h.update(len(rel.encode()).to_bytes(8, "little") + rel.encode() + digest.digest())
-    return h.hexdigest()
 
 
 def model_fingerprint(spec: str | None) -> str:
@@ -109,7 +86,7 @@ def reference_cache_key(context: Any, parameters: dict[str, Any]) -> str | None:
     the task body then fails with the reader's clear message."""
     cfg = _as_config(parameters["config"])
     try:
-        refs = reference_fingerprint(cfg.ref)
+        refs = reference_content_hash(cfg.ref)  # the bundle's own content hash, without decoding a pixel
         model = model_fingerprint(cfg.model)
     except (OSError, ValueError):
         return None
@@ -165,12 +142,14 @@ def shared_context(cfg: AugmentConfig) -> JobContext:
         return remember_context(job.build_context(cfg, model=shared_model(cfg)))
 
 
-def start_job(cfg: AugmentConfig):
-    """`pipeline.jobs.job.start_job` with the process's shared model; remembers the context for tasks."""
+def start_run(cfg: AugmentConfig) -> Run:
+    """`Run.start` with the process's shared model; remembers the context for the tasks."""
+
+    def context(cfg: AugmentConfig, model: Any, **kwargs: Any) -> JobContext:
+        return remember_context(job.build_context(cfg, shared_model(cfg), **kwargs))
+
     with _lock:
-        ctx, plan, pending = job.start_job(cfg, model=shared_model(cfg))
-        remember_context(ctx)
-    return ctx, plan, pending
+        return Run(cfg).start(context)
 
 
 # ------------------------------------------------------------------------------------------ tasks
@@ -249,30 +228,46 @@ def _range_name() -> str:
     cache_policy=NO_CACHE,
 )
 def run_shard_range(config: dict[str, Any], shard_ranges: list[list[int]]) -> dict[str, Any]:
-    """Generate, filter and write these shards (`[[start, stop], ...]`); return their ranges and the
-    folder of their manifest parts (`part-<shard>.parquet`).
-
-    Shards whose done marker vouches for their bytes are skipped, so a retry (or a re-run of the
-    flow) only does what is missing. With `processes > 1` the shards go to `accelerate launch` of
-    K workers on this node (one per GPU), else they run in this process.
-    """
+    """Generate, filter and write these shards (`[[start, stop], ...]`) with this node's executor (in-process,
+    or `accelerate launch` of K workers for `processes > 1`), which skips the shards already done, so a retry
+    (or a re-run of the flow) only does what is missing; return their ranges and the folder of their manifest
+    parts (`part-<shard>.parquet`)."""
     cfg = _as_config(config)
-    logger = get_run_logger()
     shards = ShardRanges(shard_ranges)
-    todo = job.shards_not_done(cfg, shards)
-    if len(todo) < len(shards):
-        logger.info("skipping %d shard(s) already done", len(shards) - len(todo))
-    if todo:
-        t0 = time.perf_counter()
-        if cfg.processes > 1:
-            launch_workers(cfg, todo)
-        else:
-            run_shards_in_process(shared_context(cfg), plan_job(cfg), todo)
-        logger.info("wrote %r in %.1f s", todo, time.perf_counter() - t0)
-    missing = job.shards_not_done(cfg, shards)
-    if missing:
-        raise RuntimeError(f"{missing!r} have no done marker after the run")
+    t0 = time.perf_counter()
+    written = node_executor(cfg)(Run.join(cfg, ctx=shared_context(cfg)), shards)
+    get_run_logger().info("wrote %d of %r in %.1f s", written, shards, time.perf_counter() - t0)
     return {"shard_ranges": shards.to_json(), "manifest_dir": str(Path(cfg.out) / MANIFEST_DIR)}
+
+
+class PrefectTasks(Executor):
+    """The shards as `run-shard-range` tasks of `shards_per_task` shards each (the unit of retry), one at a time
+    on this node (each task on the node's executor)."""
+
+    def __init__(self, shards_per_task: int | None = None) -> None:
+        self.shards_per_task = shards_per_task
+
+    def write(self, run: Run, shards: ShardRanges) -> None:
+        cfg = run.cfg
+        ranges = split_ranges(shards, self.shards_per_task or default_shards_per_task(cfg, shards))
+        how = f"{cfg.processes} accelerate workers" if cfg.processes > 1 else "in-process"
+        get_run_logger().info("%s: %d shard(s) to do in %d task(s) (%s)", cfg.out, len(shards), len(ranges), how)
+        cfg_json = cfg.model_dump(mode="json")
+        futures = [run_shard_range.submit(cfg_json, r.to_json()) for r in ranges]
+        raise_first_failure(futures, ranges)
+
+
+def raise_first_failure(futures: list[Any], ranges: list[ShardRanges]) -> None:
+    """Wait for the futures; log which ranges failed and raise the first failure (a re-run resumes them)."""
+    wait(futures)
+    failed = [r for f, r in zip(futures, ranges, strict=True) if not f.state.is_completed()]
+    if failed:
+        get_run_logger().error(
+            "%d task(s) failed (%s); re-run the flow to resume",
+            len(failed),
+            ShardRanges(p for r in failed for p in r.ranges),
+        )
+        next(f for f in futures if not f.state.is_completed()).result()  # raises the task's exception
 
 
 # ------------------------------------------------------------------------------------------- flow
@@ -317,58 +312,36 @@ def augment(config: AugmentConfig, shards_per_task: int | None = None, per_run_o
 
     Tasks run one at a time on this node (one model, all its GPUs per task); many nodes: `fanout.py`.
     """
-    logger = get_run_logger()
-    cfg = config
-    if per_run_output:
-        cfg = cfg.model_copy(update={"out": per_run_folder(cfg.out)})
-    cfg_json = cfg.model_dump(mode="json")
-    t0 = time.perf_counter()
-    ref_state = reference_task(cfg)(cfg_json, return_state=True)
+    cfg = config.model_copy(update={"out": per_run_folder(config.out)}) if per_run_output else config
+    return run_flow_job(cfg, PrefectTasks(shards_per_task))
+
+
+def run_flow_job(cfg: AugmentConfig, executor: Executor) -> dict[str, Any]:
+    """The references (cached task), then the run: start, execute on `executor`, finish and publish."""
+    ref_state = reference_task(cfg)(cfg.model_dump(mode="json"), return_state=True)
     reference = ref_state.result()
-    ctx, plan, pending = start_job(cfg)
-    with job.holding_output(cfg):  # a failure from here on gives the folder back (its claim if no sample)
-        if reference["content_hash"] != ctx.bundle.content_hash:
-            logger.warning("references changed while the flow started; using the ones read last")
-        t1 = time.perf_counter()
-        size = shards_per_task or default_shards_per_task(cfg, pending)
-        ranges = split_ranges(pending, size)
-        logger.info(
-            "%s: %d of %d shard(s) to do in %d task(s) (%s)",
-            cfg.out,
-            len(pending),
-            len(plan.shards),
-            len(ranges),
-            f"{cfg.processes} accelerate workers" if cfg.processes > 1 else "in-process",
-        )
-        futures = [run_shard_range.submit(cfg_json, r.to_json()) for r in ranges]
-        wait(futures)
-        failed = [r for f, r in zip(futures, ranges, strict=True) if not f.state.is_completed()]
-        if failed:
-            logger.error(
-                "%d task(s) failed (%s); re-run the flow to resume",
-                len(failed),
-                ShardRanges(part for r in failed for part in r.ranges),
-            )
-            next(f for f in futures if not f.state.is_completed()).result()  # raises the task's exception
-        t2 = time.perf_counter()
-        seconds = {"prepare": round(t1 - t0, 3), "generate_filter_write": round(t2 - t1, 3)}
-        return finish_and_publish(cfg, ctx, plan, len(pending), seconds, t0, ref_state, reference)
+    run = start_run(cfg)
+    with run.holding():  # a failure from here on gives the folder back (its claim if no sample was written)
+        if reference["content_hash"] != run.ctx.bundle.content_hash:
+            get_run_logger().warning("references changed while the flow started; using the ones read last")
+        run.execute(executor)
+        return finish_and_publish(run, ref_state, reference, **executor.report())
 
 
-def finish_and_publish(cfg, ctx, plan, written, seconds, t0, ref_state, reference, **extra) -> dict[str, Any]:
+def finish_and_publish(run: Run, ref_state: Any, reference: dict[str, Any], **extra: Any) -> dict[str, Any]:
     """Merge the manifest, write run.json, publish the summary artifact; a small, serialisable result.
 
     Raises:
         FinishedShort: after all of that, if the run kept fewer than --n samples (the flow run ends
             Failed) and `allow_shortfall` does not accept it.
     """
-    summary = job.finish_job(cfg, ctx.model, ctx.bundle, plan, written, seconds)
-    summary.seconds["total"] = round(time.perf_counter() - t0, 3)
+    cfg = run.cfg
+    summary = run.finish()
     result = {
         "out": cfg.out,
-        "manifest": str(Path(cfg.out) / "manifest.parquet"),
+        "manifest": str(run.folder.manifest_path),
         "run_record": str(Path(cfg.out) / "run.json"),
-        "shards": [str(shard_path(cfg.out, cfg.prefix, s.shard_id)) for s in plan.shards],
+        "shards": [str(run.folder.shard_path(s.shard_id)) for s in run.plan.shards],
         **extra,
         "config_hash": summary.config_hash,
         "num_kept": summary.num_kept,
@@ -382,7 +355,7 @@ def finish_and_publish(cfg, ctx, plan, written, seconds, t0, ref_state, referenc
         "seconds": summary.seconds,
     }
     publish_summary(result, reference)
-    job.check_delivered(cfg, summary)
+    check_delivered(cfg, summary)
     return result
 
 

@@ -41,7 +41,7 @@ def flow_command(ctx: typer.Context, **values: Any) -> None:
     from dataclasses import asdict
 
     from pipeline.checks.reference import check_references
-    from pipeline.jobs.job import FinishedShort
+    from pipeline.jobs.summary import FinishedShort
     from storage.errors import InputError
 
     shards_per_task = values.pop("shards_per_task")

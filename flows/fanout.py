@@ -1,10 +1,10 @@
 """Many nodes: a parent flow fans shard ranges out to node-level flow runs of a deployment.
 
     augment-fanout (parent, one run)                        augment-node (one run per range)
-      start_job: validate + encode refs, claim, plan  --->    run_shard_range(range): accelerate
-      run_deployment(node deployment, range) per range         launch of K workers = the node's GPUs
-        under a global concurrency limit (N nodes at once)    (or in-process with processes = 1)
-      all done markers present -> finish_job + artifact
+      Run.start: validate + encode refs, claim, plan  --->    run_shard_range(range): accelerate
+      PrefectNodeRuns: run_deployment(node deployment,         launch of K workers = the node's GPUs
+        range) per range under a global concurrency limit      (or in-process with processes = 1)
+      all done markers present -> Run.finish + artifact
 
 Requirements (see docs "Scaling out"): the output folder and the reference cache dir are on storage
 every node mounts at the same path (a ReadWriteMany volume, NFS, ...): nodes write their own shards,
@@ -20,30 +20,20 @@ their shards independently, exactly as the K processes of one node do.
 
 # No `from __future__ import annotations`: Prefect reads the flow's parameter types at run time.
 
-import time
 from contextlib import nullcontext
-from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.concurrency.sync import concurrency
 from prefect.deployments import run_deployment
-from prefect.futures import wait
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from flows.augment_flow import (
-    finish_and_publish,
-    per_run_folder,
-    reference_task,
-    run_shard_range,
-    split_ranges,
-    start_job,
-)
+from flows.augment_flow import per_run_folder, raise_first_failure, run_flow_job, run_shard_range, split_ranges
 from pipeline.config import AugmentConfig
-from pipeline.jobs import job
+from pipeline.jobs.executors import Executor
+from pipeline.jobs.job import Run
 from pipeline.plan import ShardRanges
-from storage.run_record import CLAIM_FILE, check_or_claim_output
 
 #: Global concurrency limit that caps how many node runs execute at once.
 NODE_LIMIT = "mmd-augment-nodes"
@@ -55,14 +45,8 @@ NODE_TAG = "mmd-augment-node"
 def augment_node(config: AugmentConfig, shard_ranges: list[list[int]]) -> dict[str, Any]:
     """Node-level run: these shards (`[[start, stop], ...]`) of a job the parent has started, with
     `config.processes` accelerate workers on this node (one per GPU), or in-process for `processes = 1`."""
-    cfg = config
-    if not (Path(cfg.out) / CLAIM_FILE).exists():
-        raise RuntimeError(
-            f"{cfg.out}: not claimed by a parent run; the output folder must be storage shared with "
-            "the parent flow (mounted at the same path on every node)"
-        )
-    check_or_claim_output(cfg.out, cfg.config_hash, cfg.hashed_fields())  # same config as the parent?
-    return {"out": cfg.out, **run_shard_range(cfg.model_dump(mode="json"), shard_ranges)}
+    Run.join(config, check_config=True, load=False)  # claimed by the parent, with the same config?
+    return {"out": config.out, **run_shard_range(config.model_dump(mode="json"), shard_ranges)}
 
 
 def _node_run_name() -> str:
@@ -123,36 +107,44 @@ def augment_fanout(
         node_timeout_seconds: give up waiting for a node run after this long (None: wait).
         per_run_output: write into `<config.out>/<scheduled start time>`.
     """
-    logger = get_run_logger()
-    cfg = config
-    if per_run_output:
-        cfg = cfg.model_copy(update={"out": per_run_folder(cfg.out)})
-    t0 = time.perf_counter()
-    ref_state = reference_task(cfg)(cfg.model_dump(mode="json"), return_state=True)
-    reference = ref_state.result()
-    ctx, plan, pending = start_job(cfg)
-    with job.holding_output(cfg):  # a failure from here on gives the folder back (its claim if no sample)
-        t1 = time.perf_counter()
-        node_cfg = cfg.model_copy(update={"processes": processes_per_node or cfg.processes, "progress": "quiet"})
+    cfg = config.model_copy(update={"out": per_run_folder(config.out)}) if per_run_output else config
+    executor = PrefectNodeRuns(
+        node_deployment, shards_per_node, processes_per_node, concurrency_limit, node_timeout_seconds
+    )
+    return run_flow_job(cfg, executor)
+
+
+class PrefectNodeRuns(Executor):
+    """Ranges of `shards_per_node` shards as node-level flow runs of `deployment`, at most as many at once as the
+    global concurrency limit allows, each with `processes_per_node` accelerate workers."""
+
+    phase = "nodes"
+
+    def __init__(
+        self,
+        deployment: str,
+        shards_per_node: int,
+        processes_per_node: int | None = None,
+        limit: str | None = NODE_LIMIT,
+        timeout_seconds: float | None = None,
+    ) -> None:
+        self.deployment, self.shards_per_node, self.processes = deployment, shards_per_node, processes_per_node
+        self.limit, self.timeout_seconds = limit, timeout_seconds
+        self.node_runs = 0
+
+    def write(self, run: Run, shards: ShardRanges) -> None:
+        cfg = run.cfg
+        node_cfg = cfg.model_copy(update={"processes": self.processes or cfg.processes, "progress": "quiet"})
         node_json = node_cfg.model_dump(mode="json")
-        ranges = split_ranges(pending, shards_per_node)
-        logger.info(
-            "%s: %d pending shard(s) -> %d node run(s) of %s", cfg.out, len(pending), len(ranges), node_deployment
+        ranges = split_ranges(shards, self.shards_per_node)
+        self.node_runs = len(ranges)
+        get_run_logger().info(
+            "%s: %d pending shard(s) -> %d node run(s) of %s", cfg.out, len(shards), len(ranges), self.deployment
         )
         futures = [
-            run_node.submit(node_deployment, node_json, r.to_json(), concurrency_limit, node_timeout_seconds)
-            for r in ranges
+            run_node.submit(self.deployment, node_json, r.to_json(), self.limit, self.timeout_seconds) for r in ranges
         ]
-        wait(futures)
-        missing = job.shards_not_done(cfg, pending)
-        if missing:
-            failed = [f for f in futures if not f.state.is_completed()]
-            logger.error("%r are not done; re-run this flow to resume them", missing)
-            if failed:
-                failed[0].result()
-            raise RuntimeError(f"{missing!r} are not done")
-        t2 = time.perf_counter()
-        seconds = {"prepare": round(t1 - t0, 3), "nodes": round(t2 - t1, 3)}
-        return finish_and_publish(
-            cfg, ctx, plan, len(pending), seconds, t0, ref_state, reference, node_runs=len(ranges)
-        )
+        raise_first_failure(futures, ranges)
+
+    def report(self) -> dict[str, object]:
+        return {"node_runs": self.node_runs}

@@ -187,6 +187,22 @@ class ShardRanges(Sequence[int]):
             raise IndexError(f"position {key} out of range ({len(self)} shard(s))")
         return self._id_at(position)
 
+    def without(self, ids: Iterable[int]) -> ShardRanges:
+        """These shards minus `ids`, as ranges: O(ranges + len(ids)), never O(shards)."""
+        excluded = sorted({int(i) for i in ids})
+        out: list[tuple[int, int]] = []
+        for start, stop in self._ranges:
+            k = bisect.bisect_left(excluded, start)
+            cursor = start
+            while k < len(excluded) and excluded[k] < stop:
+                if excluded[k] > cursor:
+                    out.append((cursor, excluded[k]))
+                cursor = excluded[k] + 1
+                k += 1
+            if cursor < stop:
+                out.append((cursor, stop))
+        return ShardRanges(out)
+
     def share(self, index: int, count: int) -> ShardRanges:
         """Part `index` of `count` contiguous parts, the first `len % count` one longer: the same ids
         `accelerate`'s `split_between_processes` gives process `index` of `count` from the full list."""

@@ -25,7 +25,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
-from storage._atomic import atomic_write_bytes, dumps_json
+from storage.atomic import atomic_write_bytes, dumps_json
 
 __all__ = [
     "BUNDLE_FORMAT_VERSION",

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from storage._atomic import atomic_write_bytes, atomic_write_json
+from storage.atomic import atomic_write_bytes, atomic_write_json
 from storage.errors import InputError
 from storage.shards import SHARDS_DIR, shard_path
 

@@ -26,7 +26,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from storage._atomic import atomic_open, atomic_write_bytes
+from storage.atomic import atomic_open, atomic_write_bytes
 from storage.shards import SHARDS_DIR, done_shard_ids, marker_path
 
 __all__ = [

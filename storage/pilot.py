@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from storage._atomic import atomic_write_json
+from storage.atomic import atomic_write_json
 
 __all__ = ["PILOT_FILE", "load_pilot", "pilot_cache_path", "save_pilot"]
 

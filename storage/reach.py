@@ -1,6 +1,6 @@
 """The reach check's record in the run folder (`<out>/reach.json`), copied into `run.json` at the end.
 
-`pipeline.job.start_job` writes it once the run has claimed the folder; `finish_job`, which may run in
+`pipeline.jobs.job.Run.start` writes it once the run has claimed the folder; `Run.finish`, which may run in
 another process (a static cluster's `finish`, a Prefect flow's last task), reads it back.
 """
 
@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from storage._atomic import atomic_write_json
+from storage.atomic import atomic_write_json
 
 __all__ = ["REACH_FILE", "load_reach", "save_reach"]
 

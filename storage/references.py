@@ -58,10 +58,12 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from storage.errors import InputError
 
 __all__ = [
+    "reference_content_hash",
     "CAPTION_FILES",
     "IMAGE_EXTENSIONS",
     "METADATA_FILES",
     "References",
+    "is_hidden",
     "read_references",
     "refuse_output_inside",
 ]
@@ -160,6 +162,33 @@ class _Problems:
         first, more = self.items[0], len(self.items) - 1
         suffix = f" (and {more} more problem{'s' if more > 1 else ''})" if more else ""
         raise InputError(first + suffix, problems=self.items)
+
+
+def reference_content_hash(path: str, *, storage_options: dict[str, Any] | None = None) -> str:
+    """`read_references(path).content_hash` without decoding a pixel: the files, classes and captions are read
+    and checked as there (InputError naming the first bad file), the images' bytes hashed, not decoded. For
+    cache keys that must be known before the references are decoded (the Prefect flow's reference task)."""
+    path = str(path)
+    fs, root, shown_root = _open_folder(path, storage_options)
+
+    def shown(rel: str) -> str:
+        return f"{shown_root}/{rel}" if rel else shown_root
+
+    problems = _Problems()
+    listing = _list_tree(fs, root, shown, problems)
+    files = {rel: info for rel, info in listing.items() if info.get("type") != "directory"}
+    dirs = sorted(rel for rel, info in listing.items() if info.get("type") == "directory")
+    found = _sort_files(files, shown, problems)
+    class_names, notes, _ = _layout(found.images, dirs, listing, shown, problems)
+    blobs = _read_blobs(
+        fs, root, found.images + list(found.sidecars.values()) + found.caption_tables, files, shown, problems
+    )
+    captions_by_image = _read_captions(
+        found.images, found.sidecars, found.caption_tables, blobs, shown, problems, notes
+    )
+    problems.raise_if_any()
+    captions = [captions_by_image[rel] for rel in found.images] if captions_by_image else None
+    return _content_hash(found.images, blobs, class_names, captions)
 
 
 def read_references(
@@ -281,8 +310,8 @@ def _open_folder(path: str, storage_options: dict[str, Any] | None) -> tuple[fss
 
 def _sort_files(files: dict[str, dict[str, Any]], shown: Callable[[str], str], problems: _Problems) -> _Sorted:
     """Sort the listed files by role; a caption file without its image and any other file are problems."""
-    ignored = sorted(rel for rel in files if _is_hidden(rel))
-    visible = sorted(rel for rel in files if not _is_hidden(rel))
+    ignored = sorted(rel for rel in files if is_hidden(rel))
+    visible = sorted(rel for rel in files if not is_hidden(rel))
     images = [rel for rel in visible if posixpath.splitext(rel)[1].lower() in IMAGE_EXTENSIONS]
     image_set = set(images)
     sidecars: dict[str, str] = {}  # image rel -> sidecar rel
@@ -333,7 +362,7 @@ def _layout(
     report notes, warnings); a folder that mixes both is a problem."""
     root_images = [rel for rel in images if "/" not in rel]
     nested_images = [rel for rel in images if "/" in rel]
-    top_dirs = sorted({d.split("/")[0] for d in dirs if not _is_hidden(d)})
+    top_dirs = sorted({d.split("/")[0] for d in dirs if not is_hidden(d)})
     class_names: list[str] | None = None
     report_notes: list[str] = []
     warnings_: list[str] = []
@@ -505,7 +534,7 @@ def _list_local(root: str, shown: Callable[[str], str], problems: _Problems) -> 
         for entry in entries:
             rel = prefix + entry.name
             link = entry.is_symlink()
-            if link and _is_hidden(rel):
+            if link and is_hidden(rel):
                 out[rel] = {"type": "file", "size": None}  # ignored like every hidden file, never followed
                 continue
             try:
@@ -543,7 +572,8 @@ def _link_problem(path: str, error: OSError) -> str:
     return f"symbolic link to {target} cannot be followed ({error.strerror})"
 
 
-def _is_hidden(rel: str) -> bool:
+def is_hidden(rel: str) -> bool:
+    """Whether a path relative to the reference folder is skipped: a dot-file or -folder, or OS junk."""
     return any(part.startswith(".") or part.lower() in _JUNK_NAMES for part in rel.split("/"))
 
 
@@ -1031,7 +1061,3 @@ def _describe_source(items: list[_Decoded]) -> str:
     kinds = sorted({d.kind for d in items})
     colour = kinds[0] if len(kinds) == 1 else ", ".join(kinds[:-1]) + " and " + kinds[-1]
     return f"{size}{',' if len(sizes) > 1 else ''} {colour}"
-
-
-#: Public name of `_is_hidden` (used by flows/ for the reference cache key).
-is_hidden = _is_hidden

@@ -34,7 +34,7 @@ from typing import Any
 
 from filelock import FileLock, Timeout
 
-from storage._atomic import TMP_MARK, atomic_write_json, dumps_json, tmp_name
+from storage.atomic import TMP_MARK, atomic_write_json, dumps_json, tmp_name
 from storage.errors import InputError
 
 __all__ = [
@@ -43,6 +43,7 @@ __all__ = [
     "LOCK_FILE",
     "RUN_FILE",
     "abandon_output",
+    "check_claimable",
     "check_or_claim_output",
     "check_or_record_inputs",
     "claim_output",
@@ -210,6 +211,32 @@ def check_or_claim_output(out_dir: str | os.PathLike[str], config_hash: str, con
     _refuse_foreign(out)
     out.mkdir(parents=True, exist_ok=True)
     return _check_or_claim(out, config_hash, config, may_reclaim=False)
+
+
+def check_claimable(out_dir: str | os.PathLike[str], config_hash: str, config: dict[str, Any]) -> None:
+    """Raise InputError where `claim_output` would refuse, writing nothing: a file, an unreadable or foreign
+    folder, a folder holding samples of another configuration, a folder another run is writing to now."""
+    out = Path(out_dir)
+    _refuse_foreign(out)
+    if not out.is_dir():
+        return
+    if (out / LOCK_FILE).exists() and _lock_key(out) not in _HELD:
+        probe = FileLock(out / LOCK_FILE, timeout=0, thread_local=False, fallback_to_soft=False)
+        try:
+            probe.acquire()
+        except Timeout:
+            raise InputError(
+                f"{out}: another run is writing to this folder ({_describe_holder(out / LOCK_FILE)}); wait for it "
+                "to finish (rerun then to check it) or choose another --out"
+            ) from None
+        except OSError:
+            pass  # not writable: the claim says so
+        else:
+            probe.release(force=True)
+    if holds_samples(out):
+        for path in (out / CLAIM_FILE, out / RUN_FILE):
+            if path.exists():
+                _require_same(out, path, _read_json(path), config_hash, config)
 
 
 def _refuse_foreign(out: Path) -> None:

@@ -7,7 +7,7 @@ Layout under the output folder:
     rejected/{prefix}_rejected-{shard:06d}.tar   audit shards of the samples the filter rejected
                                                  (`--keep-rejected`), apart so `shards/*.tar` never has them
 
-A shard is streamed to `<name>.tmp-<pid>-<rand>`, fsynced and renamed; the marker is written after the
+A shard is streamed to `<name>.tmp-<run token>-<rand>`, fsynced and renamed; the marker is written after the
 rename. So a `.tar` is always complete, and a marker vouches for the exact bytes of its `.tar`. Identical
 samples give identical bytes in any run or process: every tar header field is fixed (mtime 0,
 uid/gid 0, fixed user/group names, mode 0444, USTAR format) and JSON is serialised with sorted keys.
@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 from webdataset.writer import TarWriter, default_handlers
 
-from storage._atomic import TMP_MARK, atomic_write_json, json_default, tmp_name
+from storage.atomic import TMP_MARK, atomic_write_json, json_default, tmp_name, tmp_token
 
 __all__ = [
     "REJECTED_DIR",
@@ -331,11 +331,12 @@ def is_done(out_dir: str | os.PathLike[str], prefix: str, shard_id: int, *, veri
         return False
 
 
-def clean_partial(out_dir: str | os.PathLike[str]) -> list[Path]:
-    """Remove `*.tmp-*` files left by crashed writers in `out_dir`, `shards/`, `rejected/` and `manifest/`.
+def clean_partial(out_dir: str | os.PathLike[str], *, keep_token: str | None = None) -> list[Path]:
+    """Remove `*.tmp-*` files left by crashed writers in `out_dir`, `shards/`, `rejected/` and `manifest/`:
+    every one whose writer's token (`storage.atomic.tmp_name`) is not `keep_token`, the current run's.
 
-    Files of a writer that is still running on this machine (its pid is alive) are kept, but call
-    this once before starting workers: a pid from another machine sharing the folder cannot be checked.
+    Call it once the run has claimed the folder (`RunFolder.clean_partial`): the claim gave the run a fresh
+    token, so every temporary file of an earlier run goes, whatever pid its writer had.
 
     Returns:
         The removed paths.
@@ -346,28 +347,9 @@ def clean_partial(out_dir: str | os.PathLike[str]) -> list[Path]:
         if not folder.is_dir():
             continue
         for path in sorted(folder.glob(f"*{TMP_MARK}*")):
-            if not path.is_file() or _writer_alive(path.name):
+            if not path.is_file() or (keep_token is not None and tmp_token(path.name) == keep_token):
                 continue
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
                 removed.append(path)
     return removed
-
-
-def _writer_alive(name: str) -> bool:
-    """Whether the pid in `<name>.tmp-<pid>-<rand>` is a live process other than this one."""
-    m = re.search(re.escape(TMP_MARK) + r"(\d+)", name)
-    if not m:
-        return False
-    pid = int(m.group(1))
-    if pid == os.getpid():
-        return True  # a writer in this process (our own failures clean up after themselves)
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    except OSError:
-        return False
-    return True

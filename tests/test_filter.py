@@ -115,7 +115,7 @@ def test_extra_request_scales_by_acceptance_and_respects_the_room():
 def test_more_than_half_garbage_is_replaced_from_reserved_indices_and_never_kept(monkeypatch, labelled):
     cfg = _config()
     fake, calls = _fake_generate(lambda i: i < primary_count(cfg) and i % 5 < 3)  # 60% of the pool
-    monkeypatch.setattr(worker, "generate", fake)
+    monkeypatch.setattr(worker, "generate_latents", fake)
     ctx = _context(cfg, labelled)
     shard = plan_job(cfg).shards[1]
     pool = filter_shard(ctx, shard)
@@ -136,7 +136,7 @@ def test_more_than_half_garbage_is_replaced_from_reserved_indices_and_never_kept
 def test_a_shard_that_exhausts_its_reserve_keeps_fewer_and_warns(monkeypatch, caplog):
     cfg = _config(reserve=0.5)
     fake, calls = _fake_generate(lambda i: i % 10 < 9)  # 90% garbage everywhere
-    monkeypatch.setattr(worker, "generate", fake)
+    monkeypatch.setattr(worker, "generate_latents", fake)
     ctx = _context(cfg, labelled=False)
     shard = plan_job(cfg).shards[0]
     with caplog.at_level(logging.WARNING, logger="pipeline.jobs.worker"):
@@ -151,7 +151,7 @@ def test_a_shard_that_exhausts_its_reserve_keeps_fewer_and_warns(monkeypatch, ca
 def test_stratified_keep_matches_the_plan_per_class(monkeypatch):
     cfg = _config(n=30, shard_size=30, keep=0.5)
     fake, _ = _fake_generate(lambda i: False)
-    monkeypatch.setattr(worker, "generate", fake)
+    monkeypatch.setattr(worker, "generate_latents", fake)
     ctx = _context(cfg, labelled=True, proportions=[0.6, 0.3, 0.1])
     shard = plan_job(cfg).shards[0]
     pool = filter_shard(ctx, shard)

@@ -313,7 +313,7 @@ def test_node_run_refuses_an_unclaimed_output_folder(harness, tiny, tmp_path):
 def test_a_flow_that_finishes_short_ends_failed_after_writing_unless_allowed(harness, tiny, tmp_path):
     """Issue 21: kept fewer than --n -> the flow run writes what it kept, run.json and its artifact, then
     ends Failed (`FinishedShort`); `augment flow` exits 3; allow_shortfall completes it."""
-    from pipeline.jobs.job import FinishedShort
+    from pipeline.jobs.summary import FinishedShort
 
     short = short_run_settings(tiny, tmp_path / "probe", kept=3)
     out = tmp_path / "short"

@@ -142,12 +142,12 @@ def test_classifier_roundtrip(tmp_path: Path) -> None:
 
 def test_prior_eval_sampling_is_deterministic_and_batch_independent(prior: ShippedPrior) -> None:
     """The model card's samples come from the pipeline's loop with per-sample seeds."""
-    from pipeline.models.prior_eval import generate
+    from pipeline.models.prior_eval import sample_prior
 
     labels = torch.tensor([3, 10, 7])
     for eta in (0.0, 1.0):
-        a = generate(prior, labels, seed=1, num_steps=3, cfg_scale=2.0, ig_scale=1.5, batch_size=3, eta=eta)
-        b = generate(prior, labels, seed=1, num_steps=3, cfg_scale=2.0, ig_scale=1.5, batch_size=1, eta=eta)
+        a = sample_prior(prior, labels, seed=1, num_steps=3, cfg_scale=2.0, ig_scale=1.5, batch_size=3, eta=eta)
+        b = sample_prior(prior, labels, seed=1, num_steps=3, cfg_scale=2.0, ig_scale=1.5, batch_size=1, eta=eta)
         torch.testing.assert_close(a.images, b.images, atol=1e-4, rtol=0)
     assert a.images.shape == (3, 1, 32, 32)
     assert a.images.min() >= -1 and a.images.max() <= 1

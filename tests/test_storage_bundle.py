@@ -7,8 +7,7 @@ import json
 import pytest
 import torch
 
-from storage import bundle_dir, load_bundle, save_bundle
-from storage.bundle import BUNDLE_JSON, BUNDLE_TENSORS
+from storage.bundle import BUNDLE_JSON, BUNDLE_TENSORS, bundle_dir, load_bundle, save_bundle
 
 HASH = "ab" * 32
 MODEL = "org/model@rev1"

@@ -7,8 +7,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
 
-from storage import MANIFEST_SCHEMA, merge_manifest, read_manifest, write_manifest_part
-from storage.manifest import manifest_part_path
+from storage.manifest import MANIFEST_SCHEMA, manifest_part_path, merge_manifest, read_manifest, write_manifest_part
 
 
 def rows(shard: int, n: int = 3, labelled: bool = True) -> list[dict]:

@@ -15,8 +15,8 @@ import pytest
 import torch
 from PIL import Image
 
-from storage import InputError, read_references
-from storage.references import refuse_output_inside
+from storage.errors import InputError
+from storage.references import read_references, refuse_output_inside
 
 SIZE = (16, 16)
 

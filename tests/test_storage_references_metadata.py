@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from storage import InputError, read_references
+from storage.errors import InputError
+from storage.references import read_references
 
 SIZE = (16, 16)
 

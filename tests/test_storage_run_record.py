@@ -6,8 +6,17 @@ import json
 
 import pytest
 
-from storage import InputError, check_or_claim_output, read_run_record, write_run_record
-from storage.run_record import CLAIM_FILE, LOCK_FILE, claim_output, holds_samples, release_output
+from storage.errors import InputError
+from storage.run_record import (
+    CLAIM_FILE,
+    LOCK_FILE,
+    check_or_claim_output,
+    claim_output,
+    holds_samples,
+    read_run_record,
+    release_output,
+    write_run_record,
+)
 
 CONFIG = {"n": 100, "seed": 0, "guidance": {"strength": 0.5, "kernel": "rbf"}, "sizes": (8, 8)}
 
@@ -136,7 +145,7 @@ def test_a_run_starting_into_a_folder_another_run_is_still_claiming_is_told_so(t
 
 
 def test_inputs_are_recorded_then_checked(tmp_path):
-    from storage import INPUTS_FILE, check_or_record_inputs
+    from storage.run_record import INPUTS_FILE, check_or_record_inputs
 
     inputs = {"reference_content_hash": "c1", "model_id": "m"}
     check_or_record_inputs(tmp_path, inputs)
@@ -155,7 +164,7 @@ def test_inputs_are_recorded_then_checked(tmp_path):
 
 
 def test_job_spec_round_trip_and_bad_specs(tmp_path):
-    from storage import read_job_spec, write_job_spec
+    from storage.run_record import read_job_spec, write_job_spec
 
     path = write_job_spec(tmp_path / "spec.json", {"n": 4}, [(3, 4), (5, 9)], prepared_at=1.5)
     assert read_job_spec(path) == {"config": {"n": 4}, "shard_ranges": [[3, 4], [5, 9]], "prepared_at": 1.5}

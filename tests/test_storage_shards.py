@@ -16,8 +16,16 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
-from storage import clean_partial, is_done, mark_done, read_marker, shard_name, write_shard
-from storage.shards import marker_path, shard_path
+from storage.shards import (
+    clean_partial,
+    is_done,
+    mark_done,
+    marker_path,
+    read_marker,
+    shard_name,
+    shard_path,
+    write_shard,
+)
 
 
 def png(seed: int) -> bytes:
@@ -176,17 +184,20 @@ def test_clean_partial(tmp_path):
         p.write_bytes(b"partial")
     (tmp_path / "manifest").mkdir()
     (tmp_path / "manifest" / f"part-000001.parquet.tmp-{dead_pid}-y").write_bytes(b"p")
-    live = shards / f"data-000002.tar.tmp-{os.getpid()}-live0000"  # a writer in this very process
+    # a crashed run's file whose pid is alive again (a restarted container gets the same pid): not the run's
+    same_pid = shards / f"data-000003.tar.tmp-{os.getpid()}-abcd0000"
+    same_pid.write_bytes(b"truncated")
+    live = shards / "data-000002.tar.tmp-0123456789abcdef-live0000"  # a writer of the current run (its token)
     live.write_bytes(b"in progress")
-    removed = clean_partial(tmp_path)
-    assert len(removed) == 3 and all(not p.exists() for p in removed)
+    removed = clean_partial(tmp_path, keep_token="0123456789abcdef")
+    assert len(removed) == 4 and all(not p.exists() for p in removed) and same_pid in removed
     assert live.exists() and shard_path(tmp_path, "data", 0).exists() and is_done(tmp_path, "data", 0)
     assert clean_partial(tmp_path / "nothing-here") == []
 
 
 @pytest.mark.parametrize("shape, mode", [((5, 7), "L"), ((5, 7, 1), "L"), ((5, 7, 3), "RGB")])
 def test_encode_png_is_lossless_and_deterministic(shape, mode):
-    from storage import encode_png
+    from storage.shards import encode_png
 
     pixels = np.random.default_rng(0).integers(0, 256, shape, dtype=np.uint8)
     data = encode_png(pixels)

@@ -65,6 +65,7 @@ import torch
 
 from guidance import RBFKernel, nearest_reference_distance
 from guidance.kernels import median_pairwise_distance
+from storage.pilot import load_pilot, pilot_cache_path, save_pilot
 
 from ..config import PILOT_MAX_SAMPLES, PILOT_MIN_SAMPLES, AugmentConfig
 from ..measures.features import (
@@ -693,3 +694,19 @@ __all__ = [
     "search",
     "split_for_pilot",
 ]
+
+
+def _pilot_cache(cfg: AugmentConfig, key: str):
+    from .reference import default_cache_dir
+
+    return pilot_cache_path(cfg.cache_dir or default_cache_dir(), key)
+
+
+def cached_pilot(cfg: AugmentConfig, key: str) -> dict[str, Any] | None:
+    """The pilot's record cached for `key` (same references, model and settings), or None."""
+    return load_pilot(_pilot_cache(cfg, key), key)
+
+
+def cache_pilot(cfg: AugmentConfig, record: dict[str, Any]) -> None:
+    """Cache a pilot record (it carries its `key`) for later jobs with the same inputs."""
+    save_pilot(_pilot_cache(cfg, record["key"]), record)

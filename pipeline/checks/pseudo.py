@@ -12,10 +12,10 @@ told the class, the class-aware product kernel, the label judge and `label_filte
 split. Otherwise (off, no judge for this model, or the classifier cannot read the references) the run
 samples the null class, and says why.
 
-The pseudo labels are computed each run (the references read and classified again; their latents decoded
-for the record's `decoded_agreement`), never stored in the cached reference bundle. The output stays
-unlabelled unless `pseudo_labels` asks (see `pipeline.jobs.worker`); the manifest's `pseudo_class` column keeps
-each sample's pseudo-class for audit either way.
+The pseudo labels are computed each run (the references classified again, as `prepare_reference` read
+them; their latents decoded for the record's `decoded_agreement`), never stored in the cached reference
+bundle. The output stays unlabelled unless `pseudo_labels` asks (see `pipeline.jobs.worker`); the manifest's
+`pseudo_class` column keeps each sample's pseudo-class for audit either way.
 """
 
 from __future__ import annotations
@@ -24,8 +24,6 @@ import logging
 from dataclasses import replace
 
 import torch
-
-from storage.references import read_references
 
 from ..config import AugmentConfig
 from ..models.generation import model_label_map
@@ -44,7 +42,8 @@ def assign_pseudo_classes(
 ) -> tuple[ReferenceBundle, dict | None]:
     """(bundle, record): the bundle with pseudo labels where a judge reads the unlabelled references, and the
     record of what was done (for run.json; None when it does not apply: labelled references or a model
-    without classes). The returned bundle carries the record (`bundle.pseudo_classes`)."""
+    without classes). The judge reads the images `prepare_reference` read (`bundle.images`, at the model's
+    size); the returned bundle carries the record (`bundle.pseudo_classes`) and no longer the images."""
     if bundle.labels is not None or model.num_classes is None:
         return bundle, None
     if not cfg.pseudo_classes:
@@ -57,8 +56,10 @@ def assign_pseudo_classes(
         )
     if not shipped_classifier_available():
         return _null_class(bundle, f"{JUDGE} is not installed")
+    if bundle.images is None:
+        raise ValueError("unlabelled references without their images: build the bundle with prepare_reference")
     classifier = load_shipped_classifier()
-    probs = class_probabilities(classifier, reference_images(cfg, model, bundle.files))
+    probs = class_probabilities(classifier, bundle.images)
     top, digits = probs.max(1)
     confidence = float(top.double().mean())
     if confidence < READABLE:
@@ -97,17 +98,8 @@ def assign_pseudo_classes(
         ", ".join(f"{name}: {n}" for name, n in counts.items()),
         "" if cfg.pseudo_labels else " (the output stays unlabelled: --pseudo-labels writes them)",
     )
-    return replace(bundle, labels=labels, class_names=class_names, pseudo_labels=True, pseudo_classes=record), record
-
-
-def reference_images(cfg: AugmentConfig, model: LoadedModel, files: list[str]) -> torch.Tensor:
-    """The references `files` as given (read again, at the model's size: the bundle holds latents only; a VAE
-    can turn what it never saw, such as pixel noise, into digit-like blobs, which a judge of decoded
-    references would read as digits)."""
-    size = (model.image_size, model.image_size)
-    refs = read_references(cfg.ref, channels=model.image_channels, size=size, min_count=1)
-    row = {f: i for i, f in enumerate(refs.files)}
-    return refs.images[[row[f] for f in files]]
+    labelled = replace(bundle, labels=labels, class_names=class_names, pseudo_labels=True, images=None)
+    return replace(labelled, pseudo_classes=record), record
 
 
 @torch.no_grad()
@@ -140,7 +132,7 @@ def describe_pseudo(cfg: AugmentConfig, labelled: bool) -> str | None:
 def _null_class(bundle: ReferenceBundle, reason: str, **extra: float) -> tuple[ReferenceBundle, dict]:
     log.info("references unlabelled: sampling the model's null class: %s", reason)
     record = {"used": False, "reason": reason, **extra}
-    return replace(bundle, pseudo_classes=record), record
+    return replace(bundle, pseudo_classes=record, images=None), record
 
 
-__all__ = ["JUDGE", "assign_pseudo_classes", "class_probabilities", "describe_pseudo", "reference_images"]
+__all__ = ["JUDGE", "assign_pseudo_classes", "class_probabilities", "describe_pseudo"]

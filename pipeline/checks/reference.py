@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import logging
 import os
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -24,10 +27,10 @@ from guidance import (
 from guidance.kernels import CubicPolynomialKernel, median_pairwise_distance
 from storage.bundle import bundle_dir, load_bundle, save_bundle
 from storage.errors import InputError
-from storage.references import References, read_references
+from storage.references import References, read_references, refuse_output_inside
 
 from ..config import AugmentConfig
-from ..models.loading import LoadedModel
+from ..models.loading import LoadedModel, peek_input
 from ..models.prompts import SamplePrompts
 from ..seeding import derive_seed
 
@@ -58,6 +61,9 @@ class ReferenceBundle:
     # text-to-image runs on captions: each reference's pooled caption embedding [M, D], the prompt-aware kernel's
     # conditions (`attach_caption_embeddings`; never cached)
     caption_embeddings: torch.Tensor | None = None
+    # unlabelled references on a class-conditional model: the images as read [M, C, H, W] in [-1, 1], at the
+    # model's size, for the pseudo-class judge (`prepare_reference`; never cached, dropped once it has read them)
+    images: torch.Tensor | None = None
 
     @property
     def num_classes(self) -> int | None:
@@ -81,21 +87,41 @@ def default_cache_dir() -> Path:
 
 def prepare_reference(cfg: AugmentConfig, model: LoadedModel) -> ReferenceBundle:
     """Read, validate and encode the references (cached bundle reused when inputs and model match),
-    then hold out `cfg.holdout` of them from guidance for evaluation."""
-    return split_holdout(_encoded_references(cfg, model), cfg.holdout, cfg.seed)
+    then hold out `cfg.holdout` of them from guidance for evaluation.
+
+    Unlabelled references on a class-conditional model keep their images as read (`bundle.images`, at the
+    model's size) for the pseudo-class judge (`pipeline.checks.pseudo.assign_pseudo_classes`, which drops
+    them), so the folder is read once."""
+    bundle, refs = encoded_bundle(
+        cfg.ref,
+        channels=model.image_channels,
+        size=(model.image_size, model.image_size),
+        model_id=model.model_id,
+        encode=lambda images: model.encode(images, batch_size=cfg.batch_size).cpu(),
+        extra_key={"latent_shape": list(model.denoiser.latent_shape)},
+        cache_dir=cfg.cache_dir,
+    )
+    if refs.labels is None and model.num_classes is not None:
+        bundle = replace(bundle, images=refs.images)
+    return split_holdout(bundle, cfg.holdout, cfg.seed)
 
 
 def check_references(cfg: AugmentConfig) -> References:
     """Validate the references before the model is loaded, so input errors come first (and alone).
 
-    Reads and decodes every file as `prepare_reference` will (at a tiny size: the model's input size
-    is not known yet); a reference too small for the model is found later, once it is. Returns them
-    (files, labels, `source`; the images at that tiny size).
+    Reads and decodes every file as `prepare_reference` will: at the model's input size and channels where its
+    config files tell them without loading it (`peek_input`: the shipped prior, a local diffusers folder), so a
+    reference too small for the model is refused here too; else at a tiny size (the model's size is found once
+    it loads). The references must not lie inside `--out`. Returns them (files, labels, captions, `source`, the
+    report and its warnings).
 
     Raises:
         InputError: one line naming the folder or the first bad file.
     """
-    return read_references(cfg.ref, channels=3, size=(2, 2), min_count=MIN_REFERENCES)
+    refuse_output_inside(cfg.ref, cfg.out)
+    peeked = peek_input(cfg.model, cfg.resolution)
+    channels, size = peeked if peeked is not None else (3, 2)
+    return read_references(cfg.ref, channels=channels, size=(size, size), min_count=MIN_REFERENCES)
 
 
 def listed_bundle(refs: References) -> ReferenceBundle:
@@ -135,65 +161,80 @@ def split_holdout(bundle: ReferenceBundle, fraction: float, seed: int) -> Refere
         labels=bundle.labels[keep] if bundle.labels is not None else None,
         captions=[c for c, k in zip(bundle.captions, keep.tolist(), strict=True) if k] if bundle.captions else None,
         caption_embeddings=bundle.caption_embeddings[keep] if bundle.caption_embeddings is not None else None,
+        images=bundle.images[keep] if bundle.images is not None else None,
         files=[f for f, k in zip(bundle.files, keep.tolist(), strict=True) if k],
         heldout_files=[f for f, k in zip(bundle.files, keep.tolist(), strict=True) if not k],
     )
 
 
-def _encoded_references(cfg: AugmentConfig, model: LoadedModel) -> ReferenceBundle:
-    refs = read_references(
-        cfg.ref,
-        channels=model.image_channels,
-        size=(model.image_size, model.image_size),
-        min_count=MIN_REFERENCES,
-    )
+def encoded_bundle(
+    ref: str,
+    *,
+    channels: int,
+    size: tuple[int, int],
+    model_id: str,
+    encode: Callable[[torch.Tensor], torch.Tensor],
+    extra_key: dict[str, Any],
+    cache_dir: str | os.PathLike[str] | None = None,
+) -> tuple[ReferenceBundle, References]:
+    """Read and validate the references (`channels`, `size` (H, W)), then their bundle: the cached one when
+    content hash, `model_id`, files and `extra_key` (what else shapes the latents) match, else
+    `encode(images)` -> latents [M, ...] float32 on the CPU, their median pairwise distance as the bandwidth,
+    saved under `cache_dir` (default `default_cache_dir()`). The job's (`prepare_reference`) and
+    `MMDGuidanceCallback`'s.
+
+    Returns:
+        The bundle (all references, with their captions) and the references as read (images at `size`).
+
+    Raises:
+        InputError: one line naming the folder or the first bad file.
+    """
+    refs = read_references(ref, channels=channels, size=size, min_count=MIN_REFERENCES)
     for line in refs.report:
         (log.warning if line in refs.warnings else log.info)("references: %s", line)
-    cache = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
-    folder = bundle_dir(cache, refs.content_hash, model.model_id)
-    key = {"latent_shape": list(model.denoiser.latent_shape), "files": refs.files}
-    found = load_bundle(folder, content_hash=refs.content_hash, model_id=model.model_id, extra_key=key)
+    folder = bundle_dir(Path(cache_dir) if cache_dir else default_cache_dir(), refs.content_hash, model_id)
+    key = {**extra_key, "files": refs.files}
+    found = load_bundle(folder, content_hash=refs.content_hash, model_id=model_id, extra_key=key)
     if found is not None:
         tensors, meta = found
         log.info("reference bundle reused from %s", folder)
-        return ReferenceBundle(
-            latents=tensors["latents"],
-            labels=tensors.get("labels"),
-            class_names=meta.get("class_names"),
-            bandwidth=float(meta["bandwidth"]),
+        latents, bandwidth, reused = tensors["latents"], float(meta["bandwidth"]), True
+    else:
+        start = time.perf_counter()
+        latents = encode(refs.images)
+        bandwidth = float(median_pairwise_distance(latents.flatten(1)))
+        tensors = {"latents": latents} if refs.labels is None else {"latents": latents, "labels": refs.labels}
+        meta = dict(
+            key,
             content_hash=refs.content_hash,
-            model_id=model.model_id,
-            files=refs.files,
-            reused=True,
-            source=refs.source,
-            captions=refs.captions,
+            model_id=model_id,
+            bandwidth=bandwidth,
+            class_names=refs.class_names,
+            num_references=len(latents),
         )
-    latents = model.encode(refs.images, batch_size=cfg.batch_size).cpu()
-    bandwidth = float(median_pairwise_distance(latents.flatten(1)))
-    tensors = {"latents": latents}
-    if refs.labels is not None:
-        tensors["labels"] = refs.labels
-    meta = dict(
-        key,
-        content_hash=refs.content_hash,
-        model_id=model.model_id,
-        bandwidth=bandwidth,
-        class_names=refs.class_names,
-        num_references=len(latents),
-    )
-    save_bundle(folder, tensors, meta)
-    log.info("reference bundle written to %s (%d latents, median bandwidth %.3f)", folder, len(latents), bandwidth)
-    return ReferenceBundle(
+        save_bundle(folder, tensors, meta)
+        reused = False
+        log.info(
+            "reference bundle written to %s (%d latents %s, median bandwidth %.3f, %.1f s)",
+            folder,
+            len(latents),
+            "x".join(map(str, latents.shape[1:])),
+            bandwidth,
+            time.perf_counter() - start,
+        )
+    bundle = ReferenceBundle(
         latents=latents,
         labels=refs.labels,
         class_names=refs.class_names,
         bandwidth=bandwidth,
         content_hash=refs.content_hash,
-        model_id=model.model_id,
+        model_id=model_id,
         files=refs.files,
+        reused=reused,
         source=refs.source,
         captions=refs.captions,
     )
+    return bundle, refs
 
 
 def prompt_kernel(embeddings: torch.Tensor) -> EmbeddingKernel:

@@ -104,20 +104,24 @@ def summary_lines(result: dict[str, Any], how: str = "") -> list[str]:
 
 
 def dry_run(cfg: AugmentConfig) -> None:
-    """Check the references and print the plan, without loading the model or writing anything."""
+    """Every check the run makes before it loads the model (`Run.preflight`: the references at the model's
+    size, `--out`, a changed setting), the references' warnings, and the plan; nothing is loaded or written."""
     from storage.errors import InputError
 
     from ..checks.pilot import describe_pilot
     from ..checks.pseudo import describe_pseudo
-    from ..checks.reference import check_references, listed_bundle, split_holdout
+    from ..checks.reference import listed_bundle, split_holdout
+    from ..jobs.job import Run
     from ..plan import plan_job
 
     try:
-        refs = check_references(cfg)
+        refs = Run(cfg).preflight()
         bundle = split_holdout(listed_bundle(refs), cfg.holdout, cfg.seed)  # what the job guides with
     except InputError as exc:
         fail(str(exc), as_json=cfg.progress == "json")
     typer.echo(f"references: {len(refs)} images, {refs.source}")
+    for line in refs.report:
+        typer.echo(f"{'warning' if line in refs.warnings else 'references'}: {line}")
     pseudo = describe_pseudo(cfg, labelled=refs.labels is not None)
     if pseudo is not None:
         typer.echo(pseudo)
@@ -163,7 +167,8 @@ def execute(cfg: AugmentConfig) -> None:
 
     from storage.errors import InputError
 
-    from ..jobs.job import FinishedShort, check_delivered, run_job
+    from ..jobs.job import run_job
+    from ..jobs.summary import FinishedShort, check_delivered
 
     bars = []  # the progress bar, opened at the first tick: after the inputs are checked
 

@@ -42,7 +42,7 @@ from storage.eval_io import (
 )
 from storage.manifest import read_manifest
 from storage.references import References, read_references
-from storage.run_record import read_run_record
+from storage.run_folder import RunFolder
 from storage.shards import REJECTED_DIR, SHARDS_DIR, shard_path
 
 from ..measures import metrics as M
@@ -298,13 +298,10 @@ def _write_outputs(result: dict[str, Any], figures: list[tuple[str, bytes, str]]
 def _read_run(run_dir: str | Path) -> _Run:
     """run.json and the manifest's columns; InputError if the folder holds no finished run."""
     path = Path(run_dir)
-    record = read_run_record(path)
-    if record is None:
-        raise InputError(f"{path}: no run.json (not an `augment` output folder, or the run has not finished)")
+    folder = RunFolder(path)
+    record = folder.require_finished()
     cfg: dict[str, Any] = record.get("config", {})
-    manifest_path = path / "manifest.parquet"
-    if not manifest_path.is_file():
-        raise InputError(f"{manifest_path}: missing (the run has not finished)")
+    manifest_path = folder.manifest_path
     table = read_manifest(manifest_path, columns=_MANIFEST_COLUMNS).to_pydict()
     kept = np.asarray(table["kept"], dtype=bool)
     if not kept.any():

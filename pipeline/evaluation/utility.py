@@ -13,7 +13,6 @@ The decision suite's training recipes (`train_recipe`): how the synthetic sample
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +27,7 @@ from torch import nn
 from storage.errors import InputError
 from storage.eval_io import read_samples
 from storage.references import read_references
+from storage.run_folder import RunFolder
 
 
 class SmallCNN(nn.Module):
@@ -56,7 +56,7 @@ class LabelledImages:
 def run_samples(run_dir: str | Path, classes: list[str], limit: int | None = None) -> LabelledImages:
     """Kept samples of an `augment` run (in manifest order), labelled by class name."""
     run_dir = Path(run_dir)
-    record = json.loads((run_dir / "run.json").read_text())
+    record = RunFolder(run_dir).require_finished()
     prefix = record["config"]["prefix"]
     table = pq.read_table(run_dir / "manifest.parquet", columns=["key", "shard", "kept", "class_name"])
     rows = [r for r in table.to_pylist() if r["kept"]]

@@ -25,7 +25,7 @@ def utility_command(
     """Train one small classifier per arm — (a) real, (b) real + synthetic, (c) synthetic, (d) real +
     unguided — and report held-out accuracy; writes RUN/utility.json and adds the tables to the run's
     eval.json and report.html when `augment eval` has run (a later `augment eval` picks utility.json up)."""
-    from storage import atomic_write_json
+    from storage.atomic import atomic_write_json
     from storage.errors import InputError
     from storage.eval_io import (
         EVAL_FILE,

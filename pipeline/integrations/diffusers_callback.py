@@ -13,8 +13,8 @@ applied after the sampler step. So:
                   callback_on_step_end_tensor_inputs=guide.tensor_inputs).images
 
 What it shares with the `augment` job (nothing is re-implemented here):
-- the references are read and validated by `storage.references.read_references`, encoded once with the
-  pipeline's own VAE and cached as a reference bundle (`storage.bundle`, the job's cache folder);
+- the references are read, validated, encoded once with the pipeline's own VAE and cached as a reference
+  bundle (`storage.bundle`, the job's cache folder) by the job's own `pipeline.checks.reference.encoded_bundle`;
 - the sample kernel comes from `pipeline.checks.reference.build_kernel` (median-heuristic bandwidth), the guidance
   settings (strength schedule, step normalisation, sample memory) from `pipeline.models.generation.make_guidance`, all
   from one validated `AugmentConfig`; the update is the job's `noisy` method's own function,
@@ -44,9 +44,7 @@ import inspect
 import json
 import logging
 import os
-import time
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -59,16 +57,13 @@ from guidance import (
     StrengthSchedule,
     noisy_guidance_update,
 )
-from guidance.kernels import ConditionKernel, median_pairwise_distance
-from storage.bundle import bundle_dir, load_bundle, save_bundle
-from storage.references import read_references
+from guidance.kernels import ConditionKernel
 
 from ..checks.pilot import FALLBACK_STRENGTH
 from ..checks.reference import (
-    MIN_REFERENCES,
     ReferenceBundle,
     build_kernel,
-    default_cache_dir,
+    encoded_bundle,
     prompt_kernel,
     split_holdout,
 )
@@ -195,59 +190,19 @@ def encode_references(
     multiple = factor * (2 if encoding.packed else 1)
     if height % multiple or width % multiple:
         raise ValueError(f"height and width must be multiples of {multiple} for {type(pipe).__name__}")
-    refs = read_references(
-        str(ref), channels=int(pipe.vae.config.in_channels), size=(height, width), min_count=MIN_REFERENCES
-    )
-    for line in refs.report:
-        log.info("references: %s", line)
-    model_id = pipeline_fingerprint(pipe)
-    cache = Path(cache_dir) if cache_dir else default_cache_dir()
-    folder = bundle_dir(cache, refs.content_hash, model_id)
     shape = [int(pipe.vae.config.latent_channels), height // factor, width // factor]
-    key = {
-        "latent_shape": shape,
-        "files": refs.files,
-        "encoding": {"scaling_factor": encoding.scaling_factor, "shift": encoding.shift, "std": encoding.std},
-    }
-    found = load_bundle(folder, content_hash=refs.content_hash, model_id=model_id, extra_key=key)
-    if found is not None:
-        tensors, meta = found
-        log.info("reference bundle reused from %s", folder)
-        latents, bandwidth, reused = tensors["latents"], float(meta["bandwidth"]), True
-    else:
-        start = time.perf_counter()
-        latents = _vae_encode(pipe, refs.images, encoding, batch_size)
-        bandwidth = float(median_pairwise_distance(latents.flatten(1)))
-        tensors = {"latents": latents}
-        if refs.labels is not None:
-            tensors["labels"] = refs.labels
-        meta = dict(
-            key,
-            content_hash=refs.content_hash,
-            model_id=model_id,
-            bandwidth=bandwidth,
-            class_names=refs.class_names,
-            num_references=len(latents),
-        )
-        save_bundle(folder, tensors, meta)
-        reused = False
-        log.info(
-            "reference bundle written to %s (%d latents %s, median bandwidth %.3f, %.1f s)",
-            folder,
-            len(latents),
-            "x".join(map(str, shape)),
-            bandwidth,
-            time.perf_counter() - start,
-        )
-    bundle = ReferenceBundle(
-        latents=latents,
-        labels=refs.labels,
-        class_names=refs.class_names,
-        bandwidth=bandwidth,
-        content_hash=refs.content_hash,
-        model_id=model_id,
-        files=refs.files,
-        reused=reused,
+    bundle, refs = encoded_bundle(
+        str(ref),
+        channels=int(pipe.vae.config.in_channels),
+        size=(height, width),
+        model_id=pipeline_fingerprint(pipe),
+        encode=lambda images: _vae_encode(pipe, images, encoding, batch_size),
+        # the latents depend on the VAE (its fingerprint), the resolution and the latent normalisation
+        extra_key={
+            "latent_shape": shape,
+            "encoding": {"scaling_factor": encoding.scaling_factor, "shift": encoding.shift, "std": encoding.std},
+        },
+        cache_dir=cache_dir,
     )
     return bundle, refs.captions
 

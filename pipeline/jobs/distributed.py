@@ -2,11 +2,12 @@
 
     accelerate launch --multi_gpu --num_processes K -m pipeline.jobs.distributed JOB.json
 
-JOB.json (`storage.run_record.write_job_spec`) holds the config and the pending shard ids as ranges
-(computed once by the parent; a few integers whatever `--n`). Each process takes its contiguous share
-(`ShardRanges.share`: the ids `PartialState.split_between_processes` would give it from the full list)
-and looks its shards up lazily; nothing is gathered: every process writes its own shards, manifest parts
-and done markers. On CPU the process group uses gloo.
+JOB.json (`pipeline.jobs.executors.write_spec`) holds the config and the pending shard ids as ranges
+(computed once by the parent; a few integers whatever `--n`). Each process joins the run the parent started
+(`Run.join`: the run's token names its temporary files), takes its contiguous share (`ShardRanges.share`: the
+ids `PartialState.split_between_processes` would give it from the full list) and writes it in order; nothing
+is gathered: every process writes its own shards, manifest parts and done markers. On CPU the process group
+uses gloo. A full disk is one `error:` line and exit code 2, as in the parent.
 """
 
 from __future__ import annotations
@@ -16,12 +17,14 @@ import sys
 
 import torch
 
+from storage.run_folder import OutOfSpace
 from storage.run_record import read_job_spec
 
 from ..config import AugmentConfig
-from ..plan import ShardRanges, plan_job
-from .executors import run_shards_in_process
-from .job import build_context
+from ..plan import ShardRanges
+from .executors import run_shards
+from .exit_codes import EXIT_BAD_INPUT
+from .job import Run
 
 log = logging.getLogger("pipeline.jobs.distributed")
 
@@ -40,13 +43,15 @@ def main(argv: list[str] | None = None) -> int:
     if on_cpu:
         torch.set_num_threads(max(1, torch.get_num_threads() // max(1, state.num_processes)))
     try:
-        ctx = build_context(cfg)
-        ctx.worker = f"rank{state.process_index}"
-        plan = plan_job(cfg)
+        run = Run.join(cfg)
+        run.ctx.worker = f"rank{state.process_index}"
         mine = ShardRanges(spec["shard_ranges"]).share(state.process_index, state.num_processes)
         log.info("%r on %s", mine, device)
-        run_shards_in_process(ctx, plan, mine)
+        run_shards(run.ctx, run.plan, mine)
         state.wait_for_everyone()
+    except OutOfSpace as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
     finally:
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()

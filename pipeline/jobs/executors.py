@@ -1,17 +1,21 @@
-"""Executors: where the pending shards of a job run. Every one goes through `pipeline.jobs.worker.run_shard`,
-so each writes the same bytes for the same shard.
+"""Executors: where a run's pending shards are written. One contract, `Executor`, in the manner of datatrove's
+executors: `executor(run, shards)` skips the shards whose done marker already vouches for their bytes, writes
+the others (`write`, the only thing an executor defines), checks that each one got its marker, and returns
+how many it wrote. Every shard is written by `pipeline.jobs.worker.run_shard`, so every executor writes the
+same bytes for the same shard.
 
-    run_shards_in_process         this process: one CPU or one GPU
-    launch_workers                `accelerate launch` of K processes on this node (one per GPU; gloo on
-                                  CPU), each running `pipeline.jobs.distributed` on its share of the shards
-    pipeline.jobs.static_cluster  many machines without Prefect: prepare once, `accelerate launch` on every
-                                  machine, finish once (built on these two and on `pipeline.jobs.job`)
-
-Prefect's tasks (`flows/`) call these same functions.
+    InProcess            this process: one CPU or one GPU
+    AccelerateWorkers    `accelerate launch` of K processes on this node (one per GPU; gloo on CPU), each
+                         running `pipeline.jobs.distributed` on its share of the shards
+    flows.augment_flow.PrefectTasks     the shards as Prefect tasks (retries), each on one of the two above
+    flows.fanout.PrefectNodeRuns        ranges of shards as node-level flow runs of a deployment
+    pipeline.jobs.static_cluster.StaticCluster   writes the job spec that `accelerate launch` runs on every
+                         machine (it does not wait: `finish` checks the markers)
 """
 
 from __future__ import annotations
 
+import abc
 import logging
 import os
 import socket
@@ -21,9 +25,10 @@ import tempfile
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import Protocol
 
+from storage.run_folder import OutOfSpace, RunFolder
 from storage.run_record import write_job_spec
-from storage.shards import read_marker
 
 from ..config import AugmentConfig
 from ..plan import JobPlan, ShardRanges
@@ -31,8 +36,77 @@ from .worker import JobContext, ShardResult, run_shard
 
 log = logging.getLogger(__name__)
 
+#: Called with the number of kept samples just written (a progress bar's tick).
+Progress = Callable[[int], None]
 
-def run_shards_in_process(
+
+class Run(Protocol):
+    """What an executor sees of a run (`pipeline.jobs.job.Run`)."""
+
+    cfg: AugmentConfig
+    ctx: JobContext | None
+    plan: JobPlan
+
+    def not_done(self, shards: Iterable[int]) -> ShardRanges: ...
+
+
+class Executor(abc.ABC):
+    """Writes the shards of a run it is handed; skipping done shards and checking the markers live here."""
+
+    #: the name of the time it takes in the run's `seconds`
+    phase = "generate_filter_write"
+    #: False: `write` hands the shards over and returns before they are written (a static cluster)
+    waits = True
+
+    def report(self) -> dict[str, object]:
+        """What the executor tells about its last `write` for the run's summary (node runs, ...)."""
+        return {}
+
+    def __call__(self, run: Run, shards: ShardRanges) -> int:
+        todo = run.not_done(shards)
+        if len(todo) < len(shards):
+            log.info("skipping %d shard(s) already done", len(shards) - len(todo))
+        if todo:
+            self.write(run, todo)
+        if self.waits:
+            missing = run.not_done(todo)
+            if missing:
+                raise RuntimeError(f"{missing!r} have no done marker after the run; rerun to resume")
+        return len(todo)
+
+    @abc.abstractmethod
+    def write(self, run: Run, shards: ShardRanges) -> None:
+        """Write these shards (none of them done yet)."""
+
+
+class InProcess(Executor):
+    """One after the other in this process; `progress` gets kept samples, `on_shard` each shard's result."""
+
+    def __init__(self, progress: Progress | None = None, on_shard: Callable[[ShardResult], None] | None = None):
+        self.progress, self.on_shard = progress, on_shard
+
+    def write(self, run: Run, shards: ShardRanges) -> None:
+        run_shards(run.ctx, run.plan, shards, kept_progress(run.plan, self.progress), self.on_shard)
+
+
+class AccelerateWorkers(Executor):
+    """`accelerate launch` of `cfg.processes` workers on this node; `progress` follows their done markers."""
+
+    def __init__(self, progress: Progress | None = None):
+        self.progress = progress
+
+    def write(self, run: Run, shards: ShardRanges) -> None:
+        launch_workers(run.cfg, shards, self.progress)
+
+
+def node_executor(
+    cfg: AugmentConfig, progress: Progress | None = None, on_shard: Callable[[ShardResult], None] | None = None
+) -> Executor:
+    """This node's executor for `cfg`: K `accelerate` workers for `processes > 1`, else this process."""
+    return AccelerateWorkers(progress) if cfg.processes > 1 else InProcess(progress, on_shard)
+
+
+def run_shards(
     ctx: JobContext,
     plan: JobPlan,
     shard_ids: Iterable[int],
@@ -50,15 +124,37 @@ def run_shards_in_process(
     return results
 
 
-def launch_workers(cfg: AugmentConfig, shards: ShardRanges, progress: Callable[[int], None] | None = None) -> None:
+def kept_progress(plan: JobPlan, progress: Progress | None) -> Progress | None:
+    """Turn generated-sample ticks into kept-sample ticks (kept/generated of the current shard)."""
+    if progress is None:
+        return None
+    ratio = plan.num_kept / plan.num_generated
+    carry = [0.0]
+
+    def tick(n_generated: int) -> None:
+        carry[0] += n_generated * ratio
+        whole = int(carry[0])
+        carry[0] -= whole
+        if whole:
+            progress(whole)
+
+    return tick
+
+
+def launch_workers(cfg: AugmentConfig, shards: ShardRanges, progress: Progress | None = None) -> None:
     """`accelerate launch` K worker processes on this node (gloo on CPU, NCCL on GPUs) for these shards;
     `progress` gets the kept count of every shard whose done marker appears.
 
     The workers get the shards as ranges (the job spec's size does not grow with `--n`); each one
     takes its `ShardRanges.share` and writes it in order.
+
+    Raises:
+        OutOfSpace: a worker stopped because the disk is full (exit code 2 of the CLI).
+        RuntimeError: a worker failed otherwise.
     """
+    folder = RunFolder(cfg.out, cfg.prefix)
     with tempfile.TemporaryDirectory(prefix="augment-") as tmp:
-        spec = write_job_spec(Path(tmp) / "job.json", cfg.model_dump(mode="json"), shards.ranges)
+        spec = write_spec(Path(tmp) / "job.json", cfg, shards)
         cmd = [
             sys.executable,
             "-m",
@@ -89,7 +185,14 @@ def launch_workers(cfg: AugmentConfig, shards: ShardRanges, progress: Callable[[
         if markers is not None:
             markers.report(progress)
         if proc.returncode != 0:
+            if folder.out_of_space():
+                raise OutOfSpace(folder.no_space_message())
             raise RuntimeError(f"worker processes failed with exit code {proc.returncode}; rerun to resume")
+
+
+def write_spec(path: Path, cfg: AugmentConfig, shards: ShardRanges, **extra: object) -> Path:
+    """The job spec `pipeline.jobs.distributed` reads: the config and the shards as ranges."""
+    return write_job_spec(path, cfg.model_dump(mode="json"), shards.ranges, **extra)
 
 
 class _MarkerWatch:
@@ -97,15 +200,15 @@ class _MarkerWatch:
     share in order, so each poll reads a few markers and memory is O(K), not O(shards)."""
 
     def __init__(self, cfg: AugmentConfig, shards: ShardRanges) -> None:
-        self.cfg = cfg
+        self.folder = RunFolder(cfg.out, cfg.prefix)
         self.cursors = [iter(shards.share(rank, cfg.processes)) for rank in range(cfg.processes)]
         self.next_ids = [next(c, None) for c in self.cursors]
 
-    def report(self, progress: Callable[[int], None]) -> None:
+    def report(self, progress: Progress) -> None:
         for rank, cursor in enumerate(self.cursors):
             sid = self.next_ids[rank]
             while sid is not None:
-                marker = read_marker(self.cfg.out, self.cfg.prefix, sid)
+                marker = self.folder.read_marker(sid)
                 if marker is None:
                     break
                 progress(int(marker.get("count", 0)))

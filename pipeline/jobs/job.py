@@ -1,24 +1,22 @@
-"""The whole `augment` job as plain functions: prepare, plan, run shards (in-process or K workers), finish.
+"""A run's life in one place: `Run` (start: checks, claim, reach check, pilot, plan; execute: the pending shards on
+an executor; finish: merge, run.json, release), the job context every process builds (`build_context`), and
+`run_job`, the whole job on this node.
 
-The shards run on an executor of `pipeline.jobs.executors`: in-process (one CPU or GPU), or `accelerate
-launch` of K worker processes on the node, each owning whole shards (a contiguous share of the pending
-shards, handed over as ranges; no gather of images).
-
-A finished run that kept fewer than `--n` samples returns its summary like any other; `check_delivered`
-is the verdict the CLI (exit code 3) and the flows (Failed) give it, unless `allow_shortfall`.
+The run's output folder is one object, `storage.run_folder.RunFolder`; where the shards run is one contract,
+`pipeline.jobs.executors.Executor` (in-process, `accelerate` workers, Prefect tasks, Prefect node runs, a static
+cluster). A finished run that kept fewer than `--n` samples returns its summary like any other;
+`check_delivered` (`pipeline.jobs.summary`) is the verdict the CLI (exit code 3) and the flows (Failed) give it,
+unless `allow_shortfall`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-import platform
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from collections.abc import Callable, Iterable, Iterator
+from typing import TYPE_CHECKING
 
-import torch
 from diffusers import (
     DDIMScheduler,
     DDPMScheduler,
@@ -28,46 +26,33 @@ from diffusers import (
 )
 
 from storage.errors import InputError
-from storage.manifest import forget_shards_without_part, manifest_rows, merge_manifest
-from storage.pilot import PILOT_FILE, load_pilot, pilot_cache_path, save_pilot
-from storage.reach import REACH_FILE, load_reach, save_reach
-from storage.references import refuse_output_inside
-from storage.run_record import (
-    INPUTS_FILE,
-    abandon_output,
-    check_or_record_inputs,
-    claim_output,
-    discard_samples,
-    release_output,
-    write_run_record,
-)
-from storage.shards import clean_partial, done_shard_ids, is_done, read_marker
+from storage.run_folder import RunFolder
 
-from .. import __version__
 from ..checks.fidelity import make_judge
-from ..checks.pilot import pilot_key, run_pilot
+from ..checks.pilot import cache_pilot, cached_pilot, pilot_key, run_pilot
 from ..checks.pseudo import assign_pseudo_classes
 from ..checks.reach import reach_or_stop
 from ..checks.reference import (
-    ReferenceBundle,
     attach_caption_embeddings,
     build_target,
     check_references,
-    default_cache_dir,
     prepare_reference,
     sample_prompts,
 )
 from ..config import AugmentConfig
-from ..models.generation import cfg_scale_for, model_label_map, sampler_name
+from ..models.generation import cfg_scale_for, model_label_map
 from ..models.loading import LoadedModel, load_model
 from ..plan import JobPlan, RemainingShards, ShardRanges, class_proportions, plan_job
-from .executors import launch_workers, run_shards_in_process
+from .executors import node_executor
+from .summary import JobSummary, rejections, run_record, summarize
 from .worker import JobContext, ShardResult
 
-log = logging.getLogger(__name__)
+if TYPE_CHECKING:
+    from storage.references import References
 
-#: What a run writes at its start besides the claim: removed again if it fails before its first sample.
-RUN_RECORDS = (INPUTS_FILE, PILOT_FILE, REACH_FILE)
+__all__ = ["Run", "build_context", "pending_shards", "run_job", "with_sampler"]
+
+log = logging.getLogger(__name__)
 
 SCHEDULERS = {
     "ddim": DDIMScheduler,
@@ -75,33 +60,6 @@ SCHEDULERS = {
     "euler": EulerDiscreteScheduler,
     "dpmpp": DPMSolverMultistepScheduler,
 }
-
-
-@dataclass
-class JobSummary:
-    out: str
-    config_hash: str
-    num_kept: int
-    num_generated: int
-    shards_written: int
-    shards_skipped: int
-    mmd2_pool: float | None
-    mmd2_kept: float | None
-    seconds: dict[str, float] = field(default_factory=dict)
-    strength: float | str | None = None  # the strength the samples were made with (the pilot's under auto)
-    rejected: dict[str, int] = field(default_factory=dict)  # generated samples not kept, by reason
-    reserved: int = 0  # extra samples drawn from reserved indices
-    shortfall: int = 0  # planned samples no shard could fill within its cap (0: exactly --n kept)
-    label_fidelity: dict | None = None  # kept samples the label judge assigns to their class (labelled runs)
-
-
-class FinishedShort(RuntimeError):
-    """The run finished, and wrote what it kept, the manifest and run.json, but kept fewer than `--n`
-    samples (`check_delivered`; the CLI exits with code 3, a Prefect flow run ends Failed)."""
-
-    def __init__(self, message: str, summary: JobSummary) -> None:
-        super().__init__(message)
-        self.summary = summary
 
 
 def with_sampler(model: LoadedModel, sampler: str) -> LoadedModel:
@@ -130,7 +88,12 @@ def with_sampler(model: LoadedModel, sampler: str) -> LoadedModel:
 
 
 def build_context(
-    cfg: AugmentConfig, model: LoadedModel | None = None, *, check_reach: bool = False, pilot: bool = True
+    cfg: AugmentConfig,
+    model: LoadedModel | None = None,
+    *,
+    check_reach: bool = False,
+    pilot: bool = True,
+    folder: RunFolder | None = None,
 ) -> JobContext:
     """Load the model, prepare the reference bundle (validating the references) and the MMD target.
 
@@ -139,9 +102,9 @@ def build_context(
     InputError when the model cannot draw the references), before the pilot (`--strength auto`; skipped
     without `pilot`, e.g. for a dry run's reach check).
     """
-    refuse_output_inside(cfg.ref, cfg.out)
     if model is None:
-        check_references(cfg)
+        if folder is None:  # a `Run` checked the references in its preflight
+            check_references(cfg)
         model = load_model(cfg.model, cfg.device, cfg.dtype, resolution=cfg.resolution, offload=cfg.offload)
     model = with_sampler(model, cfg.sampler)
     if cfg.ig_scale != 1.0 and not model.denoiser.supports_internal_guidance:
@@ -169,23 +132,21 @@ def build_context(
     if check_reach:
         ctx.reach = reach_or_stop(ctx)
     if cfg.strength == "auto" and pilot:
-        ctx.pilot = resolve_pilot(ctx)
+        ctx.pilot = resolve_pilot(ctx, folder or RunFolder(cfg.out, cfg.prefix))
     return ctx
 
 
-def resolve_pilot(ctx: JobContext) -> dict:
+def resolve_pilot(ctx: JobContext, folder: RunFolder) -> dict:
     """`--strength auto`: the pilot's record from this run folder (a resume), else from the cache (same
     references, model and settings), else run the pilot now and cache it."""
     cfg, bundle = ctx.cfg, ctx.bundle
     key = pilot_key(cfg, bundle.content_hash, bundle.model_id, bundle.files)
-    cache = pilot_cache_path(Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir(), key)
-    for where in (Path(cfg.out) / PILOT_FILE, cache):
-        record = load_pilot(where, key)
+    for where, record in (("the run folder", folder.load_pilot(key)), ("the cache", cached_pilot(cfg, key))):
         if record is not None:
-            log.info("strength auto: %g (pilot record %s)", record["chosen"], where)
+            log.info("strength auto: %g (pilot record from %s)", record["chosen"], where)
             return record
     record = dict(run_pilot(ctx), key=key)
-    save_pilot(cache, record)
+    cache_pilot(cfg, record)
     return record
 
 
@@ -193,128 +154,170 @@ def pending_shards(cfg: AugmentConfig, plan: JobPlan) -> RemainingShards:
     """Ids of the planned shards still to do, ascending: all but those whose done marker vouches for
     their bytes. Lazy: it holds the done ids only (listed from the markers), never all shard ids."""
     total = len(plan.shards)
-    done = [sid for sid in done_shard_ids(cfg.out, cfg.prefix) if sid < total and is_done(cfg.out, cfg.prefix, sid)]
-    return RemainingShards(total, done)
+    return RemainingShards(total, RunFolder(cfg.out, cfg.prefix).done_among(total))
 
 
-def shards_not_done(cfg: AugmentConfig, shards: ShardRanges) -> ShardRanges:
-    """The shards among `shards` whose done marker does not vouch for their bytes, as ranges (the markers
-    are read one at a time; memory grows with the ranges only)."""
-    return ShardRanges.from_ids(sid for sid in shards if not is_done(cfg.out, cfg.prefix, sid))
+class Run:
+    """One run of a job, from its checks to its verdict; the CLI, both Prefect flows and the static cluster
+    drive it and only choose an executor (`pipeline.jobs.executors`):
 
+        run = Run(cfg).start()           # checks, claim, reach check, pilot, plan (the pending shards)
+        with run.holding():              # a failure gives the folder back (its claim if no sample was written)
+            run.execute(executor)        # the pending shards, wherever they run
+            summary = run.finish()       # merge, run.json, release; `check_delivered(cfg, summary)`: the verdict
 
-def start_job(cfg: AugmentConfig, model: LoadedModel | None = None) -> tuple[JobContext, JobPlan, RemainingShards]:
-    """Validate and encode the references, claim and lock the output folder, clean crashed writes, plan.
-
-    Returns the context, the plan and the ids of the shards still to do. Bad references fail here,
-    before anything is written to `cfg.out`, and so does a model that cannot draw them (the reach check);
-    so does an output folder that cannot be written or that another run is writing to. This process holds
-    the folder's lock until `finish_job` (or its exit).
+    A process that joins a run another one started (a worker, a node run) uses `Run.join(cfg)`.
     """
-    ctx = build_context(cfg, model, check_reach=True)
-    claim_output(cfg.out, cfg.config_hash, cfg.hashed_fields())
-    try:
-        record_inputs(cfg.out, ctx.bundle)
-        if ctx.reach is not None:
-            save_reach(cfg.out, ctx.reach)  # for run.json, which `finish_job` may write in another process
-        if ctx.pilot is not None and load_pilot(Path(cfg.out) / PILOT_FILE, ctx.pilot["key"]) is None:
-            save_pilot(Path(cfg.out) / PILOT_FILE, ctx.pilot)  # pins the choice for resumes and workers
-        clean_partial(cfg.out)
-        lost = forget_shards_without_part(cfg.out, cfg.prefix)
-        if lost:
-            log.warning("%d done shard(s) lost their manifest part (e.g. shard %d): regenerating", len(lost), lost[0])
-        plan = plan_job(cfg)
-        pending = pending_shards(cfg, plan)
-    except BaseException:
-        abandon_output(cfg.out, records=RUN_RECORDS)
-        raise
-    if len(pending) < len(plan.shards):
-        log.info("resuming: %d of %d shards already done", len(plan.shards) - len(pending), len(plan.shards))
-    return ctx, plan, pending
 
+    def __init__(self, cfg: AugmentConfig, model: LoadedModel | None = None) -> None:
+        self.cfg = cfg
+        self.folder = RunFolder(cfg.out, cfg.prefix)
+        self.model = model
+        self.ctx: JobContext | None = None
+        self.plan: JobPlan = plan_job(cfg)
+        self.pending: RemainingShards = RemainingShards(len(self.plan.shards), [])
+        self.written = 0
+        self.seconds: dict[str, float] = {}
+        self._t0 = time.perf_counter()
 
-def pinned_pilot(cfg: AugmentConfig, bundle: ReferenceBundle) -> dict | None:
-    """The pilot record this run folder pinned (`--strength auto`), else None."""
-    if cfg.strength != "auto":
-        return None
-    return load_pilot(Path(cfg.out) / PILOT_FILE, pilot_key(cfg, bundle.content_hash, bundle.model_id, bundle.files))
+    # ---- the start ------------------------------------------------------------------------------------
 
+    def preflight(self) -> References:
+        """The checks that need no model (before it loads, and all of `--dry-run`): the references (every
+        file decodes; not inside `--out`), `--out` free for this configuration (a file, another run's
+        folder, a changed setting, a run writing to it now). Writes nothing. Returns the references read."""
+        cfg = self.cfg
+        refs = check_references(cfg)
+        self.folder.check_free(cfg.config_hash, cfg.hashed_fields())
+        return refs
 
-def record_inputs(out: str, bundle: ReferenceBundle) -> None:
-    """The same settings with other references or another model must not resume into this folder."""
-    check_or_record_inputs(out, {"reference_content_hash": bundle.content_hash, "model_id": bundle.model_id})
+    def start(self, context: Callable[..., JobContext] | None = None) -> Run:
+        """Preflight, load the model and prepare the references (the reach check, the pilot), claim the
+        folder, record the inputs, clean crashed writes, list the pending shards. Bad references, settings
+        and folders fail before the model loads, a model that cannot draw the references before anything is
+        written. This process holds the folder's lock until `finish` (or its exit). `context`: how the job
+        context is built (the flows pass one that reuses their process's model)."""
+        cfg = self.cfg
+        self.preflight()
+        self.ctx = (context or build_context)(cfg, self.model, check_reach=True, folder=self.folder)
+        self.folder.claim(cfg.config_hash, cfg.hashed_fields())
+        try:
+            bundle = self.ctx.bundle
+            self.folder.record_inputs({"reference_content_hash": bundle.content_hash, "model_id": bundle.model_id})
+            if self.ctx.reach is not None:
+                self.folder.save_reach(self.ctx.reach)  # for run.json, which `finish` may write in another process
+            if self.ctx.pilot is not None and self.folder.load_pilot(self.ctx.pilot["key"]) is None:
+                self.folder.save_pilot(self.ctx.pilot)  # pins the choice for resumes and workers
+            self.folder.clean_partial()
+            lost = self.folder.forget_shards_without_part()
+            if lost:
+                log.warning(
+                    "%d done shard(s) lost their manifest part (e.g. shard %d): regenerating", len(lost), lost[0]
+                )
+            self.pending = pending_shards(cfg, self.plan)
+        except BaseException:
+            self.folder.abandon()
+            raise
+        if len(self.pending) < len(self.plan.shards):
+            log.info(
+                "resuming: %d of %d shards already done",
+                len(self.plan.shards) - len(self.pending),
+                len(self.plan.shards),
+            )
+        self.seconds["prepare"] = round(time.perf_counter() - self._t0, 3)
+        return self
 
+    @classmethod
+    def join(
+        cls, cfg: AugmentConfig, ctx: JobContext | None = None, *, check_config: bool = False, load: bool = True
+    ) -> Run:
+        """This process works for a run another process started (an `accelerate` worker, a Prefect task or node
+        run): the run's token names its temporary files; `ctx` is its job context (default: built here, unless
+        `load` is False); `check_config`: the folder must be claimed, for this configuration."""
+        run = cls(cfg)
+        if check_config and not run.folder.claimed:
+            raise RuntimeError(
+                f"{cfg.out}: not claimed by a parent run; the output folder must be storage shared with the "
+                "parent (mounted at the same path on every node)"
+            )
+        run.folder.join(*((cfg.config_hash, cfg.hashed_fields()) if check_config else ()))
+        run.ctx = ctx if ctx is not None or not load else build_context(cfg, folder=run.folder)
+        return run
 
-def finish_job(
-    cfg: AugmentConfig, model: LoadedModel, bundle: ReferenceBundle, plan: JobPlan, written: int, seconds: dict
-) -> JobSummary:
-    """Merge the manifest parts (every shard must be done), write run.json, release the folder's lock.
+    # ---- the shards -----------------------------------------------------------------------------------
 
-    A run that kept fewer than `--n` samples (`summary.shortfall`) logs a WARNING and returns its summary
-    like any other; `check_delivered` is the verdict (exit code 3 of the CLI).
+    def execute(self, executor: Callable[[Run, ShardRanges], int]) -> int:
+        """Write the pending shards with `executor` (it skips the done ones); returns how many it wrote."""
+        t0 = time.perf_counter()
+        with self.folder.writing():
+            self.written = executor(self, self.pending)
+        self.seconds[getattr(executor, "phase", "generate_filter_write")] = round(time.perf_counter() - t0, 3)
+        return self.written
 
-    Raises:
-        InputError: the run kept no sample at all (every one rejected); then it removes what it wrote.
-    """
-    merge_manifest(cfg.out, expected_shards=range(len(plan.shards)))
-    pseudo_names = bundle.class_names if bundle.pseudo_labels else None
-    summary = summarize(cfg, plan, written, len(plan.shards) - written, seconds, pseudo_class_names=pseudo_names)
-    pilot = pinned_pilot(cfg, bundle)
-    summary.strength = cfg.strength if pilot is None else pilot["chosen"]
-    if summary.shortfall:
-        log.warning(
-            "kept %d samples, %d fewer than --n %d: some shards ran out of reserve (see the warnings above)",
-            summary.num_kept,
-            summary.shortfall,
-            cfg.n,
-        )
-    if summary.num_kept == 0:  # nothing to train on: leave nothing behind, so corrected settings can run
-        reasons = rejections(summary)
-        discard_samples(cfg.out)
-        abandon_output(cfg.out, records=RUN_RECORDS)
-        raise InputError(
-            f"{cfg.out}: every one of the {summary.num_generated} generated samples was rejected ({reasons}): the "
-            "model does not draw this domain at these settings; lower --strength (or use auto), check --model and "
-            "the references, or widen --support-radius; nothing was kept, so nothing was written"
-        )
-    write_run_record(cfg.out, run_record(cfg, model, bundle, plan, summary))
-    release_output(cfg.out)
-    return summary
+    def not_done(self, shards: Iterable[int]) -> ShardRanges:
+        """The shards among `shards` whose done marker does not vouch for their bytes, as ranges. Costs the done
+        markers listed in the folder (those among `shards` verified), never one probe per shard."""
+        shards = shards if isinstance(shards, ShardRanges) else ShardRanges.from_ids(shards)
+        return shards.without(sid for sid in self.folder.done_ids() if sid in shards and self.folder.is_done(sid))
 
+    # ---- the end --------------------------------------------------------------------------------------
 
-def check_delivered(cfg: AugmentConfig, summary: JobSummary) -> None:
-    """Raise `FinishedShort` if the finished run kept fewer than `--n` samples, unless `allow_shortfall`
-    accepts that (its WARNING is logged by `finish_job` either way). A re-run of a finished job
-    re-reads the same markers, so it reports the same outcome."""
-    if not summary.shortfall or cfg.allow_shortfall:
-        return
-    raise FinishedShort(
-        f"{cfg.out}: finished short: kept {summary.num_kept} of --n {cfg.n} samples ({summary.shortfall} short; "
-        f"rejected: {rejections(summary) or 'none'}; the shards' reserve ran out); the kept samples, "
-        "manifest.parquet and run.json are written. For all of --n, run into a new --out with a wider "
-        "--support-radius, a larger --reserve or a lower --strength; to accept these samples, rerun with "
-        "--allow-shortfall",
-        summary,
-    )
+    @contextlib.contextmanager
+    def holding(self) -> Iterator[Run]:
+        """From `start` to `finish`: if it fails, undo this run's claim when it wrote no sample (a corrected
+        re-run is then accepted); release the folder's lock however it ends."""
+        try:
+            yield self
+        except BaseException:
+            self.folder.abandon()
+            raise
+        finally:
+            self.folder.release()
 
+    def finish(self) -> JobSummary:
+        """Merge the manifest parts (every shard must be done), write run.json, release the folder's lock.
 
-def rejections(summary: JobSummary) -> str:
-    """The rejected samples by reason, as words: `71 outside support, 3 rank`."""
-    return ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in summary.rejected.items())
+        A run that kept fewer than `--n` samples (`summary.shortfall`) logs a WARNING and returns its summary
+        like any other; `check_delivered` is the verdict (exit code 3 of the CLI, a Failed flow run).
 
+        Raises:
+            InputError: the run kept no sample at all (every one rejected); then it removes what it wrote.
+        """
+        cfg, folder, plan = self.cfg, self.folder, self.plan
+        ctx = self.ctx if self.ctx is not None else build_context(cfg, folder=folder)
+        folder.merge_manifest(len(plan.shards))
+        pseudo_names = ctx.bundle.class_names if ctx.bundle.pseudo_labels else None
+        skipped = len(plan.shards) - self.written
+        summary = summarize(cfg, folder, plan, self.written, skipped, self.seconds, pseudo_class_names=pseudo_names)
+        pilot = self._pinned_pilot(ctx)
+        summary.strength = cfg.strength if pilot is None else pilot["chosen"]
+        if summary.shortfall:
+            log.warning(
+                "kept %d samples, %d fewer than --n %d: some shards ran out of reserve (see the warnings above)",
+                summary.num_kept,
+                summary.shortfall,
+                cfg.n,
+            )
+        if summary.num_kept == 0:  # nothing to train on: leave nothing behind, so corrected settings can run
+            folder.discard_samples()
+            folder.abandon()
+            raise InputError(
+                f"{cfg.out}: every one of the {summary.num_generated} generated samples was rejected "
+                f"({rejections(summary)}): the model does not draw this domain at these settings; lower --strength "
+                "(or use auto), check --model and the references, or widen --support-radius; nothing was kept, so "
+                "nothing was written"
+            )
+        summary.seconds["total"] = round(time.perf_counter() - self._t0, 3)
+        folder.write_run_record(run_record(cfg, folder, ctx.model, ctx.bundle, plan, summary, pilot))
+        folder.release()
+        return summary
 
-@contextlib.contextmanager
-def holding_output(cfg: AugmentConfig) -> Iterator[None]:
-    """The span from `start_job` to `finish_job`, wherever the shards run (`run_job`, the Prefect flows):
-    if it fails, undo this run's claim on `cfg.out` when it wrote no sample (`abandon_output`: a corrected
-    re-run is then accepted); release the folder's lock however it ends."""
-    try:
-        yield
-    except BaseException:
-        abandon_output(cfg.out, records=RUN_RECORDS)  # a run that wrote no sample leaves nothing behind
-        raise
-    finally:
-        release_output(cfg.out)
+    def _pinned_pilot(self, ctx: JobContext) -> dict | None:
+        """The pilot record this run folder pinned (`--strength auto`), else None."""
+        if self.cfg.strength != "auto":
+            return None
+        bundle = ctx.bundle
+        return self.folder.load_pilot(pilot_key(self.cfg, bundle.content_hash, bundle.model_id, bundle.files))
 
 
 def run_job(
@@ -324,190 +327,12 @@ def run_job(
     progress: Callable[[int], None] | None = None,
     on_shard: Callable[[ShardResult], None] | None = None,
 ) -> JobSummary:
-    """Run (or resume) the whole job: start, run pending shards (in-process or K workers), finish.
-
-    Returns the summary also when the run kept fewer than `--n` (`summary.shortfall`); the CLI and the
-    flows then call `check_delivered`."""
-    t0 = time.perf_counter()
-    ctx, plan, pending = start_job(cfg, model)
-    with holding_output(cfg):
-        t1 = time.perf_counter()
+    """Run (or resume) the whole job on this node: start, the pending shards in-process or on K `accelerate`
+    workers, finish. Returns the summary also when the run kept fewer than `--n` (`summary.shortfall`); the
+    CLI and the flows then call `check_delivered`."""
+    run = Run(cfg, model).start()
+    with run.holding():
         if progress is not None:
-            progress(sum(plan.shards[sid].num_kept for sid in pending.excluded))
-        if cfg.processes > 1 and pending:
-            launch_workers(cfg, pending, progress)
-        else:
-            run_shards_in_process(ctx, plan, pending, _kept_progress(plan, progress), on_shard)
-        t2 = time.perf_counter()
-        seconds = {"prepare": round(t1 - t0, 3), "generate_filter_write": round(t2 - t1, 3)}
-        summary = finish_job(cfg, ctx.model, ctx.bundle, plan, len(pending), seconds)
-    summary.seconds["total"] = round(time.perf_counter() - t0, 3)
-    return summary
-
-
-def _kept_progress(plan: JobPlan, progress: Callable[[int], None] | None) -> Callable[[int], None] | None:
-    """Turn generated-sample ticks into kept-sample ticks (kept/generated of the current shard)."""
-    if progress is None:
-        return None
-    ratio = plan.num_kept / plan.num_generated
-    carry = [0.0]
-
-    def tick(n_generated: int) -> None:
-        carry[0] += n_generated * ratio
-        whole = int(carry[0])
-        carry[0] -= whole
-        if whole:
-            progress(whole)
-
-    return tick
-
-
-def summarize(
-    cfg: AugmentConfig,
-    plan: JobPlan,
-    written: int,
-    skipped: int,
-    seconds: dict,
-    *,
-    pseudo_class_names: list[str] | None = None,
-) -> JobSummary:
-    """Counts from the manifest; MMD² (V-statistic, latent space) of pool and kept set, mean over shards.
-    Streams the manifest and the markers: memory does not grow with `n`. `pseudo_class_names`: a
-    pseudo-class run's classes (what its manifest's `judged_label` ids name), for its label fidelity."""
-    counts = _ManifestCounts(pseudo_class_names)
-    for batch in manifest_rows(Path(cfg.out) / "manifest.parquet", counts.COLUMNS):
-        counts.add(batch)
-    pool, kept = _Mean(), _Mean()
-    shortfall, judges = 0, set()
-    for sid in range(len(plan.shards)):
-        marker = read_marker(cfg.out, cfg.prefix, sid) or {}
-        pool.add(marker.get("mmd2_pool"))
-        kept.add(marker.get("mmd2_kept"))
-        shortfall += int(marker.get("shortfall", 0))
-        if marker.get("judge"):
-            judges.add(marker["judge"])
-    return JobSummary(
-        out=cfg.out,
-        config_hash=cfg.config_hash,
-        num_kept=counts.kept,
-        num_generated=counts.rows,
-        shards_written=written,
-        shards_skipped=skipped,
-        mmd2_pool=pool.value,
-        mmd2_kept=kept.value,
-        seconds=dict(seconds),
-        rejected=dict(sorted(counts.rejected.items())),
-        reserved=counts.reserved,
-        shortfall=shortfall,
-        label_fidelity=label_fidelity(counts.per_class, judges, pseudo=counts.pseudo),
-    )
-
-
-class _Mean:
-    """Running mean of the values given (None values skipped); `value` is None when there were none."""
-
-    def __init__(self) -> None:
-        self.total, self.count = 0.0, 0
-
-    def add(self, value: float | None) -> None:
-        if value is not None:
-            self.total += value
-            self.count += 1
-
-    @property
-    def value(self) -> float | None:
-        return self.total / self.count if self.count else None
-
-
-class _ManifestCounts:
-    """What the summary counts in the manifest, accumulated batch by batch (memory flat in `n`)."""
-
-    COLUMNS = ("kept", "rejected_reason", "reserved", "label", "class_name", "judged_label", "pseudo_class")
-
-    def __init__(self, pseudo_class_names: list[str] | None = None) -> None:
-        self.rows = self.kept = self.reserved = 0
-        self.rejected: dict[str, int] = {}
-        self.per_class: dict[str, dict] = {}  # kept, labelled and judged: agreed / judged per class
-        self.pseudo_class_names = pseudo_class_names  # a pseudo-class run's classes (judged_label ids index them)
-        self.pseudo = False  # the classes judged are pseudo-classes
-
-    def add(self, batch: dict[str, list]) -> None:
-        self.rows += len(batch["kept"])
-        self.kept += sum(bool(k) for k in batch["kept"])
-        self.reserved += sum(bool(r) for r in batch["reserved"])
-        for reason in batch["rejected_reason"]:
-            if reason is not None:
-                self.rejected[reason] = self.rejected.get(reason, 0) + 1
-        names = self.pseudo_class_names
-        columns = (batch[c] for c in ("kept", "label", "class_name", "judged_label", "pseudo_class"))
-        for k, lab, name, judged, pseudo in zip(*columns, strict=True):
-            if not k or judged is None:
-                continue
-            if lab is not None:
-                agreed = lab == judged
-            elif pseudo is not None and names is not None:  # pseudo-classes, output unlabelled
-                name, agreed = pseudo, 0 <= judged < len(names) and names[judged] == pseudo
-            else:
-                continue
-            self.pseudo = self.pseudo or pseudo is not None
-            entry = self.per_class.setdefault(name, {"agreed": 0, "judged": 0})
-            entry["agreed"] += int(agreed)
-            entry["judged"] += 1
-
-
-def label_fidelity(per_class: dict[str, dict], judges: set[str], *, pseudo: bool = False) -> dict | None:
-    """Kept samples the label judge assigns to their target class, overall and per class (None: the run is
-    unlabelled or nothing was judged). `per_class`: class name -> {"agreed", "judged"}. `pseudo`: the
-    classes are pseudo-classes (`pipeline.checks.pseudo`), said so by `"pseudo": true`."""
-    if not per_class:
-        return None
-    for entry in per_class.values():
-        entry["rate"] = entry["agreed"] / entry["judged"]
-    agreed = sum(e["agreed"] for e in per_class.values())
-    judged = sum(e["judged"] for e in per_class.values())
-    ordered = sorted(judges)
-    record = {
-        "judge": ordered[0] if len(ordered) == 1 else ordered,
-        "agreed": agreed,
-        "judged": judged,
-        "rate": agreed / judged,
-        "per_class": dict(sorted(per_class.items())),
-    }
-    return dict(record, pseudo=True) if pseudo else record
-
-
-def run_record(cfg: AugmentConfig, model: LoadedModel, bundle: ReferenceBundle, plan: JobPlan, summary) -> dict:
-    import diffusers
-
-    return {
-        "config": cfg.model_dump(mode="json"),
-        "config_hash": cfg.config_hash,
-        "model_id": model.model_id,
-        "reference": {
-            "files": bundle.files,
-            "heldout_files": bundle.heldout_files,
-            "content_hash": bundle.content_hash,
-            "count": len(bundle.latents),
-            "class_names": None if bundle.pseudo_labels else bundle.class_names,  # pseudo-classes: below
-            "bandwidth": bundle.bandwidth,
-        },
-        "pseudo_classes": bundle.pseudo_classes,
-        "model": {
-            "family": model.family,
-            "cfg_scale": cfg_scale_for(cfg, model),
-            "sampler": sampler_name(cfg.sampler, model),
-            "resolution": model.image_size,
-        },
-        "prompts": prompts.record() if (prompts := sample_prompts(cfg, bundle, model)) is not None else None,
-        "plan": {"shards": len(plan.shards), "generated": plan.num_generated, "kept": plan.num_kept},
-        "pilot": pinned_pilot(cfg, bundle),
-        "reach": load_reach(cfg.out),
-        "label_fidelity": summary.label_fidelity,
-        "summary": asdict(summary),
-        "versions": {
-            "mmd-augment": __version__,
-            "torch": torch.__version__,
-            "diffusers": diffusers.__version__,
-            "python": platform.python_version(),
-        },
-    }
+            progress(sum(run.plan.shards[sid].num_kept for sid in run.pending.excluded))
+        run.execute(node_executor(cfg, progress, on_shard))
+        return run.finish()

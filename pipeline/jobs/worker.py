@@ -18,6 +18,16 @@ generated batch by batch (batches are fixed slices of the shard's global indices
 Everything is a pure function of the config and the shard id, so the output is byte-identical whatever
 the number of processes and across resumes. The shard is written atomically with its manifest part; the
 done marker comes last.
+
+A shard's work is named steps, which `run_shard` chains and benchmarks reuse (`benchmarks/methods_study.py`
+runs `filter_shard` on its own settings):
+
+    generate_pool      the planned pool's latents and target classes (`generate_latents`: the job's generation)
+    filter_shard       generate_pool, support and label judgements, extra samples from the reserve,
+                       `pool_scores` (leave-one-out MMD² contributions), `select_kept`
+    decode_and_judge   the images to write, and the report-only label judge
+    rows_and_samples   the manifest rows (every generated sample) and the webdataset samples (kept, rejected)
+    write_shard        the rejected audit shard, the manifest part, the shard and its done marker (`RunFolder`)
 """
 
 from __future__ import annotations
@@ -33,8 +43,8 @@ import numpy as np
 import torch
 
 from guidance import Kernel, MMDTarget, ProductKernel, mmd2, mmd_contributions, nearest_reference_distance
-from storage.manifest import write_manifest_part
-from storage.shards import REJECTED_DIR, encode_png, write_shard
+from storage.run_folder import RunFolder
+from storage.shards import encode_png
 
 from ..checks.fidelity import LabelJudge
 from ..checks.reference import ReferenceBundle, outside_support
@@ -94,7 +104,7 @@ class ShardResult:
     shortfall: int = 0  # planned kept samples the shard could not fill within its cap
 
 
-def generate(
+def generate_latents(
     ctx: JobContext,
     indices: Sequence[int],
     labels: torch.Tensor | None,
@@ -109,7 +119,7 @@ def generate(
 def generate_pool(ctx: JobContext, shard: ShardPlan, progress: Progress | None = None):
     """(latents [n, C, H, W] float32 on CPU, target labels [n] or None) for a shard's planned pool."""
     labels = assign_classes(ctx.cfg, shard, ctx.proportions)
-    return generate(ctx, shard.indices, labels, progress), labels
+    return generate_latents(ctx, shard.indices, labels, progress), labels
 
 
 # ------------------------------------------------------------------------------------------------ filter
@@ -238,7 +248,7 @@ def filter_shard(ctx: JobContext, shard: ShardPlan, progress: Progress | None = 
             len(ok),
             len(extra_indices),
         )
-        extra = generate(ctx, extra_indices, extra_labels if labels is not None else None)
+        extra = generate_latents(ctx, extra_indices, extra_labels if labels is not None else None)
         e_nearest, e_outside, e_judged, e_mismatch = assess(
             extra, extra_labels if labels is not None else None, len(latents)
         )
@@ -323,23 +333,25 @@ def _reject_reason(pool: FilteredPool, j: int) -> str | None:
 
 
 def run_shard(ctx: JobContext, shard: ShardPlan, progress: Progress | None = None) -> ShardResult:
-    """Generate, filter and write one shard (manifest part first, shard + done marker last)."""
+    """One shard's steps: `filter_shard` (generate the pool, judge support and labels, replace rejects from the
+    reserve, score, keep), `decode_and_judge`, `rows_and_samples`, `write_shard` (manifest part first, shard and
+    done marker last)."""
     cfg = ctx.cfg
     t0 = time.perf_counter()
     pool = filter_shard(ctx, shard, progress)
     _warn_rejections(ctx, shard, pool)
     t1 = time.perf_counter()
     write_idx = torch.arange(len(pool.latents)) if cfg.keep_rejected else pool.kept.nonzero().flatten()
-    judged = _decode_and_judge(ctx, pool, write_idx)
+    judged = decode_and_judge(ctx, pool, write_idx)
     t2 = time.perf_counter()
-    rows, kept_samples, rejected_samples = _rows_and_samples(ctx, shard, pool, judged, write_idx)
-    result = _write(ctx, shard, pool, rows, kept_samples, rejected_samples)
+    rows, kept_samples, rejected_samples = rows_and_samples(ctx, shard, pool, judged, write_idx)
+    result = write_shard(ctx, shard, pool, rows, kept_samples, rejected_samples)
     t3 = time.perf_counter()
     result.seconds = {"generate_filter": t1 - t0, "decode_judge": t2 - t1, "write": t3 - t2}
     return result
 
 
-def _decode_and_judge(ctx: JobContext, pool: FilteredPool, write_idx: torch.Tensor) -> torch.Tensor | None:
+def decode_and_judge(ctx: JobContext, pool: FilteredPool, write_idx: torch.Tensor) -> torch.Tensor | None:
     """Decode the samples to write that are not decoded yet (into `pool.images`); the judged classes (−2: not
     judged), with the report-only judge run on the written samples when the filter did not judge."""
     cfg, model = ctx.cfg, ctx.model
@@ -374,7 +386,7 @@ def _guidance_meta(ctx: JobContext) -> dict[str, Any]:
     }
 
 
-def _rows_and_samples(
+def rows_and_samples(
     ctx: JobContext, shard: ShardPlan, pool: FilteredPool, judged: torch.Tensor | None, write_idx: torch.Tensor
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]]]:
     """The shard's manifest rows (every generated sample) and the samples to write: (rows, kept, rejected)."""
@@ -471,7 +483,7 @@ def _sample(
     return sample
 
 
-def _write(
+def write_shard(
     ctx: JobContext,
     shard: ShardPlan,
     pool: FilteredPool,
@@ -481,9 +493,10 @@ def _write(
 ) -> ShardResult:
     """Write the rejected shard (--keep-rejected), the manifest part, then the shard and its done marker."""
     cfg, latents, labels, kept = ctx.cfg, pool.latents, pool.labels, pool.kept
+    folder = RunFolder(cfg.out, cfg.prefix)
     if cfg.keep_rejected:
-        write_shard(cfg.out, f"{cfg.prefix}_rejected", shard.shard_id, rejected_samples, folder=REJECTED_DIR)
-    write_manifest_part(cfg.out, shard.shard_id, rows)
+        folder.write_rejected(shard.shard_id, rejected_samples)
+    folder.write_manifest_part(shard.shard_id, rows)
     result = ShardResult(
         shard_id=shard.shard_id,
         num_generated=len(latents),
@@ -502,9 +515,7 @@ def _write(
         num_reserved=len(latents) - shard.num_generated,
         shortfall=pool.shortfall,
     )
-    write_shard(
-        cfg.out,
-        cfg.prefix,
+    folder.write_shard(
         shard.shard_id,
         kept_samples,
         marker_info={

@@ -193,6 +193,42 @@ def load_model(
     return model
 
 
+def peek_input(spec: str | None, resolution: int | None = None) -> tuple[int, int] | None:
+    """(image channels, image side) a model takes, read from its config files without loading it: the shipped
+    prior's `shipped.json`, a local diffusers folder's `model_index.json` and component configs. None where that
+    cannot be told without loading (a hub id, an import path, an unknown layout)."""
+    import json
+
+    from .shipped import SHIPPED_MODEL_DIR
+
+    folder = SHIPPED_MODEL_DIR if spec in (None, "shipped") else Path(str(spec)).expanduser()
+    try:
+        if (folder / "shipped.json").is_file():
+            info = json.loads((folder / "shipped.json").read_text())
+            return int(info["channels"]), int(info["image_size"])
+        index = json.loads((folder / "model_index.json").read_text())
+        vae = json.loads((folder / "vae" / "config.json").read_text()) if "vae" in index else None
+        network = next(
+            json.loads((folder / n / "config.json").read_text()) for n in ("unet", "transformer") if n in index
+        )
+    except (OSError, ValueError, KeyError, TypeError, StopIteration):
+        return None
+    text = "text_encoder" in index and index.get("text_encoder", [None])[0] is not None
+    if vae is None:  # pixel space: the network's own channels, images when it has 1 or 3
+        size, channels = network.get("sample_size"), network.get("in_channels")
+        return (int(channels), int(size)) if isinstance(size, int) and channels in (1, 3) else None
+    factor = 2 ** (len(vae.get("encoder_block_out_channels") or vae.get("block_out_channels") or [0]) - 1)
+    channels = int(vae.get("in_channels", 3))
+    if text and resolution is not None:
+        return channels, int(resolution)
+    size = network.get("sample_size")
+    if isinstance(size, list | tuple):
+        size = size[0]
+    if not isinstance(size, int):  # Flux: the pipeline's default sample size (128 latents)
+        size = 128
+    return channels, size * factor
+
+
 def _looks_like_a_path(spec: str) -> bool:
     """A local path rather than a hub id (`org/name`): absolute, `~`, `.`-relative, or more than one `/`."""
     return spec.startswith(("/", "~", "./", "../", ".\\", "..\\")) or spec in (".", "..") or spec.count("/") > 1
@@ -272,7 +308,7 @@ def _load_diffusers(
         _require_label_family(spec, pipe)
     _place(pipe, device, dtype, offload)
     if text is not None:
-        return _text_model(_model_id(spec), pipe, text, device, dtype, resolution)
+        return _text_model(model_id_for(spec), pipe, text, device, dtype, resolution)
     vae = getattr(pipe, "vae", None)
     num_classes = None
     if getattr(pipe, "transformer", None) is not None:
@@ -291,7 +327,7 @@ def _load_diffusers(
         family=family,
         denoiser=denoiser,
         scheduler=pipe.scheduler,
-        model_id=_model_id(spec),
+        model_id=model_id_for(spec),
         vae=vae,
         image_channels=channels,
         image_size=denoiser.latent_shape[-1] * factor,
@@ -426,7 +462,7 @@ def _diffusers_load_error(spec: str, exc: BaseException) -> InputError:
     return InputError(f"--model {spec}: cannot load a diffusers model ({first[:200]})")
 
 
-def _model_id(spec: str) -> str:
+def model_id_for(spec: str) -> str:
     """A stable id: the hub id, or the folder name plus a hash of its model_index/config files."""
     path = Path(spec)
     if not path.exists():
@@ -447,7 +483,3 @@ def _model_id(spec: str) -> str:
             f.seek(max(0, size - (1 << 20)))
             h.update(f.read(1 << 20))
     return f"{path.name}@{h.hexdigest()[:12]}"
-
-
-#: Public name of `_model_id` (used by flows/ for the reference cache key).
-model_id_for = _model_id

@@ -25,7 +25,7 @@ class SampleRun:
     decode_seconds: float
 
 
-def generate(
+def sample_prior(
     prior: Any,
     labels: torch.Tensor,
     seed: int,

@@ -4,8 +4,9 @@ head, EMA, learning curve) -> evaluation and model card.
     python -m pipeline.training --device cpu --out pipeline/assets/mnist-ldm    # the shipped recipe, ~1 h
     python -m pipeline.training --device cuda --out pipeline/assets/mnist-ldm   # the larger `full` recipe
 
-Interrupted? Run the same command with `--resume`: finished stages are skipped and the running stage
-continues from its last checkpoint (written every `--ckpt-minutes` into `--work`, default
+Interrupted (Ctrl-C, or the test hook `--interrupt STAGE:STEP` after its checkpoint: exit status 130,
+`augment`'s EXIT_INTERRUPTED)? Run the same command with `--resume`: finished stages are skipped and the
+running stage continues from its last checkpoint (written every `--ckpt-minutes` into `--work`, default
 `train_work/`). Every random draw of step k of a stage comes from a generator seeded with
 (seed, stage, k), so a resumed run produces the same weights as an uninterrupted one.
 
@@ -24,16 +25,15 @@ import time
 from pathlib import Path
 from typing import Any
 
-from storage import atomic_write_json
+from storage.atomic import atomic_write_json
 
+from ..jobs.exit_codes import EXIT_INTERRUPTED
 from .card import render_model_card, write_model_card
 from .config import PRESETS, STAGES, TrainConfig, first_stage_affected, preset_config
 from .data import load_data
 from .evaluate import assemble, evaluate
 from .loop import TUNER, Checkpointer, Interrupted, done_info, mark_done
 from .stages import encode_latents, train_classifier, train_unet, train_vae
-
-EXIT_INTERRUPTED = 75
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

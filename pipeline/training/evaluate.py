@@ -14,7 +14,7 @@ import torch
 from tqdm.auto import tqdm
 
 from pipeline.measures.metrics import frechet_distance
-from pipeline.models.prior_eval import class_summary, classify, generate, psnr, save_grid
+from pipeline.models.prior_eval import class_summary, classify, psnr, sample_prior, save_grid
 from pipeline.models.shipped import load_shipped
 
 from .config import TrainConfig
@@ -201,12 +201,12 @@ def _sample_settings(
     for s in settings:
         mult = 2 if s["cfg"] != 1.0 else 1
         TUNER.probe(
-            lambda s=s: generate(
+            lambda s=s: sample_prior(
                 prior, s["labels"][:64], 0, 4, s["cfg"], s["ig"], batch_size=min(64, cfg.eval_batch), eta=cfg.eval_eta
             )
         )
         load_before = os.getloadavg()[0]
-        run = generate(
+        run = sample_prior(
             prior,
             s["labels"],
             seed=cfg.seed + 12345,
@@ -253,7 +253,7 @@ def compare_previous(
 ) -> dict[str, Any]:
     """Unconditional samples of an earlier prior, judged by the new classifier (same seeds, steps, eta)."""
     previous = load_shipped(folder, device=device)
-    run = generate(
+    run = sample_prior(
         previous, labels, seed=cfg.seed + 12345, num_steps=cfg.eval_steps, batch_size=cfg.eval_batch, eta=cfg.eval_eta
     )
     c = classify(clf, run.images)

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from storage import atomic_write_json
+from storage.atomic import atomic_write_json
 
 _STAGE_IDS = {name: i + 1 for i, name in enumerate(("vae", "latents", "unet", "classifier", "eval"))}
 

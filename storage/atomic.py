@@ -10,14 +10,41 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
-__all__ = ["atomic_open", "atomic_write_bytes", "atomic_write_json", "dumps_json", "tmp_name"]
+__all__ = [
+    "atomic_open",
+    "atomic_write_bytes",
+    "atomic_write_json",
+    "dumps_json",
+    "set_run_token",
+    "tmp_name",
+    "tmp_token",
+]
 
 TMP_MARK = ".tmp-"
 
 
+#: The token of the run this process writes for (`storage.run_folder.RunFolder.claim`/`join`); None: no run.
+_run_token: str | None = None
+
+
+def set_run_token(token: str | None) -> None:
+    """Name this process's temporary files after the run it writes for (`RunFolder`: a crashed run's files
+    are told apart by their token, not by a pid a restarted container may reuse)."""
+    global _run_token
+    _run_token = token
+
+
+def tmp_token(name: str) -> str | None:
+    """The writer's token in `<name>.tmp-<token>-<random>` (None if `name` is not a temporary file)."""
+    _, mark, rest = name.rpartition(TMP_MARK)
+    return rest.rsplit("-", 1)[0] if mark and "-" in rest else None
+
+
 def tmp_name(path: Path) -> Path:
-    """`<name>.tmp-<pid>-<random>` next to `path`: unique per writer, never matches `*.tar`/`*.json`."""
-    return path.with_name(f"{path.name}{TMP_MARK}{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    """`<name>.tmp-<token>-<random>` next to `path` (the run's token, else `p<pid>`): unique per writer, never
+    matches `*.tar`/`*.json`."""
+    token = _run_token or f"p{os.getpid()}"
+    return path.with_name(f"{path.name}{TMP_MARK}{token}-{uuid.uuid4().hex[:8]}")
 
 
 def _fsync_dir(directory: Path) -> None:
