@@ -164,12 +164,25 @@ class _Problems:
         raise InputError(first + suffix, problems=self.items)
 
 
-def reference_content_hash(path: str, *, storage_options: dict[str, Any] | None = None) -> str:
-    """`read_references(path).content_hash` without decoding a pixel: the files, classes and captions are read
-    and checked as there (InputError naming the first bad file), the images' bytes hashed, not decoded. For
-    cache keys that must be known before the references are decoded (the Prefect flow's reference task)."""
-    path = str(path)
-    fs, root, shown_root = _open_folder(path, storage_options)
+@dataclass
+class _Gathered:
+    """A reference folder listed and read (bytes, classes, captions), not yet decoded."""
+
+    shown_root: str
+    shown: Callable[[str], str]
+    problems: _Problems
+    found: _Sorted
+    class_names: list[str] | None
+    notes: list[str]
+    warnings: list[str]
+    blobs: dict[str, bytes]
+    captions_by_image: dict[str, str]
+
+
+def _gather(path: str, storage_options: dict[str, Any] | None) -> _Gathered:
+    """List the folder, sort its files by role, read every file's bytes once (they feed both the decoder and the
+    content hash) and the captions; problems are collected, not raised (but a folder without images)."""
+    fs, root, shown_root = _open_folder(str(path), storage_options)
 
     def shown(rel: str) -> str:
         return f"{shown_root}/{rel}" if rel else shown_root
@@ -179,16 +192,27 @@ def reference_content_hash(path: str, *, storage_options: dict[str, Any] | None 
     files = {rel: info for rel, info in listing.items() if info.get("type") != "directory"}
     dirs = sorted(rel for rel, info in listing.items() if info.get("type") == "directory")
     found = _sort_files(files, shown, problems)
-    class_names, notes, _ = _layout(found.images, dirs, listing, shown, problems)
-    blobs = _read_blobs(
-        fs, root, found.images + list(found.sidecars.values()) + found.caption_tables, files, shown, problems
-    )
-    captions_by_image = _read_captions(
-        found.images, found.sidecars, found.caption_tables, blobs, shown, problems, notes
-    )
-    problems.raise_if_any()
-    captions = [captions_by_image[rel] for rel in found.images] if captions_by_image else None
-    return _content_hash(found.images, blobs, class_names, captions)
+    images = found.images
+    class_names, notes, warnings_ = _layout(images, dirs, listing, shown, problems)
+    if not images:
+        problems.raise_if_any()  # an unreadable folder or a broken link explains "no images" better
+        others = found.others
+        more = f"; found only {_plural(len(others), 'other file')}, e.g. {others[0]}" if others else ""
+        raise InputError(f"{shown_root}: no images found (supported: {_supported_list()}){more}")
+    blobs = _read_blobs(fs, root, images + list(found.sidecars.values()) + found.caption_tables, files, shown, problems)
+    captions_by_image = _read_captions(images, found.sidecars, found.caption_tables, blobs, shown, problems, notes)
+    return _Gathered(shown_root, shown, problems, found, class_names, notes, warnings_, blobs, captions_by_image)
+
+
+def reference_content_hash(path: str, *, storage_options: dict[str, Any] | None = None) -> str:
+    """`read_references(path).content_hash` without decoding a pixel: the files, classes and captions are read
+    and checked as there (InputError naming the first bad file), the images' bytes hashed, not decoded. For
+    cache keys that must be known before the references are decoded (the Prefect flow's reference task)."""
+    g = _gather(path, storage_options)
+    g.problems.raise_if_any()
+    images = g.found.images
+    captions = [g.captions_by_image[rel] for rel in images] if g.captions_by_image else None
+    return _content_hash(images, g.blobs, g.class_names, captions)
 
 
 def read_references(
@@ -218,30 +242,10 @@ def read_references(
     height, width = (int(s) for s in size)
     if height < 1 or width < 1:
         raise ValueError(f"size must be positive (H, W), got {size}")
-    path = str(path)
-    fs, root, shown_root = _open_folder(path, storage_options)
-
-    def shown(rel: str) -> str:
-        return f"{shown_root}/{rel}" if rel else shown_root
-
-    problems = _Problems()
-    listing = _list_tree(fs, root, shown, problems)
-    files = {rel: info for rel, info in listing.items() if info.get("type") != "directory"}
-    dirs = sorted(rel for rel, info in listing.items() if info.get("type") == "directory")
-    found = _sort_files(files, shown, problems)
-    images = found.images
-    class_names, report_notes, warnings_ = _layout(images, dirs, listing, shown, problems)
-    if not images:
-        problems.raise_if_any()  # an unreadable folder or a broken link explains "no images" better
-        others = found.others
-        more = f"; found only {_plural(len(others), 'other file')}, e.g. {others[0]}" if others else ""
-        raise InputError(f"{shown_root}: no images found (supported: {_supported_list()}){more}")
-
-    # Read every file once: bytes feed both the decoder and the content hash.
-    blobs = _read_blobs(fs, root, images + list(found.sidecars.values()) + found.caption_tables, files, shown, problems)
-    captions_by_image = _read_captions(
-        images, found.sidecars, found.caption_tables, blobs, shown, problems, report_notes
-    )
+    g = _gather(path, storage_options)
+    shown_root, shown, problems, found = g.shown_root, g.shown, g.problems, g.found
+    images, blobs, class_names, captions_by_image = found.images, g.blobs, g.class_names, g.captions_by_image
+    report_notes, warnings_ = g.notes, g.warnings
     decoded = _decode_all(images, blobs, channels, (height, width), max_pixels, shown, problems)
     if not problems.items and len(images) < min_count:
         problems.add(
