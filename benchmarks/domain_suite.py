@@ -1228,7 +1228,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--labelled-arms", nargs="*", default=None, help="--decision: arms run on the class folders")
     ap.add_argument("--unlabelled-arms", nargs="*", default=None, help="--decision: arms run on the flat folder")
     ap.add_argument("--utility-arms", nargs="*", default=None, help="default: default unguided; --decision: all")
-    ap.add_argument("--recipes", nargs="*", default=list(RECIPES), choices=list(RECIPES), help="--decision")
+    ap.add_argument(
+        "--recipes",
+        nargs="*",
+        default=["mix", "balanced", "finetune"],  # the decision suite's three (RECIPES has more since)
+        choices=list(RECIPES),
+        help="--decision",
+    )
     ap.add_argument(
         "--affine-recipes", nargs="*", default=["balanced"], choices=list(RECIPES), help="--decision: also on affine"
     )

@@ -232,9 +232,11 @@ class AugmentConfig(BaseModel):
         description="extra samples a shard may generate from its reserved indices to replace rejected ones, as a "
         "fraction of its planned pool (the cap; a shard that still falls short keeps fewer and warns)",
     )
-    label_filter: bool = Field(
-        default=False,
-        description="labelled runs: also reject samples the label judge assigns to another class than their target",
+    label_filter: bool | Literal["auto"] = Field(
+        default="auto",
+        description="labelled runs: also reject samples the label judge assigns to another class than their target; "
+        "auto: on where the judge is the shipped digit classifier (the shipped prior with digit classes or "
+        "pseudo-classes), off where it is a k-NN vote among the references",
     )
     shard_size: int = Field(default=1000, ge=1, description="kept samples per shard")
     save_latents: bool = Field(default=False, description="store latent.npy in each sample")

@@ -1,7 +1,7 @@
 """Every script in benchmarks/ runs end to end on its `--smoke` settings, so none rots unnoticed.
 
 One smoke test per script. Here: bench_families, bench_real_size, bench_throughput, domain_suite, methods_study,
-prior_null_class_probe, render_results, utility_evidence. In tests/test_prior_tools.py: ig_head_cost,
+prior_null_class_probe, render_results, utility_evidence, yardstick. In tests/test_prior_tools.py: ig_head_cost,
 pilot_stability, prior_ablation, prior_reach. Each calls the script's `main([...])` with its outputs in
 tmp_path and checks what it wrote or returned.
 """
@@ -34,6 +34,7 @@ SMOKE_TESTS = {
     "prior_reach": "test_prior_tools.py",
     "render_results": "test_benchmarks_smoke.py",
     "utility_evidence": "test_benchmarks_smoke.py",
+    "yardstick": "test_benchmarks_smoke.py",
 }
 
 
@@ -151,6 +152,27 @@ def test_domain_suite_smoke_runs_the_decision_suite_into_out(tmp_path: Path) -> 
     section = (tmp_path / "decision.md").read_text().strip()
     assert section.startswith(domain_suite.DEC_START) and section in (tmp_path / "results.md").read_text()
     assert (tmp_path / "results" / "decision" / "thick-labelled.png").stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_yardstick_smoke_runs_anchors_arms_curve_and_the_reach_refusal(tmp_path: Path) -> None:
+    import yardstick
+
+    report = yardstick.main(["--smoke", "--out", str(tmp_path)])
+    by_domain = {r["domain"]: r for r in report["results"]}
+    assert list(by_domain) == ["noise", "fonts", "inverted"]
+    for name in ("noise", "fonts"):
+        anchors = by_domain[name]["anchors"]
+        assert {"refs", "refs_aug", "oracle", "refs_2x", "usable"} <= set(anchors)
+        default = by_domain[name]["labelled"]["labelled/default/seed0"]
+        assert set(default["downstream"]) == set(yardstick.RECIPES)
+        assert all({"vs_refs", "vs_aug", "gap_closed"} <= set(d) for d in default["downstream"].values())
+        assert 0.0 <= default["garbage"] <= 1.0 and default["mmd2"] == default["mmd2"]
+    assert set(by_domain["fonts"]["curve"]["points"]) == {"4", "8"}
+    assert "reach" in by_domain["inverted"]
+    text = (tmp_path / "results.md").read_text()
+    assert "The judge's anchors" in text and "Size curve" in text
+    assert (tmp_path / "grids-png" / "fonts.png").stat().st_size > 0
 
 
 @pytest.mark.slow

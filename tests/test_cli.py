@@ -68,7 +68,7 @@ CLI_VALUES = {
     "keep": "0.75",
     "support_radius": "4.5",
     "reserve": "0.5",
-    "label_filter": True,
+    "label_filter": "True",
     "shard_size": "4",
     "save_latents": True,
     "keep_rejected": True,

@@ -115,6 +115,20 @@ def test_only_nil_reach_by_both_measures_in_one_space_refuses():
     assert verdict([space(0.5, 0.3), space(1.0, 0.3)], 0.05, 0.5) == "ok"
 
 
+def test_samples_far_from_every_reference_in_every_space_refuse_though_inside_the_loose_support():
+    """Dark-on-white digits for the white-on-black prior: 100% "inside" the 3x support, none near a reference, the
+    median sample 1.9 / 2.4 median reference distances away (measured): refused; the far domains it draws are at
+    most 1.3 away, and a space with a reference covered keeps the job going."""
+
+    def far(median: float, coverage: float = 0.0) -> SpaceReach:
+        return SpaceReach("s", 1.0, coverage, 1.0, [median * 0.8, median, median * 1.1])
+
+    assert verdict([far(1.93), far(2.39)], 0.05, 0.5) == "nil"
+    assert verdict([far(1.29), far(1.17)], 0.05, 0.5) == "ok"  # textured digits: far from the prior, drawable
+    assert verdict([far(1.93), far(1.2)], 0.05, 0.5) == "ok"  # near in one space
+    assert verdict([far(1.93, coverage=0.2), far(2.39)], 0.05, 0.5) == "ok"  # a covered reference
+
+
 def test_measure_uses_the_filters_support_rule_and_coverage():
     gen = torch.Generator().manual_seed(0)
     refs = torch.randn(40, 6, generator=gen)

@@ -208,14 +208,229 @@ def test_recipes_train_and_return_accuracies():
     from pipeline.evaluation.utility import RECIPES, train_and_test, train_recipe
 
     real, syn, test = _tiny(12, 0), _tiny(24, 1), _tiny(15, 2)
+    syn.soft = _soft_labels(syn, sharp=False)  # the soft recipe's targets
     for recipe in RECIPES:
         for affine in (False, True):
             out = train_recipe(recipe, real, syn, test, seed=0, steps=3, batch_size=8, affine=affine)
             assert 0.0 <= out["accuracy"] <= 1.0 and set(out["per_class"]) <= set(real.classes)
-            assert out["steps"] == (4 if recipe == "finetune" else 3)  # fine-tuning adds 1/3 more steps
+            assert out["steps"] == (4 if recipe in ("finetune", "pretrain") else 3)  # fine-tuning: 1/3 more steps
     # the mix of the references alone is today's train_and_test, step for step
     assert train_recipe("mix", real, None, test, seed=1, steps=4, batch_size=8) == dict(
         train_and_test(real, test, seed=1, steps=4, batch_size=8), steps=4
     )
     with pytest.raises(ValueError, match="unknown recipe"):
         train_recipe("nope", real, syn, test, seed=0, steps=1)
+
+
+# --------------------------------------------------------------------------------------------------------
+# The new recipes (pretrain, soft), augmentation of the synthetic draws, and the judge's anchors
+# --------------------------------------------------------------------------------------------------------
+
+
+def _trained_params(monkeypatch, *args, **kwargs):
+    """train_recipe(*args, **kwargs) and the trained model's parameters (captured where it is tested)."""
+    import torch
+
+    from pipeline.evaluation import utility as U
+
+    seen = {}
+    original = U._test
+
+    def capture(model, test):
+        seen["params"] = torch.cat([p.detach().flatten().clone() for p in model.parameters()])
+        return original(model, test)
+
+    monkeypatch.setattr(U, "_test", capture)
+    out = U.train_recipe(*args, **kwargs)
+    return out, seen["params"]
+
+
+def _soft_labels(images, sharp: bool):
+    import torch
+
+    k = len(images.classes)
+    one_hot = torch.nn.functional.one_hot(images.labels, k).float()
+    return one_hot if sharp else 0.6 * one_hot + 0.4 / k
+
+
+def test_pretrain_and_soft_recipes_run_and_differ_from_mix(monkeypatch):
+    import torch
+
+    real, syn, test = _tiny(12, 0), _tiny(24, 1), _tiny(15, 2)
+    syn.soft = _soft_labels(syn, sharp=False)
+    kw = {"steps": 6, "batch_size": 8, "width": 8}
+    mix, p_mix = _trained_params(monkeypatch, "mix", real, syn, test, 0, **kw)
+    pre, p_pre = _trained_params(monkeypatch, "pretrain", real, syn, test, 0, **kw)
+    soft, p_soft = _trained_params(monkeypatch, "soft", real, syn, test, 0, **kw)
+    _, p_bal = _trained_params(monkeypatch, "balanced", real, syn, test, 0, **kw)
+    assert mix["steps"] == 6 and pre["steps"] == 8 and soft["steps"] == 6  # pretrain fine-tunes 1/3 more
+    for out in (pre, soft):
+        assert 0.0 <= out["accuracy"] <= 1.0 and set(out["per_class"]) <= set(real.classes)
+    assert not torch.allclose(p_pre, p_mix) and not torch.allclose(p_soft, p_mix)
+    assert not torch.allclose(p_soft, p_bal)  # soft targets change what balanced learns
+    # one-hot soft labels: the soft recipe is balanced (up to the rounding of the two loss kernels)
+    syn.soft = _soft_labels(syn, sharp=True)
+    _, p_sharp = _trained_params(monkeypatch, "soft", real, syn, test, 0, **kw)
+    assert torch.allclose(p_sharp, p_bal, atol=1e-4)
+    # every recipe of the references alone works (pretrain / finetune fine-tune on them)
+    for recipe in ("pretrain", "soft"):
+        assert _alone(recipe, real, test)["steps"] == (8 if recipe == "pretrain" else 6)
+
+
+def _alone(recipe, real, test):
+    from pipeline.evaluation.utility import train_recipe
+
+    return train_recipe(recipe, real, None, test, seed=0, steps=6, batch_size=8, width=8)
+
+
+def test_pretrain_trains_on_the_synthetic_samples_alone_first(monkeypatch):
+    from pipeline.evaluation import utility as U
+
+    real, syn, test = _tiny(12, 0), _tiny(24, 1), _tiny(15, 2)
+    shares = []
+    original = U._fit
+
+    def spy(model, draw, steps, gen, opt, sched, roll=2):
+        shares.append(float(draw(gen)[2].double().mean()))  # share of references in a batch of this phase
+        return original(model, draw, steps, gen, opt, sched, roll)
+
+    monkeypatch.setattr(U, "_fit", spy)
+    U.train_recipe("pretrain", real, syn, test, 0, steps=3, batch_size=16, width=8)
+    assert shares == [0.0, 1.0]  # synthetic alone, then the references alone
+
+
+def test_soft_recipe_needs_soft_labels():
+    from pipeline.evaluation.utility import batch_sampler, train_recipe
+
+    real, syn, test = _tiny(12, 0), _tiny(24, 1), _tiny(15, 2)
+    with pytest.raises(ValueError, match="soft labels"):
+        train_recipe("soft", real, syn, test, 0, steps=2, batch_size=8, width=8)
+    with pytest.raises(ValueError, match="soft labels"):
+        batch_sampler(real, syn, 8, real_share=0.5, soft=True)
+
+
+def test_soft_targets_are_one_hot_for_references_and_match_the_hard_loss():
+    import torch
+    import torch.nn.functional as F
+
+    from pipeline.evaluation.utility import batch_sampler
+
+    real, syn = _tiny(10, 0), _tiny(30, 1)
+    syn.soft = _soft_labels(syn, sharp=False)
+    gen, gen_hard = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    x, targets, is_real = batch_sampler(real, syn, 16, real_share=0.5, soft=True)(gen)
+    xh, labels, _ = batch_sampler(real, syn, 16, real_share=0.5)(gen_hard)
+    assert torch.equal(x, xh) and targets.shape == (16, 3)  # the same draws, soft targets instead of labels
+    assert torch.equal(targets[is_real], F.one_hot(labels[is_real], 3).float())
+    assert torch.allclose(targets[~is_real].argmax(1), labels[~is_real]) and targets[~is_real].max() < 1
+    logits = torch.randn(16, 3, generator=gen)
+    one_hot = F.one_hot(labels, 3).float()
+    assert torch.allclose(F.cross_entropy(logits, one_hot), F.cross_entropy(logits, labels), atol=1e-6)
+
+
+def test_affine_all_augments_the_synthetic_draws_too():
+    import torch
+
+    from pipeline.evaluation.utility import batch_sampler
+
+    real, syn = _tiny(10, 0), _tiny(90, 1)
+
+    def batch(affine, share=0.5, synthetic=syn):
+        return batch_sampler(real, synthetic, 32, real_share=share, affine=affine)(torch.Generator().manual_seed(3))
+
+    plain, real_only, every = batch("none"), batch("real"), batch("all")
+    r = plain[2]
+    assert torch.equal(every[2], r) and torch.equal(every[1], plain[1])  # the same images drawn
+    assert not torch.allclose(every[0][~r], plain[0][~r]) and not torch.allclose(every[0][r], plain[0][r])
+    assert torch.equal(real_only[0][~r], plain[0][~r])  # "real" leaves the synthetic draws alone
+    # the old bool: True is "real", False is "none"; on the references alone "all" is "real"
+    assert torch.equal(batch(True)[0], real_only[0]) and torch.equal(batch(False)[0], plain[0])
+    assert torch.equal(batch("all", None, None)[0], batch("real", None, None)[0])
+    with pytest.raises(ValueError, match="affine"):
+        batch("sometimes")
+
+
+def test_old_bool_affine_trains_exactly_like_real():
+    from pipeline.evaluation.utility import train_recipe
+
+    real, syn, test = _tiny(12, 0), _tiny(24, 1), _tiny(40, 2)
+    for recipe in ("mix", "finetune"):
+        kw = {"steps": 4, "batch_size": 8, "width": 8}
+        assert train_recipe(recipe, real, syn, test, 1, affine=True, **kw) == train_recipe(
+            recipe, real, syn, test, 1, affine="real", **kw
+        )
+        assert train_recipe(recipe, real, syn, test, 1, affine=False, **kw) == train_recipe(
+            recipe, real, syn, test, 1, **kw
+        )
+
+
+def _fixed_anchors(refs=0.70, aug=0.75, oracle=0.85, refs_2x=0.702):
+    return {"refs": {"mean": refs}, "refs_aug": {"mean": aug}, "oracle": {"mean": oracle}, "refs_2x": {"mean": refs_2x}}
+
+
+def test_relative_and_flags_on_fixed_numbers():
+    from pipeline.evaluation.utility import anchor_flags, relative
+
+    rel = relative(0.80, _fixed_anchors())
+    assert rel["vs_refs"] == pytest.approx(10.0) and rel["vs_aug"] == pytest.approx(5.0)
+    assert rel["gap_closed"] == pytest.approx(0.5)  # (0.80 − 0.75) / (0.85 − 0.75)
+    assert relative(0.70, _fixed_anchors())["gap_closed"] == pytest.approx(-0.5)  # worse than augmentation
+    assert relative(0.80, _fixed_anchors(oracle=0.74))["gap_closed"] is None  # no gap to close
+
+    assert anchor_flags(0.70, 0.75, 0.85, 0.702) == {
+        "converged": True,
+        "aug_helps": True,
+        "oracle_helps": True,
+        "usable": True,
+    }
+    assert anchor_flags(0.70, 0.75, 0.85, 0.706)["converged"] is False  # 0.6 points: not converged
+    assert anchor_flags(0.70, 0.75, 0.85, 0.696)["converged"] is True  # either direction, < 0.5 points
+    worse_aug = anchor_flags(0.70, 0.69, 0.85, 0.70)
+    assert not worse_aug["aug_helps"] and worse_aug["oracle_helps"] and not worse_aug["usable"]
+    weak_oracle = anchor_flags(0.70, 0.75, 0.74, 0.70)  # beats refs, not refs_aug
+    assert weak_oracle["aug_helps"] and not weak_oracle["oracle_helps"] and not weak_oracle["usable"]
+
+
+def test_anchors_trains_each_arm_as_documented(monkeypatch):
+    from pipeline.evaluation import utility as U
+
+    refs, extra, test = _tiny(12, 0), _tiny(30, 1), _tiny(15, 2)
+    calls = []
+    accuracy = {("none", 100, 12): 0.70, ("real", 100, 12): 0.75, ("real", 100, 42): 0.85, ("none", 200, 12): 0.703}
+
+    def fake_judge(real, synthetic, test_, seed, *, affine, steps, **kw):
+        assert synthetic is None and test_ is test
+        calls.append((affine, steps, len(real.labels), seed))
+        return {"accuracy": accuracy[(affine, steps, len(real.labels))] + 0.01 * seed}
+
+    monkeypatch.setattr(U, "judge", fake_judge)
+    out = U.anchors(refs, extra, test, seeds=3, steps=100)
+    assert len(calls) == 12 and {c[3] for c in calls} == {0, 1, 2}
+    assert out["refs"]["accuracies"] == pytest.approx([0.70, 0.71, 0.72])
+    assert out["refs"]["mean"] == pytest.approx(0.71) and out["refs"]["std"] == pytest.approx(0.01)
+    assert out["oracle"]["mean"] == pytest.approx(0.86) and out["refs_2x"]["mean"] == pytest.approx(0.713)
+    assert out["converged"] and out["aug_helps"] and out["oracle_helps"] and out["usable"]
+    assert out["settings"]["n_oracle_extra"] == 30 and out["settings"]["steps"] == 100
+    assert U.relative(0.81, out)["gap_closed"] == pytest.approx(0.5)
+
+
+def test_cli_recipe_affine_and_anchors(folders, tmp_path):
+    extra = _real_folder(tmp_path / "extra", 10, 4)
+    run = tmp_path / "run"
+    shutil.copytree(folders["good"], run)
+    args = ["utility", str(run), "--real", str(folders["real"]), "--real-test", str(folders["test"])]
+    args += ["--seeds", "1", "--steps", "4", "--recipe", "finetune", "--affine", "all", "--anchors", str(extra)]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "anchors:" in result.output and "gap closed" in result.output
+    saved = json.loads((run / "utility.json").read_text())
+    assert saved["settings"]["recipe"] == "finetune" and saved["settings"]["affine"] == "all"
+    assert set(saved["anchors"]) >= {"refs", "refs_aug", "oracle", "refs_2x", "usable", "settings"}
+    assert saved["anchors"]["settings"]["n_oracle_extra"] == 20 and saved["anchors"]["refs_2x"]["accuracies"]
+    b = saved["arms"]["b_real_plus_synthetic"]["accuracy_mean"]
+    assert saved["relative"]["b_real_plus_synthetic"]["vs_refs"] == pytest.approx(
+        100 * (b - saved["anchors"]["refs"]["mean"])
+    )
+    for bad in (["--affine", "sometimes"], ["--recipe", "nope"], ["--recipe", "soft"]):
+        out = CliRunner().invoke(app, [*args[:7], *bad])
+        assert out.exit_code == 2, out.output

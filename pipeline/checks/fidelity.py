@@ -96,6 +96,15 @@ def make_judge(model_spec: str | None, ref_latents: Tensor, ref_labels: Tensor |
     return knn_judge(ref_latents, ref_labels)
 
 
+def label_filter_on(setting: bool | str, judge: LabelJudge | None) -> bool:
+    """Whether the job rejects samples its label judge assigns to another class: `--label-filter` on or off, or
+    under `auto` where the judge is the shipped digit classifier (an independent judge; a k-NN vote among the
+    references is too coarse for other models: it rejected half of tiny test models' samples)."""
+    if judge is None:
+        return False
+    return judge.name == "classifier" if setting == "auto" else bool(setting)
+
+
 def agreement(judged: Tensor, target: Tensor, class_names: list[str]) -> dict:
     """{"agreed", "judged", "rate", "per_class": {name: {"agreed", "judged", "rate"}}} of judged vs target."""
     judged, target = judged.long().cpu(), target.long().cpu()

@@ -15,8 +15,12 @@ between domains. Before the job, the pilot:
    latent space* (the shipped digit classifier's penultimate features for the shipped prior when the
    classifier can read the references, else the decoded images downsampled to at most 32×32 pixels; see
    `feature_space`): unbiased RBF MMD² (median bandwidth of the held-out features), lower is better;
-4. under constraints that keep alignment from being bought with fidelity or diversity (MMD² alone calls a
-   collapse onto one blob shape "better"):
+4. on what the job keeps: with the label filter on (`label_filter`, `auto`: where the judge is the shipped
+   classifier) the samples the judge assigns to another class are left out of every score, as the job discards
+   them (and the filter may discard at most half a candidate's samples, `KEPT_MIN`: the job's reserve replaces
+   them); under constraints that keep alignment from being bought with fidelity or diversity (MMD² alone calls a
+   collapse onto one blob shape "better"), each gap to unguided judged against its paired bootstrap standard
+   error on the MMD²'s own draws (`paired_constraint_ses`: infeasible only beyond it):
    - precision no lower than unguided (within one binomial standard error of the pilot batch; k = 3),
    - coverage at least 0.9 × unguided, and the median distance from a sample to its nearest other sample
      at least half of unguided's (no collapse onto a few shapes: near-duplicates drive it to 0),
@@ -79,18 +83,18 @@ from ..measures.features import (
 from ..measures.metrics import garbage, nearest_neighbour_distances, prdc
 from ..plan import ShardPlan, assign_classes, primary_count
 from ..seeding import derive_seed
-from .fidelity import READABLE  # the shipped classifier's features score the pilot only where it reads the refs
+from .fidelity import READABLE, label_filter_on  # READABLE: the shipped classifier scores the pilot where it reads
 
 log = logging.getLogger(__name__)
 
 #: 3: the whole ladder scored, paired bootstrap SEs, a rule that accounts for them; 4: no early stop below a
-#: feasible candidate, and label agreement within AGREEMENT_MARGIN of unguided
-PILOT_VERSION = 4
+#: feasible candidate, and label agreement within AGREEMENT_MARGIN of unguided; 5: scored on what the job keeps
+#: (after the label filter when it is on), the constraints judged against their paired bootstrap standard errors
+PILOT_VERSION = 5
 
 #: Config fields the pilot's outcome does not depend on (besides the runtime-only ones).
 IRRELEVANT_FIELDS = frozenset(
-    {"n", "shard_size", "prefix", "keep", "save_latents", "keep_rejected", "reserve", "label_filter", "strength"}
-    | {"pseudo_labels"}
+    {"n", "shard_size", "prefix", "keep", "save_latents", "keep_rejected", "reserve", "strength"} | {"pseudo_labels"}
 )
 
 #: Constraint margins (see the module doc).
@@ -103,6 +107,9 @@ CLASS_TV_MARGIN = 0.1
 #: what it keeps is the ambiguous rest) cost 2-9 points downstream in the decision suite.
 AGREEMENT_MARGIN = 0.05
 GARBAGE_MARGIN = 0.02
+#: With the label filter on, the job discards the samples judged another class and replaces them from its reserve
+#: (by default as many as the pool): a candidate may lose at most half its samples to the filter.
+KEPT_MIN = 0.5
 #: A scoring-space garbage rule that flags more than this fraction of the unguided samples is meaningless there.
 MEANINGLESS_GARBAGE = 0.5
 
@@ -132,7 +139,9 @@ class Candidate:
     outside: float | None = None  # the part of `garbage` outside the guide references' support (latent space)
     far: float | None = None  # the part of `garbage` far from every reference in the scoring space
     agreement: float | None = None  # labelled: share of samples the label judge assigns to their target class
+    kept: float | None = None  # label filter on: the share of samples it keeps (every other score is of those)
     mmd2_se: float | None = None  # bootstrap standard error of `mmd2`
+    constraint_se: dict[str, float] = field(default_factory=dict)  # paired bootstrap SE of each constraint's gap
     gap_se: float | None = None  # bootstrap standard error of mmd2 − the lowest feasible mmd2 (paired)
     within_se: bool | None = None  # feasible, and mmd2 within `gap_se` of the lowest
 
@@ -150,14 +159,23 @@ def scoring_garbage_meaningless(base: Candidate) -> bool:
 
 
 def is_feasible(c: Candidate, base: Candidate, n: int) -> list[str]:
-    """The constraints `c` violates against the unguided baseline `base` (empty: feasible)."""
+    """The constraints `c` violates against the unguided baseline `base` (empty: feasible). A gap counts only
+    beyond its standard error: the paired bootstrap's (`c.constraint_se`, from `paired_constraint_ses`) where the
+    candidate carries one, else the binomial one of the pilot batch."""
     out = []
     n = max(n, 1)
-    tol = math.sqrt(max(base.precision * (1 - base.precision), 1 / n) / n)  # at least one sample's worth
+    se = c.constraint_se
+    tol = se.get("precision", math.sqrt(max(base.precision * (1 - base.precision), 1 / n) / n))
     if c.precision < base.precision - tol:
         out.append(f"precision {c.precision:.3f} < unguided {base.precision:.3f} - {tol:.3f}")
-    if c.coverage < COVERAGE_FRACTION * base.coverage:
-        out.append(f"coverage {c.coverage:.3f} < {COVERAGE_FRACTION} x unguided {base.coverage:.3f}")
+    c_tol = se.get("coverage", 0.0)
+    if c.coverage < COVERAGE_FRACTION * base.coverage - c_tol:
+        out.append(
+            f"coverage {c.coverage:.3f} < {COVERAGE_FRACTION} x unguided {base.coverage:.3f}"
+            + (f" - {c_tol:.3f}" if c_tol else "")
+        )
+    if c.kept is not None and c.kept < KEPT_MIN:
+        out.append(f"the label filter keeps {c.kept:.3f} of the samples < {KEPT_MIN}")
     if c.spread < SPREAD_FRACTION * base.spread:
         out.append(f"spread {c.spread:.3g} < {SPREAD_FRACTION} x unguided {base.spread:.3g} (collapse)")
     tv_se = class_tv_standard_error(n)
@@ -167,13 +185,14 @@ def is_feasible(c: Candidate, base: Candidate, n: int) -> list[str]:
             f" + {tv_se:.3f} (its standard error)"
         )
     if c.agreement is not None and base.agreement is not None:
-        a_tol = max(AGREEMENT_MARGIN, math.sqrt(2 * base.agreement * (1 - base.agreement) / n))
+        a_tol = max(AGREEMENT_MARGIN, se.get("agreement", math.sqrt(2 * base.agreement * (1 - base.agreement) / n)))
         if c.agreement < base.agreement - a_tol:
             out.append(f"label agreement {c.agreement:.3f} < unguided {base.agreement:.3f} - {a_tol:.3f}")
     what, value, baseline = "garbage", c.garbage, base.garbage
     if scoring_garbage_meaningless(base) and c.outside is not None and base.outside is not None:
         what, value, baseline = "garbage (outside the support)", c.outside, base.outside
-    g_tol = max(GARBAGE_MARGIN, math.sqrt(baseline * (1 - baseline) / n))  # at least its standard error
+    g_se = se.get("outside" if what != "garbage" else "garbage", math.sqrt(baseline * (1 - baseline) / n))
+    g_tol = max(GARBAGE_MARGIN, g_se)  # at least its standard error
     if value > baseline + g_tol:
         out.append(f"{what} {value:.3f} > unguided {baseline:.3f} + {g_tol:.3f}")
     return out
@@ -227,14 +246,20 @@ def _weighted_cross(k: torch.Tensor, w: torch.Tensor, v: torch.Tensor) -> torch.
 
 
 def bootstrap_mmd2(
-    features: list[torch.Tensor], held: torch.Tensor, kernel: Any, draws: int, seed: int
+    features: list[torch.Tensor],
+    held: torch.Tensor,
+    kernel: Any,
+    draws: int,
+    seed: int,
+    masks: list[torch.Tensor | None] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(MMD²_u of each feature set against `held` [C], paired bootstrap replicates [C, draws]).
 
     MMD²_u = mean_{i≠j} k(x_i,x_j) + mean_{r≠r'} k(y_r,y_r') − 2 mean k(x_i,y_r) (Gretton et al. 2012, eq. 3);
     each replicate reweights samples and references by multinomial counts shared by every set (all sets have
     as many samples, index i drawn from the same seed), so `replicates[a] − replicates[b]` is the bootstrap
-    distribution of the difference a − b. With unit weights the replicate is MMD²_u exactly.
+    distribution of the difference a − b. With unit weights the replicate is MMD²_u exactly. `masks` ([n] 0/1
+    per set, None: all) restrict a set to its kept samples (weight 0 for the others): MMD²_u of the subset.
     """
     n, m = len(features[0]), len(held)
     w, v = bootstrap_weights(n, m, draws, seed)
@@ -243,14 +268,46 @@ def bootstrap_mmd2(
     k_yy = kernel.matrix(held, held).double()
     yy, yy_1 = _weighted_within(k_yy, v), _weighted_within(k_yy, ones_v)
     values, replicates = [], []
-    for x in features:
+    for x, mask in zip(features, masks or [None] * len(features), strict=True):
         if len(x) != n:
             raise ValueError(f"every candidate needs the same number of samples ({n}), got {len(x)}")
         x = x.double()
+        keep = torch.ones(n, dtype=torch.float64) if mask is None else mask.double().reshape(n)
         k_xx, k_xy = kernel.matrix(x, x).double(), kernel.matrix(x, held).double()
-        values.append(_weighted_within(k_xx, ones_w) + yy_1 - 2 * _weighted_cross(k_xy, ones_w, ones_v))
-        replicates.append(_weighted_within(k_xx, w) + yy - 2 * _weighted_cross(k_xy, w, v))
+        ones_k, w_k = ones_w * keep, w * keep
+        values.append(_weighted_within(k_xx, ones_k) + yy_1 - 2 * _weighted_cross(k_xy, ones_k, ones_v))
+        replicates.append(_weighted_within(k_xx, w_k) + yy - 2 * _weighted_cross(k_xy, w_k, v))
     return torch.cat(values), torch.stack(replicates)
+
+
+def paired_constraint_ses(c: Candidate, base: Candidate, w: torch.Tensor) -> dict[str, float]:
+    """Paired bootstrap standard errors of the constraints' gaps between `c` and `base`, on the MMD² bootstrap's
+    own sample draws `w` [draws, n] (sample i of both comes from one seed: resampling it resamples both).
+
+    Uses the per-sample indicators a candidate's scorer leaves in `c.per_sample` (`kept`: what the job keeps;
+    `in_ball`, `garbage`, `outside`, `agree`: [n] 0/1; `hits`: [n, m] sample-in-reference-ball), each statistic
+    a weighted mean over the kept samples (coverage: the share of references a kept, drawn sample hits). Empty
+    when either lacks them (then `is_feasible` falls back to binomial errors)."""
+    pc, pb = getattr(c, "per_sample", None), getattr(base, "per_sample", None)
+    if pc is None or pb is None:
+        return {}
+    wc, wb = w * pc["kept"], w * pb["kept"]
+
+    def mean(weights: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return (weights * x).sum(1) / weights.sum(1).clamp_min(1e-12)
+
+    def coverage(weights: torch.Tensor, hits: torch.Tensor) -> torch.Tensor:
+        return ((weights @ hits) > 0).double().mean(1)
+
+    out = {
+        "precision": float((mean(wc, pc["in_ball"]) - mean(wb, pb["in_ball"])).std()),
+        "garbage": float((mean(wc, pc["garbage"]) - mean(wb, pb["garbage"])).std()),
+        "outside": float((mean(wc, pc["outside"]) - mean(wb, pb["outside"])).std()),
+        "coverage": float((coverage(wc, pc["hits"]) - COVERAGE_FRACTION * coverage(wb, pb["hits"])).std()),
+    }
+    if "agree" in pc and "agree" in pb:  # agreement is of what the judge sees, before the filter
+        out["agreement"] = float((mean(w, pc["agree"]) - mean(w, pb["agree"])).std())
+    return out
 
 
 def choose(
@@ -333,8 +390,10 @@ def search(
             "latent-support rule alone"
         )
     feats, infeasible_run = [base_feats], 0
+    w, _ = bootstrap_weights(n, len(held), draws, seed)  # the MMD² bootstrap's own draws (same seed)
     for i, s in enumerate(sorted(strengths)):
         c, f = evaluate(s)
+        c.constraint_se = paired_constraint_ses(c, base, w)
         c.violations = is_feasible(c, base, n)
         c.feasible = not c.violations
         result.candidates.append(c)
@@ -347,8 +406,9 @@ def search(
                 f"({', '.join(f'{t:g}' for t in sorted(strengths)[i + 1 :])}) were not tried"
             )
             break
-    values, reps = bootstrap_mmd2(feats, held, kernel, draws, seed)
     everyone = [base, *result.candidates]
+    masks = [getattr(c, "per_sample", {}).get("kept") for c in everyone]
+    values, reps = bootstrap_mmd2(feats, held, kernel, draws, seed, masks)
     for c, value, rep in zip(everyone, values.tolist(), reps, strict=True):
         c.mmd2, c.mmd2_se = value, float(rep.std())
     replicates = {c.strength: rep for c, rep in zip(everyone, reps, strict=True)}
@@ -598,28 +658,45 @@ def _evaluate_candidate(ctx: Any, space: _ScoringSpace, n: int, strength: float)
     )
     images = model.decode(latents.to(model.device), batch_size=cfg.batch_size)
     feats = extract(space.features, images)
-    quality = prdc(feats, space.held_feats, k=space.k)
+    quality = prdc(feats, space.held_feats, k=space.k, masks=True)
     outside = nearest_reference_distance(latents, space.guide.latents) > cfg.support_radius * ctx.bundle.bandwidth
     far = torch.tensor(garbage(feats, space.ref_feats)["mask"], dtype=torch.bool)
-    tv = agreement = None
+    keep = torch.ones(n, dtype=torch.bool)
+    tv = agreement = kept = None
+    per_sample: dict[str, torch.Tensor] = {}
     if labels is not None and ctx.judge is not None and ctx.proportions is not None:
         judged = ctx.judge(latents, images)
-        tv = class_tv(judged, ctx.proportions)
-        agreement = float((judged == labels.cpu()).double().mean())
+        agree = judged == labels.cpu()
+        agreement = float(agree.double().mean())
+        per_sample["agree"] = agree.double()
+        if label_filter_on(cfg.label_filter, ctx.judge):  # the job keeps only what the judge agrees with
+            keep, kept = agree, float(agree.double().mean())
+        tv = class_tv(judged[keep], ctx.proportions) if keep.any() else 1.0
+    bad = outside | far
+    per_sample.update(
+        kept=keep.double(),
+        in_ball=quality["in_ball"].double().cpu(),
+        hits=quality["hits"].double().cpu(),
+        garbage=bad.double(),
+        outside=outside.double().cpu(),
+    )
+    kept_feats = feats[keep] if keep.any() else feats[:0]
     c = Candidate(
         strength=strength,
         mmd2=math.nan,  # set by `search` from all candidates' features at once, with its standard error
-        precision=quality["precision"],
+        precision=_share(quality["in_ball"].cpu(), keep),
         recall=quality["recall"],
-        coverage=quality["coverage"],
-        garbage=float((outside | far).double().mean()),
-        spread=float(nearest_neighbour_distances(feats).median()),
+        coverage=float(quality["hits"].cpu()[keep].any(0).double().mean()) if keep.any() else 0.0,
+        garbage=_share(bad, keep),
+        spread=float(nearest_neighbour_distances(kept_feats).median()) if len(kept_feats) > 1 else 0.0,
         class_tv=tv,
         seconds=time.perf_counter() - t,
         agreement=agreement,
-        outside=float(outside.double().mean()),
-        far=float(far.double().mean()),
+        kept=kept,
+        outside=_share(outside.cpu(), keep),
+        far=_share(far, keep),
     )
+    c.per_sample = per_sample  # for the paired bootstrap of the constraints (not part of the record)
     log.info(
         "pilot s=%g: precision %.3f, coverage %.3f, garbage %.3f (outside %.3f, far %.3f)%s (%.1f s)",
         strength,
@@ -632,6 +709,11 @@ def _evaluate_candidate(ctx: Any, space: _ScoringSpace, n: int, strength: float)
         c.seconds,
     )
     return c, feats
+
+
+def _share(flags: torch.Tensor, keep: torch.Tensor) -> float:
+    """The share of the kept samples that are flagged (0 when none is kept)."""
+    return float(flags[keep].double().mean()) if keep.any() else 0.0
 
 
 def _record(

@@ -27,7 +27,7 @@ from pydantic.fields import FieldInfo
 
 from ..config import CONFIG_FILE_ONLY, AugmentConfig
 
-_NUMBER_NAMES = {int: "INTEGER", float: "FLOAT", str: "TEXT"}
+_NUMBER_NAMES = {int: "INTEGER", float: "FLOAT", str: "TEXT", bool: "true|false"}
 
 
 def flag(name: str) -> str:

@@ -51,6 +51,9 @@ class LabelledImages:
     images: torch.Tensor  # [n, C, H, W] in [−1, 1]
     labels: torch.Tensor  # [n] indices into `classes`
     classes: list[str]
+    #: Optional soft labels [n, len(classes)]: one probability vector per image (the `soft` recipe's targets
+    #: for synthetic samples); None: the hard `labels` (one-hot).
+    soft: torch.Tensor | None = None
 
 
 def run_samples(run_dir: str | Path, classes: list[str], limit: int | None = None) -> LabelledImages:
@@ -105,11 +108,25 @@ def train_and_test(
 # --------------------------------------------------------------------------------------------------------
 
 #: mix: references ∪ synthetic, uniform over images; balanced: each batch half references, half synthetic
-#: (the references oversampled); finetune: the mix, then the references alone for a fraction more steps.
-RECIPES: tuple[str, ...] = ("mix", "balanced", "finetune")
+#: (the references oversampled); finetune: the mix, then the references alone for a fraction more steps;
+#: pretrain: the synthetic samples alone, then the references alone for a fraction more steps at a lower lr;
+#: soft: balanced, with the synthetic samples' soft labels (`LabelledImages.soft`) as their targets.
+RECIPES: tuple[str, ...] = ("mix", "balanced", "finetune", "pretrain", "soft")
 
-#: A batch drawer: generator -> (images [B, C, H, W], labels [B], is_reference [B] bool).
+#: Which drawn images get `random_affine`: none; the references only ("real"); every draw ("all").
+AFFINE_MODES: tuple[str, ...] = ("none", "real", "all")
+
+#: A batch drawer: generator -> (images [B, C, H, W], labels [B] (or soft targets [B, C]), is_reference [B]).
 BatchSampler = Callable[[torch.Generator], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+
+
+def affine_mode(affine: bool | str) -> str:
+    """The augmentation setting as one of AFFINE_MODES; the old bool still works (True = "real")."""
+    if isinstance(affine, bool):
+        return "real" if affine else "none"
+    if affine not in AFFINE_MODES:
+        raise ValueError(f"unknown affine setting {affine!r}: one of {AFFINE_MODES} (or a bool)")
+    return affine
 
 
 def random_affine(
@@ -156,23 +173,32 @@ def batch_sampler(
     batch_size: int,
     *,
     real_share: float | None = None,
-    affine: bool = False,
+    affine: bool | str = False,
+    soft: bool = False,
 ) -> BatchSampler:
-    """Batches of `real` ∪ `synthetic` (`synthetic` None or empty: the references alone).
+    """Batches of `real` ∪ `synthetic` (`synthetic` None or empty: the references alone; `real` may be empty
+    when `real_share` is None: the synthetic samples alone).
 
     real_share None: indices uniform over the union (every image equally likely, so ~100 references among
     1,000 samples are ~9% of a batch); a number: that share of each batch from the references (rounded),
-    the rest from the synthetic samples, each uniform within its set. `affine`: each drawn reference gets
-    its own `random_affine` map (the synthetic samples are used as they are).
+    the rest from the synthetic samples, each uniform within its set. `affine` (AFFINE_MODES, or a bool:
+    True = "real"): "real": each drawn reference gets its own `random_affine` map, the synthetic samples are
+    used as they are; "all": every drawn image gets its own map. `soft`: the labels come back as targets
+    [B, C] (the images' `soft` rows where they have them, one-hot otherwise); a ValueError when the
+    synthetic samples have no soft labels.
     """
+    mode = affine_mode(affine)
     if synthetic is None or len(synthetic.labels) == 0:
         pool, n_real, real_share = real, len(real.labels), None
     else:
         if synthetic.classes != real.classes:
             raise InputError(f"synthetic classes {synthetic.classes} differ from the references' {real.classes}")
+        if soft and synthetic.soft is None:
+            raise ValueError("soft targets need the synthetic samples' soft labels (LabelledImages.soft is None)")
         pool, n_real = _concat(real, synthetic), len(real.labels)
     n_syn = len(pool.labels) - n_real
     k_real = batch_size if real_share is None else int(round(real_share * batch_size))
+    targets = _targets(pool) if soft else pool.labels
 
     def draw(gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if real_share is None:
@@ -185,12 +211,20 @@ def batch_sampler(
                 ]
             )
         x, is_real = pool.images[idx], idx < n_real
-        if affine and bool(is_real.any()):
+        moved = is_real if mode == "real" else torch.ones_like(is_real)
+        if mode != "none" and bool(moved.any()):
             x = x.clone()
-            x[is_real] = random_affine(x[is_real], gen)
-        return x, pool.labels[idx], is_real
+            x[moved] = random_affine(x[moved], gen)
+        return x, targets[idx], is_real
 
     return draw
+
+
+def _targets(images: LabelledImages) -> torch.Tensor:
+    """Soft targets [n, C]: the images' `soft` rows, or their one-hot labels."""
+    if images.soft is not None:
+        return images.soft
+    return F.one_hot(images.labels, len(images.classes)).float()
 
 
 def _fit(
@@ -200,15 +234,18 @@ def _fit(
     gen: torch.Generator,
     opt: torch.optim.Optimizer,
     sched: torch.optim.lr_scheduler.LRScheduler,
+    roll: int = 2,
 ) -> None:
-    """`steps` optimiser steps on batches from `draw`, each rolled by one random shift of up to ±2 px (the
-    mild translation every arm gets, on top of any augmentation of the sampler)."""
+    """`steps` optimiser steps on batches from `draw`, each rolled by one random shift of up to ±`roll` px
+    (the mild translation every arm gets, on top of any augmentation of the sampler; 0: none). Labels [B]
+    are hard targets, [B, C] soft ones (cross-entropy against the probability vectors)."""
     loss_fn = nn.CrossEntropyLoss()
     model.train()
     for _ in range(steps):
         x, y, _ = draw(gen)
-        shift = torch.randint(-2, 3, (2,), generator=gen).tolist()
-        x = torch.roll(x, shifts=shift, dims=(2, 3))
+        if roll:
+            shift = torch.randint(-roll, roll + 1, (2,), generator=gen).tolist()
+            x = torch.roll(x, shifts=shift, dims=(2, 3))
         loss = loss_fn(model(x), y)
         opt.zero_grad()
         loss.backward()
@@ -234,12 +271,14 @@ def train_recipe(
     seed: int,
     *,
     steps: int = 600,
-    affine: bool = False,
+    affine: bool | str = False,
     batch_size: int = 64,
     lr: float = 3e-3,
     finetune_fraction: float = 1 / 3,
     finetune_lr_factor: float = 0.1,
     width: int = 32,
+    weight_decay: float = 1e-4,
+    roll: int = 2,
 ) -> dict[str, Any]:
     """Train SmallCNN on the references `real` and the `synthetic` samples by one of RECIPES, report its
     accuracy on `test` ({"accuracy", "per_class", "steps"}).
@@ -247,37 +286,180 @@ def train_recipe(
     - mix: `steps` AdamW steps (one-cycle lr, peak `lr`) on batches uniform over real ∪ synthetic;
     - balanced: the same, each batch half references, half synthetic samples;
     - finetune: the mix, then round(`finetune_fraction`·steps) more steps on the references alone at
-      `finetune_lr_factor`·lr (a fresh AdamW, cosine decay to 0).
+      `finetune_lr_factor`·lr (a fresh AdamW, cosine decay to 0);
+    - pretrain: `steps` steps on the synthetic samples alone, then the same fine-tuning on the references;
+    - soft: balanced, the synthetic samples' targets their soft labels (`synthetic.soft`, [n, C]
+      probability vectors; cross-entropy with soft targets); a ValueError when `synthetic.soft` is None.
 
-    `synthetic` None: the references alone (every recipe is then the same `steps` steps; `finetune` adds
-    its fine-tuning steps on them). `affine`: the references (never the synthetic samples) get
-    `random_affine` augmentation, drawn anew each batch. Seeded by `seed` (initialisation, batches,
-    augmentation); the mix of the references alone without `affine` is `train_and_test`. `width`: SmallCNN's
-    first-layer channels (16 trains about 2.5x faster on a CPU than the default 32).
+    `synthetic` None (or empty): the references alone (every recipe is then the same `steps` steps;
+    `finetune` and `pretrain` add their fine-tuning steps on them). `affine` (AFFINE_MODES; the old bool:
+    True = "real"): "real": the references get `random_affine` augmentation, drawn anew each batch; "all":
+    the synthetic samples too (in every phase). Seeded by `seed` (initialisation, batches, augmentation);
+    the mix of the references alone without `affine` is `train_and_test`. `width`: SmallCNN's first-layer
+    channels (16 trains about 2.5x faster on a CPU than the default 32); `weight_decay`: AdamW's (every
+    phase); `roll`: the ±px of the random roll of every batch. The converged judge's settings are
+    `JUDGE` (see `judge`).
     """
     if recipe not in RECIPES:
         raise ValueError(f"unknown recipe {recipe!r}: one of {RECIPES}")
-    if recipe == "finetune" and finetune_fraction <= 0:
+    if recipe in ("finetune", "pretrain") and finetune_fraction <= 0:
         raise ValueError(f"finetune_fraction must be > 0, got {finetune_fraction}")
+    mode = affine_mode(affine)
+    has_synthetic = synthetic is not None and len(synthetic.labels) > 0
+    if recipe == "soft" and has_synthetic and synthetic.soft is None:  # type: ignore[union-attr]
+        raise ValueError("recipe 'soft' needs the synthetic samples' soft labels (LabelledImages.soft is None)")
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     model = SmallCNN(real.images.shape[1], len(real.classes), width=width)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps)
-    share = 0.5 if recipe == "balanced" else None
-    _fit(model, batch_sampler(real, synthetic, batch_size, real_share=share, affine=affine), steps, gen, opt, sched)
+    if recipe == "pretrain" and has_synthetic:
+        first = batch_sampler(_empty_like(real), synthetic, batch_size, affine=mode)
+    else:
+        share = 0.5 if recipe in ("balanced", "soft") else None
+        first = batch_sampler(real, synthetic, batch_size, real_share=share, affine=mode, soft=recipe == "soft")
+    _fit(model, first, steps, gen, opt, sched, roll)
     total = steps
-    if recipe == "finetune":
+    if recipe in ("finetune", "pretrain"):
         more = max(1, int(round(finetune_fraction * steps)))
-        opt = torch.optim.AdamW(model.parameters(), lr=lr * finetune_lr_factor, weight_decay=1e-4)
+        opt = torch.optim.AdamW(model.parameters(), lr=lr * finetune_lr_factor, weight_decay=weight_decay)
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=more)
-        _fit(model, batch_sampler(real, None, batch_size, affine=affine), more, gen, opt, sched)
+        _fit(model, batch_sampler(real, None, batch_size, affine=mode), more, gen, opt, sched, roll)
         total += more
     return dict(_test(model, test), steps=total)
 
 
+def _empty_like(images: LabelledImages) -> LabelledImages:
+    return LabelledImages(images.images[:0], images.labels[:0], images.classes)
+
+
 def _concat(*parts: LabelledImages) -> LabelledImages:
-    return LabelledImages(torch.cat([p.images for p in parts]), torch.cat([p.labels for p in parts]), parts[0].classes)
+    """The parts one after another; soft labels where any part has them (one-hot rows for the others)."""
+    soft = torch.cat([_targets(p) for p in parts]) if any(p.soft is not None for p in parts) else None
+    return LabelledImages(
+        torch.cat([p.images for p in parts]), torch.cat([p.labels for p in parts]), parts[0].classes, soft
+    )
+
+
+# --------------------------------------------------------------------------------------------------------
+# The judge: a classifier trained to convergence, and the anchors that say whether it can decide anything
+# --------------------------------------------------------------------------------------------------------
+
+#: The converged judge's settings (train_recipe's keywords). MEASURED_PLACEHOLDER
+JUDGE_STEPS = 600
+JUDGE_WIDTH = 16
+JUDGE_BATCH = 64
+JUDGE_LR = 3e-3
+JUDGE_WEIGHT_DECAY = 1e-4
+JUDGE_ROLL = 2
+JUDGE: dict[str, Any] = {
+    "steps": JUDGE_STEPS,
+    "width": JUDGE_WIDTH,
+    "batch_size": JUDGE_BATCH,
+    "lr": JUDGE_LR,
+    "weight_decay": JUDGE_WEIGHT_DECAY,
+    "roll": JUDGE_ROLL,
+}
+
+#: Doubling the training steps must move the references-alone accuracy by less than this (points) for the
+#: judge to count as converged.
+CONVERGED_POINTS = 0.5
+
+ANCHOR_ARMS: tuple[str, ...] = ("refs", "refs_aug", "oracle", "refs_2x")
+
+
+def judge(
+    real: LabelledImages,
+    synthetic: LabelledImages | None,
+    test: LabelledImages,
+    seed: int,
+    *,
+    recipe: str = "mix",
+    affine: bool | str = "none",
+    **overrides: Any,
+) -> dict[str, Any]:
+    """`train_recipe` with the converged judge's settings (`JUDGE`, any of them overridden by keyword)."""
+    return train_recipe(recipe, real, synthetic, test, seed, affine=affine, **{**JUDGE, **overrides})
+
+
+def _summary(accuracies: list[float]) -> dict[str, Any]:
+    acc = np.asarray(accuracies, dtype=float)
+    return {
+        "accuracies": acc.tolist(),
+        "mean": float(acc.mean()),
+        "std": float(acc.std(ddof=1)) if len(acc) > 1 else 0.0,
+    }
+
+
+def anchor_flags(refs: float, refs_aug: float, oracle: float, refs_2x: float) -> dict[str, bool]:
+    """The judge's sanity flags from the anchors' mean accuracies: converged (doubling the steps moves the
+    references alone by < CONVERGED_POINTS), aug_helps (standard augmentation beats the references alone),
+    oracle_helps (1,000 more real images beat both), usable (all three: the domain may decide)."""
+    flags = {
+        "converged": bool(abs(refs_2x - refs) * 100 < CONVERGED_POINTS),
+        "aug_helps": bool(refs_aug > refs),
+        "oracle_helps": bool(oracle > max(refs, refs_aug)),
+    }
+    return dict(flags, usable=all(flags.values()))
+
+
+def anchors(
+    refs: LabelledImages,
+    oracle_extra: LabelledImages,
+    test: LabelledImages,
+    *,
+    seeds: int = 3,
+    steps: int = JUDGE_STEPS,
+    **overrides: Any,
+) -> dict[str, Any]:
+    """The judge's yardstick on one domain, every arm over `seeds` seeds (0..seeds−1) with `judge`'s settings:
+
+    - refs: the references alone; refs_2x: the same at 2·`steps` (is the judge converged?);
+    - refs_aug: the references with `random_affine` augmentation (the practitioner's free alternative);
+    - oracle: the references + `oracle_extra` (more real labelled target images), augmented like refs_aug
+      (the ceiling of the augmented recipe).
+
+    Returns {arm: {"accuracies", "mean", "std"}} for ANCHOR_ARMS, the flags of `anchor_flags` at the top
+    level (converged, aug_helps, oracle_helps, usable) and "settings". Domains that are not `usable` should
+    not decide anything: their judge cannot tell real data from none.
+    """
+    if oracle_extra.classes != refs.classes:
+        raise InputError(f"oracle images' classes {oracle_extra.classes} differ from the references' {refs.classes}")
+    kw = {**overrides, "steps": steps}
+    plan = {
+        "refs": (refs, "none", steps),
+        "refs_aug": (refs, "real", steps),
+        "oracle": (_concat(refs, oracle_extra), "real", steps),
+        "refs_2x": (refs, "none", 2 * steps),
+    }
+    out: dict[str, Any] = {}
+    for arm, (train, affine, arm_steps) in plan.items():
+        runs = [judge(train, None, test, seed, affine=affine, **{**kw, "steps": arm_steps}) for seed in range(seeds)]
+        out[arm] = _summary([r["accuracy"] for r in runs])
+    out.update(anchor_flags(*(out[a]["mean"] for a in ANCHOR_ARMS)))
+    out["settings"] = {
+        **JUDGE,
+        **kw,
+        "seeds": seeds,
+        "n_refs": len(refs.labels),
+        "n_oracle_extra": len(oracle_extra.labels),
+        "n_test": len(test.labels),
+    }
+    return out
+
+
+def relative(accuracy: float, anchors: dict[str, Any]) -> dict[str, float | None]:
+    """An accuracy against a domain's anchors: vs_refs and vs_aug in points (100 × the difference from the
+    references alone and from the augmented references), gap_closed = (accuracy − refs_aug) / (oracle −
+    refs_aug): 0 = no better than augmentation, 1 = as good as 1,000 more real images (None when the oracle
+    does not beat augmentation: no gap to close)."""
+    refs, aug, oracle = (float(anchors[a]["mean"]) for a in ("refs", "refs_aug", "oracle"))
+    gap = oracle - aug
+    return {
+        "vs_refs": 100 * (accuracy - refs),
+        "vs_aug": 100 * (accuracy - aug),
+        "gap_closed": (accuracy - aug) / gap if gap > 0 else None,
+    }
 
 
 def utility_eval(
@@ -288,10 +470,25 @@ def utility_eval(
     real_test: str | Path | None = None,
     test_fraction: float = 0.4,
     seeds: int = 3,
-    steps: int = 600,
+    steps: int | None = None,
     limit: int | None = None,
+    recipe: str = "mix",
+    affine: bool | str = "none",
+    anchors_real: str | Path | None = None,
 ) -> dict[str, Any]:
-    """Held-out accuracy (mean ± std over seeds, per class) for the arms (a)-(d)."""
+    """Held-out accuracy (mean ± std over seeds, per class) for the arms (a)-(d), each trained by the judge
+    (`JUDGE`; `steps` None: JUDGE_STEPS) with `recipe` and `affine`: (a) the real train part alone, (b) it
+    + the run's samples, (c) the samples alone (augmented only under affine "all"), (d) real + the unguided
+    run's samples. `anchors_real`: a folder of more real labelled target images (disjoint from the test
+    images): also the judge's anchors on this data (`anchors`: refs, refs_aug, oracle, refs_2x and the
+    flags) and every arm relative to them (`relative`)."""
+    if recipe not in RECIPES:
+        raise InputError(f"unknown recipe {recipe!r}: one of {', '.join(RECIPES)}")
+    try:
+        affine = affine_mode(affine)
+    except ValueError as exc:
+        raise InputError(str(exc)) from exc
+    steps = JUDGE_STEPS if steps is None else steps
     real_all = None
     if real_test is None:
         real_all = folder_images(real, channels=1, size=32)
@@ -303,20 +500,36 @@ def utility_eval(
             raise InputError(f"{real_test}: classes {test.classes} differ from {real}'s {real_train.classes}")
     size = real_train.images.shape[-1]
     classes = real_train.classes
+    oracle_extra = None
+    if anchors_real is not None:
+        oracle_extra = folder_images(anchors_real, channels=1, size=32)
+        if oracle_extra.classes != classes:
+            raise InputError(f"{anchors_real}: classes {oracle_extra.classes} differ from {real}'s {classes}")
     synthetic = run_samples(run_dir, classes, limit)
     if synthetic.images.shape[-1] != size or synthetic.images.shape[1] != real_train.images.shape[1]:
         synthetic.images = torch.nn.functional.interpolate(synthetic.images, size=(size, size), mode="bilinear")
-    arms = {"a_real": real_train, "b_real_plus_synthetic": _concat(real_train, synthetic), "c_synthetic": synthetic}
+    if recipe == "soft" and synthetic.soft is None:
+        raise InputError(f"{run_dir}: recipe 'soft' needs soft labels for the samples, and a run records hard ones")
+    # arm -> (references, synthetic, recipe); (c) trains on the samples alone (no references) by the mix
+    arms: dict[str, tuple[LabelledImages, LabelledImages | None, str]] = {
+        "a_real": (real_train, None, recipe),
+        "b_real_plus_synthetic": (real_train, synthetic, recipe),
+        "c_synthetic": (_empty_like(real_train), synthetic, "mix"),
+    }
     if unguided_run is not None:
-        arms["d_real_plus_unguided"] = _concat(real_train, run_samples(unguided_run, classes, len(synthetic.labels)))
+        arms["d_real_plus_unguided"] = (real_train, run_samples(unguided_run, classes, len(synthetic.labels)), recipe)
     results: dict[str, Any] = {
         "settings": {
             "run": str(run_dir),
             "real": str(real),
             "real_test": str(real_test) if real_test else None,
             "unguided_run": str(unguided_run) if unguided_run else None,
+            "anchors_real": str(anchors_real) if anchors_real else None,
             "seeds": seeds,
             "steps": steps,
+            "recipe": recipe,
+            "affine": affine,
+            "judge": {**JUDGE, "steps": steps},
             "n_real_train": len(real_train.labels),
             "n_test": len(test.labels),
             "n_synthetic": len(synthetic.labels),
@@ -324,8 +537,8 @@ def utility_eval(
         },
         "arms": {},
     }
-    for name, train in arms.items():
-        runs = [train_and_test(train, test, seed, steps=steps) for seed in range(seeds)]
+    for name, (refs, syn, arm_recipe) in arms.items():
+        runs = [judge(refs, syn, test, seed, recipe=arm_recipe, affine=affine, steps=steps) for seed in range(seeds)]
         acc = np.array([r["accuracy"] for r in runs])
         per_class = {c: float(np.mean([r["per_class"].get(c, np.nan) for r in runs])) for c in classes}
         results["arms"][name] = {
@@ -333,14 +546,42 @@ def utility_eval(
             "accuracy_std": float(acc.std(ddof=1)) if len(acc) > 1 else 0.0,
             "accuracies": acc.tolist(),
             "per_class": per_class,
-            "n_train": len(train.labels),
+            "n_train": len(refs.labels) + (len(syn.labels) if syn is not None else 0),
         }
+    if oracle_extra is not None:
+        yardstick = anchors(real_train, oracle_extra, test, seeds=seeds, steps=steps)
+        results["anchors"] = yardstick
+        results["relative"] = {name: relative(arm["accuracy_mean"], yardstick) for name, arm in results["arms"].items()}
     return results
 
 
 def format_table(result: dict[str, Any]) -> str:
-    """Markdown table of the arms."""
-    lines = ["| arm | train images | held-out accuracy (mean ± std) |", "|---|---|---|"]
+    """Markdown table of the arms (and, when measured, of the anchors, their flags and each arm against them)."""
+    s = result.get("settings", {})
+    lines = [
+        f"recipe {s.get('recipe', 'mix')}, affine {s.get('affine', 'none')}, {s.get('seeds')} seeds × "
+        f"{s.get('steps')} steps",
+        "",
+        "| arm | train images | held-out accuracy (mean ± std) |",
+        "|---|---|---|",
+    ]
     for name, arm in result["arms"].items():
         lines.append(f"| {name} | {arm['n_train']} | {arm['accuracy_mean']:.3f} ± {arm['accuracy_std']:.3f} |")
+    yardstick = result.get("anchors")
+    if yardstick:
+        lines += ["", "| anchor | held-out accuracy (mean ± std) |", "|---|---|"]
+        for arm in ANCHOR_ARMS:
+            lines.append(f"| {arm} | {yardstick[arm]['mean']:.3f} ± {yardstick[arm]['std']:.3f} |")
+        flags = ", ".join(f"{f} {'yes' if yardstick[f] else 'NO'}" for f in ("converged", "aug_helps", "oracle_helps"))
+        verdict = "usable" if yardstick["usable"] else "NOT usable: this judge cannot decide on this data"
+        lines += [
+            "",
+            f"anchors: {flags} -> {verdict}",
+            "",
+            "| arm | vs refs (points) | vs refs_aug (points) | gap closed |",
+        ]
+        lines.append("|---|---|---|---|")
+        for name, rel in result.get("relative", {}).items():
+            gap = "n/a" if rel["gap_closed"] is None else f"{rel['gap_closed']:.2f}"
+            lines.append(f"| {name} | {rel['vs_refs']:+.1f} | {rel['vs_aug']:+.1f} | {gap} |")
     return "\n".join(lines)

@@ -19,12 +19,34 @@ def utility_command(
     ] = None,
     test_fraction: Annotated[float, typer.Option(help="Part of --real held out when --real-test is absent.")] = 0.4,
     seeds: Annotated[int, typer.Option(help="Training seeds per arm.")] = 3,
-    steps: Annotated[int, typer.Option(help="Training steps per classifier.")] = 600,
+    steps: Annotated[
+        int | None, typer.Option(help="Training steps per classifier (default: the converged judge's).")
+    ] = None,
     limit: Annotated[int | None, typer.Option(help="Use at most this many synthetic samples.")] = None,
+    recipe: Annotated[
+        str,
+        typer.Option(
+            help="How the samples join the real images in arms (b) and (d): mix, balanced, finetune, pretrain."
+        ),
+    ] = "mix",
+    affine: Annotated[
+        str, typer.Option(help="Random-affine augmentation of: none, real (the real images), all (real and synthetic).")
+    ] = "none",
+    anchors: Annotated[
+        Path | None,
+        typer.Option(
+            help="More real labelled images (class sub-folders, not the test images): also report the judge's "
+            "anchors (real alone, real + augmentation, real + these), its flags, and each arm against them."
+        ),
+    ] = None,
 ) -> None:
     """Train one small classifier per arm — (a) real, (b) real + synthetic, (c) synthetic, (d) real +
     unguided — and report held-out accuracy; writes RUN/utility.json and adds the tables to the run's
-    eval.json and report.html when `augment eval` has run (a later `augment eval` picks utility.json up)."""
+    eval.json and report.html when `augment eval` has run (a later `augment eval` picks utility.json up).
+    The classifier is the converged judge (`pipeline.evaluation.utility.JUDGE`); `--anchors DIR` checks that
+    it can tell data from none on this target (augmentation must help, more real data more) and reports
+    arm (b) relative to those anchors (points over real alone and over real + augmentation, share of the gap
+    to the oracle closed)."""
     from storage.atomic import atomic_write_json
     from storage.errors import InputError
     from storage.eval_io import (
@@ -49,6 +71,9 @@ def utility_command(
             seeds=seeds,
             steps=steps,
             limit=limit,
+            recipe=recipe,
+            affine=affine,
+            anchors_real=anchors,
         )
         record = read_optional_json(run / EVAL_FILE)
     except InputError as exc:

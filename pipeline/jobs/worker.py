@@ -46,7 +46,7 @@ from guidance import Kernel, MMDTarget, ProductKernel, mmd2, mmd_contributions, 
 from storage.run_folder import RunFolder
 from storage.shards import encode_png
 
-from ..checks.fidelity import LabelJudge
+from ..checks.fidelity import LabelJudge, label_filter_on
 from ..checks.reference import ReferenceBundle, outside_support
 from ..config import AugmentConfig
 from ..models import generation
@@ -210,7 +210,7 @@ def filter_shard(ctx: JobContext, shard: ShardPlan, progress: Progress | None = 
     indices = list(shard.indices)
     quotas = shard_quotas(ctx, shard.num_kept)
     num_classes = len(quotas)
-    use_judge = cfg.label_filter and ctx.judge is not None and labels is not None
+    use_judge = label_filter_on(cfg.label_filter, ctx.judge) and labels is not None
     images: dict[int, torch.Tensor] = {}
 
     def assess(lat: torch.Tensor, lab: torch.Tensor | None, first: int):

@@ -322,7 +322,7 @@ def frechet_distance(x: Tensor, y: Tensor, *, method: str = "eigh") -> dict[str,
 # --------------------------------------------------------------------------------------------------------
 
 
-def prdc(x: Tensor, y: Tensor, *, k: int = 5) -> dict[str, Any]:
+def prdc(x: Tensor, y: Tensor, *, k: int = 5, masks: bool = False) -> dict[str, Any]:
     """Precision, recall, density and coverage (Naeem et al. 2020, eqs. 1-4) of samples ``x`` against
     references ``y``, with k-nearest-neighbour balls B(p, NND_k(p)) (closed balls, distance ≤ radius):
 
@@ -330,6 +330,10 @@ def prdc(x: Tensor, y: Tensor, *, k: int = 5) -> dict[str, Any]:
     - recall: fraction of references inside some sample ball (diversity);
     - density: (1 / (k n)) Σ_samples #{reference balls containing it} (≈ 1 when x ~ y; can exceed 1);
     - coverage: fraction of references whose ball contains at least one sample.
+
+    `masks`: also return "in_ball" [n] bool (sample i inside some reference ball: precision's indicator) and
+    "hits" [n, m] bool (sample i inside reference j's ball: coverage is the share of columns with a hit), for
+    statistics of subsets or reweighted samples (the pilot's bootstrap).
     """
     x, y = as_features(x, "x"), as_features(y, "y")
     n, m = x.shape[0], y.shape[0]
@@ -352,7 +356,7 @@ def prdc(x: Tensor, y: Tensor, *, k: int = 5) -> dict[str, Any]:
             f"precision/recall/density/coverage with {min(n, m)} samples on one side and k={k} (< 10 × k): "
             "the k-NN balls are large and the values are coarse"
         )
-    return {
+    out = {
         "precision": precision,
         "recall": recall,
         "density": density,
@@ -362,6 +366,9 @@ def prdc(x: Tensor, y: Tensor, *, k: int = 5) -> dict[str, Any]:
         "m": m,
         "warnings": warns,
     }
+    if masks:
+        out["in_ball"], out["hits"] = in_ref_ball.any(1), in_ref_ball
+    return out
 
 
 # --------------------------------------------------------------------------------------------------------

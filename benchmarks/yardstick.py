@@ -1,0 +1,547 @@
+"""The yardstick suite (issue 29): a converged downstream judge, domains far from the prior, and the defaults.
+
+Every domain has ~13 labelled references per class, ~600 test images and 1,000 more real target images (the
+oracle). Near domains are documented shifts of the prior's held-out MNIST digits (`pipeline/evaluation/domains.py`:
+thick, noise; their oracle images are the same shift of the prior's training digits); far domains are digits the
+prior never saw (`pipeline/evaluation/far_domains.py`: fonts, sevenseg, textured); `inverted` (dark digits on white)
+is one it cannot draw at all, where the reach check must refuse.
+
+Per domain, in this order (every number cached under <out>/cache as soon as it is computed; rerun to resume):
+1. the judge's anchors (`pipeline.evaluation.utility.anchors`): the references alone, with standard (random
+   affine) augmentation, + the oracle images, and the references alone at twice the training steps; a domain
+   whose judge is not converged, where augmentation does not help or the oracle does not beat both, is flagged
+   and its numbers are not used to decide;
+2. labelled arms (`LABELLED_ARMS`) on the class folders, unlabelled arms (`UNLABELLED_ARMS`) on the same images in
+   one folder, each for `--gen-seeds` generation seeds, `--n` kept samples: MMD² in the shipped classifier's
+   features to the test images (ratio to the unguided arm of the same seed), garbage, label agreement, the
+   pilot's choice and cost;
+3. downstream, for labelled arms: the judge trained by each recipe of `RECIPES` (the default arm; the others
+   by `--recipe`) for `--train-seeds` seeds, reported against the references alone, against the references with
+   augmentation, and as the share of the gap from augmentation to the oracle it closes;
+4. the pilot's choice for a third seed (the default arm), for the stability floor;
+5. the size curve on two far domains: the default arm with `--curve` kept samples (the first 250 / 1,000 of one
+   4,000-sample run: nested subsets), by the recommended recipe.
+Then a results table (<out>/results.md and, with `--results`, between the markers of docs/results.md) and seed-0
+sample grids (docs/results/yardstick/<domain>.png).
+
+    python benchmarks/yardstick.py --out runs/yardstick --results docs/results.md    # ~60-80 min on 2 cores
+    python benchmarks/yardstick.py --smoke --out /tmp/yardstick                     # the test suite: seconds
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from pipeline.config import AugmentConfig
+from pipeline.evaluation.domains import DOMAINS, make_domain
+from pipeline.evaluation.far_domains import FAR_DOMAINS, make_far_domain
+from pipeline.evaluation.report import grids_figure
+from pipeline.evaluation.utility import (
+    JUDGE_STEPS,
+    LabelledImages,
+    anchors,
+    folder_images,
+    judge,
+    relative,
+    run_samples,
+)
+from pipeline.jobs.job import build_context, run_job
+from pipeline.measures import metrics as M
+from pipeline.measures.features import classifier_extractor, extract, load_shipped_classifier
+from pipeline.models.prior_data import load_mnist_arrays, mnist_split
+from storage.errors import InputError
+
+REPO = Path(__file__).resolve().parent.parent
+START, END = "<!-- yardstick:start -->", "<!-- yardstick:end -->"
+NEAR, FAR, UNREACHABLE = ("thick", "noise"), ("fonts", "sevenseg", "textured"), ("inverted",)
+#: Arms: settings on top of the defaults (`strength auto`, CFG auto, label filter auto, pseudo-classes on).
+LABELLED_ARMS: dict[str, dict[str, Any]] = {
+    "unguided": {"guidance": "none"},
+    "default": {},
+    "s0.16": {"strength": 0.16},
+}
+UNLABELLED_ARMS: dict[str, dict[str, Any]] = {"unguided": {"guidance": "none"}, "default": {}}
+#: Downstream recipes (name -> train_recipe arguments): references + ours; + standard augmentation of the
+#: references; + augmentation of ours too; pre-training on ours then fine-tuning on the references.
+RECIPES: dict[str, dict[str, Any]] = {
+    "refs+ours": {"recipe": "mix", "affine": "none"},
+    "refs+aug+ours": {"recipe": "mix", "affine": "real"},
+    "refs+aug+aug(ours)": {"recipe": "balanced", "affine": "all"},
+    "pretrain(ours)+aug": {"recipe": "pretrain", "affine": "real"},
+}
+PER_CLASS = {"refs": 13, "test": 60, "oracle": 100}
+
+
+# ------------------------------------------------------------------------------------------------ data
+
+
+def _write(root: Path, images: np.ndarray, labels: np.ndarray, flat: bool = False) -> None:
+    for i, (img, label) in enumerate(zip(images, labels, strict=True)):
+        folder = root if flat else root / str(int(label))
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.asarray(img, dtype=np.uint8), mode="L").save(folder / f"{int(label)}_{i:05d}.png")
+
+
+def prepare(out: Path, name: str, per_class: dict[str, int]) -> Path:
+    """The domain's folders (once): refs/ (class folders), refs_flat/, test/, oracle/."""
+    root = out / "data" / name
+    if (root / "done").is_file():
+        return root
+    if name in FAR_DOMAINS:
+        d = make_far_domain(
+            name,
+            references_per_class=per_class["refs"],
+            test_per_class=per_class["test"],
+            oracle_per_class=per_class["oracle"],
+        )
+        splits = {"refs": (d.ref_images, d.ref_labels), "test": (d.test_images, d.test_labels)}
+        splits["oracle"] = (d.oracle_images, d.oracle_labels)
+    else:
+        x, y = load_mnist_arrays()
+        train_rows, held = mnist_split()
+        spec = DOMAINS[name].__class__(
+            **{**DOMAINS[name].__dict__, "references": dict.fromkeys(range(10), per_class["refs"])}
+        )
+        d = make_domain(spec, x, y, held)
+        keep = np.concatenate([np.flatnonzero(d.test_labels == c)[: per_class["test"]] for c in range(10)])
+        rng = np.random.default_rng([7, *name.encode()])
+        oracle_rows = np.concatenate(
+            [rng.choice(train_rows[y[train_rows] == c], per_class["oracle"], replace=False) for c in range(10)]
+        )
+        pixels = np.asarray(x, dtype=np.uint8).reshape(-1, 28, 28)
+        splits = {
+            "refs": (d.ref_images, d.ref_labels),
+            "test": (d.test_images[keep], d.test_labels[keep]),
+            "oracle": (spec.shift(pixels[oracle_rows], rng), y[oracle_rows]),
+        }
+    if root.exists():
+        shutil.rmtree(root)
+    for split, (images, labels) in splits.items():
+        _write(root / split, images, labels)
+    _write(root / "refs_flat", *splits["refs"], flat=True)
+    (root / "done").write_text(json.dumps({k: len(v[1]) for k, v in splits.items()}))
+    return root
+
+
+# ------------------------------------------------------------------------------------------------ cache
+
+
+def cached(path: Path, compute: Any) -> Any:
+    """`compute()`'s JSON result, computed once (the suite resumes from these files)."""
+    if path.is_file():
+        return json.loads(path.read_text())
+    value = compute()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(value, indent=1, default=float))
+    tmp.replace(path)
+    return value
+
+
+# ------------------------------------------------------------------------------------------------ runs
+
+
+def arm_config(root: Path, out: Path, arm: dict[str, Any], args: argparse.Namespace, seed: int, n: int, flat: bool):
+    return AugmentConfig(
+        ref=str(root / ("refs_flat" if flat else "refs")),
+        out=str(out),
+        n=n,
+        seed=seed,
+        steps=args.steps,
+        shard_size=max(n, 1),
+        batch_size=64,
+        cache_dir=str(args.out / "refcache"),
+        progress="quiet",
+        device="cpu",
+        **({"pilot_samples": 8, "pilot_max_strength": 0.04} if args.smoke else {}),
+        **arm,
+    )
+
+
+def generate(cfg: AugmentConfig) -> dict[str, Any]:
+    """Run the job (or resume it) and return its record, or the reason it refused."""
+    try:
+        run_job(cfg)
+    except InputError as exc:
+        return {"refused": str(exc).splitlines()[0]}
+    return json.loads((Path(cfg.out) / "run.json").read_text())
+
+
+class Scorer:
+    """The shipped classifier's features (MMD², garbage: a space independent of the guided latents) and digits."""
+
+    def __init__(self) -> None:
+        self.classifier = load_shipped_classifier()
+        self.features = classifier_extractor(self.classifier)
+
+    def feats(self, images: torch.Tensor) -> torch.Tensor:
+        return extract(self.features, images)
+
+    def digits(self, images: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return torch.cat([self.classifier.fc(self.features.fn(c)).argmax(1) for c in images.split(256)])
+
+    def set_metrics(self, images: torch.Tensor, test: LabelledImages, record: dict[str, Any]) -> dict[str, Any]:
+        """MMD² (unbiased, RBF with the test features' median bandwidth) and garbage against the test images."""
+        f_syn, f_test = self.feats(images), self.feats(test.images)
+        pilot = record.get("pilot") or {}
+        return {
+            "kept": len(images),
+            "mmd2": float(M.mmd2_permutation_test(f_syn, f_test, n_permutations=0)["mmd2"]),
+            "garbage": M.garbage(f_syn, f_test)["rate"],
+            "strength": record["summary"].get("strength"),
+            "pilot_cost": pilot.get("cost_fraction_of_job"),
+            "seconds": record["summary"].get("seconds", {}).get("total"),
+        }
+
+
+def downstream(
+    refs: LabelledImages,
+    syn: LabelledImages,
+    test: LabelledImages,
+    recipes: list[str],
+    args: argparse.Namespace,
+    anchor,
+) -> dict[str, Any]:
+    """The judge trained by each recipe for `--train-seeds` seeds, against the domain's anchors."""
+    out = {}
+    for name in recipes:
+        accs = [
+            judge(refs, syn, test, seed, steps=args.judge_steps, **_judge_kw(args), **RECIPES[name])["accuracy"]
+            for seed in range(args.train_seeds)
+        ]
+        acc = float(np.mean(accs))
+        out[name] = {"accuracy": acc, "accuracies": accs, **relative(acc, anchor)}
+    return out
+
+
+def _judge_kw(args: argparse.Namespace) -> dict[str, Any]:
+    return {} if args.judge_lr is None else {"lr": args.judge_lr}
+
+
+# ------------------------------------------------------------------------------------------------ one domain
+
+
+def run_domain(name: str, args: argparse.Namespace, scorer: Scorer) -> dict[str, Any]:
+    """Everything of one domain (cached: a rerun, or another process's run, reuses it); `minutes` is the time it
+    took when it was computed."""
+    t0 = time.perf_counter()
+    result = _domain(name, args, scorer)
+    result["minutes"] = cached(args.out / "cache" / name / "minutes.json", lambda: (time.perf_counter() - t0) / 60)
+    return result
+
+
+def _domain(name: str, args: argparse.Namespace, scorer: Scorer) -> dict[str, Any]:
+    root = prepare(args.out, name, args.per_class)
+    cache = args.out / "cache" / name
+    refs = folder_images(root / "refs", channels=1, size=32)
+    test = folder_images(root / "test", channels=1, size=32)
+    oracle = folder_images(root / "oracle", channels=1, size=32)
+    result: dict[str, Any] = {"domain": name, "far": name not in NEAR, "reachable": name not in UNREACHABLE}
+    if name in UNREACHABLE:  # the reach check must refuse: nothing else to measure
+        cfg = arm_config(root, args.out / "runs" / name / "reach", {}, args, 0, args.n, flat=False)
+        result["reach"] = cached(cache / "reach.json", lambda: _reach(cfg))
+        return result
+    result["anchors"] = cached(
+        cache / "anchors.json",
+        lambda: anchors(refs, oracle, test, seeds=args.train_seeds, steps=args.judge_steps, **_judge_kw(args)),
+    )
+    result["labelled"], result["unlabelled"] = {}, {}
+    for variant, arms in (("labelled", LABELLED_ARMS), ("unlabelled", UNLABELLED_ARMS)):
+        for arm, settings in arms.items():
+            for seed in range(args.gen_seeds):
+                key = f"{variant}/{arm}/seed{seed}"
+                result[variant][key] = cached(
+                    cache / f"{key}.json",
+                    lambda a=arm, st=settings, sd=seed, v=variant: _arm(
+                        root, name, v, a, st, sd, args, scorer, refs, test, result.get("anchors")
+                    ),
+                )
+    result["pilot_seeds"] = {
+        variant: [
+            cached(cache / f"pilot/{variant}{seed}.json", lambda v=variant, sd=seed: _pilot_choice(root, v, sd, args))
+            for seed in range(args.pilot_seeds)
+        ]
+        for variant in ("labelled", "unlabelled")
+    }
+    if name in args.curve_domains:
+        result["curve"] = cached(cache / "curve.json", lambda: _curve(root, name, args, refs, test, result["anchors"]))
+    return result
+
+
+def _reach(cfg: AugmentConfig) -> dict[str, Any]:
+    try:
+        ctx = build_context(cfg, check_reach=True, pilot=False)
+    except InputError as exc:
+        return {"refused": True, "message": str(exc).splitlines()[0]}
+    return {"refused": False, "verdict": ctx.reach["verdict"] if ctx.reach else None}
+
+
+def _arm(root, name, variant, arm, settings, seed, args, scorer, refs, test, anchor) -> dict[str, Any]:
+    out = args.out / "runs" / name / variant / arm / f"seed{seed}"
+    record = generate(arm_config(root, out, settings, args, seed, args.n, flat=variant == "unlabelled"))
+    if "refused" in record:
+        return record
+    syn_images = _kept_images(out, refs.classes, variant)
+    metrics = scorer.set_metrics(syn_images.images, test, record)
+    metrics["label_fidelity"] = record.get("label_fidelity")
+    if variant == "labelled":
+        digits = scorer.digits(syn_images.images)
+        target = torch.tensor([int(refs.classes[int(c)]) for c in syn_images.labels])
+        metrics["label_agreement"] = float((digits == target).double().mean())
+        recipes = list(RECIPES) if arm == "default" else [args.recipe]
+        metrics["downstream"] = downstream(refs, syn_images, test, recipes, args, anchor)
+    if seed == 0:
+        grid = args.out / "grids" / f"{name}-{variant}-{arm}.pt"
+        grid.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(syn_images.images[:64].clone(), grid)
+    return metrics
+
+
+def _kept_images(out: Path, classes: list[str], variant: str) -> LabelledImages:
+    if variant == "labelled":
+        return run_samples(out, classes)
+    from domain_suite import run_images
+
+    images = run_images(out)
+    return LabelledImages(images, torch.zeros(len(images), dtype=torch.long), classes)
+
+
+def _pilot_choice(root: Path, variant: str, seed: int, args: argparse.Namespace) -> dict[str, Any]:
+    """The default arm's pilot alone for this seed (its choice and cost; the pilot's stability floor)."""
+    cfg = arm_config(root, args.out / "runs" / "pilot-only", {}, args, seed, args.n, flat=variant == "unlabelled")
+    try:
+        ctx = build_context(cfg, check_reach=False)
+    except InputError as exc:
+        return {"refused": str(exc).splitlines()[0]}
+    return {"chosen": ctx.pilot["chosen"], "cost": ctx.pilot.get("cost_fraction_of_job"), "seed": seed}
+
+
+def _curve(root, name, args, refs, test, anchor) -> dict[str, Any]:
+    """The default arm at the largest curve size; smaller sizes are its first kept samples (nested subsets)."""
+    n = max(args.curve)
+    out = args.out / "runs" / name / "curve"
+    record = generate(arm_config(root, out, {}, args, 0, n, flat=False))
+    if "refused" in record:
+        return record
+    syn = run_samples(out, refs.classes)
+    points = {}
+    for size in args.curve:
+        sub = LabelledImages(syn.images[:size], syn.labels[:size], syn.classes)
+        points[str(size)] = downstream(refs, sub, test, [args.recipe], args, anchor)[args.recipe]
+    return {"strength": record["summary"].get("strength"), "points": points}
+
+
+# ------------------------------------------------------------------------------------------------ report
+
+
+def _mean(values: list[Any]) -> float | None:
+    values = [v for v in values if v is not None]
+    return float(np.mean(values)) if values else None
+
+
+def _fmt(x: Any, digits: int = 3, signed: bool = False) -> str:
+    if x is None:
+        return "–"
+    return f"{x:+.{digits}f}" if signed else f"{x:.{digits}f}"
+
+
+def render(results: list[dict[str, Any]], args: argparse.Namespace, seconds: float) -> str:
+    lines = [
+        f"Yardstick suite ({sum(r.get('minutes') or 0 for r in results):.0f} min of computing on this 2-core CPU; "
+        f"{args.gen_seeds} generation seed(s), "
+        f"{args.train_seeds} training seed(s), {args.n} kept samples per run, {args.steps} sampling steps; judge "
+        f"{args.judge_steps} steps). Command: `python benchmarks/yardstick.py {' '.join(args.argv)}`.",
+        "",
+        "**The judge's anchors** (test accuracy, mean over training seeds; flags: converged = doubling the steps "
+        "moves the references alone < 0.5 points, aug = augmentation beats the references, oracle = 1,000 more real "
+        "images beat both):",
+        "",
+        "| domain | kind | refs | refs + aug | oracle | refs, 2x steps | converged | aug | oracle | usable |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        a = r.get("anchors")
+        if a is None:
+            reach = r.get("reach", {})
+            said = "refused" if reach.get("refused") else "did not refuse"
+            lines.append(f"| {r['domain']} | unreachable | reach check {said} | | | | | | | |")
+            continue
+        accs = " | ".join(f"{a[arm]['mean']:.3f}" for arm in ("refs", "refs_aug", "oracle", "refs_2x"))
+        flags = " | ".join("✓" if a[k] else "✗" for k in ("converged", "aug_helps", "oracle_helps", "usable"))
+        lines.append(f"| {r['domain']} | {'far' if r['far'] else 'near'} | {accs} | {flags} |")
+    lines += ["", *_downstream_table(results), "", *_alignment_table(results), "", *_curve_lines(results)]
+    return "\n".join(lines)
+
+
+def _downstream_table(results: list[dict[str, Any]]) -> list[str]:
+    lines = [
+        "**Downstream** (labelled arms; points against the references alone / against the references with "
+        "augmentation, and the share of the gap from augmentation to the oracle closed; mean over generation and "
+        "training seeds; ✗ domains are flagged and excluded from the averages):",
+        "",
+        "| arm | recipe | " + " | ".join(r["domain"] for r in results if "anchors" in r) + " | mean (usable far) |",
+        "|---|---|" + "---|" * (sum("anchors" in r for r in results) + 1),
+    ]
+    rows: dict[tuple[str, str], dict[str, list]] = {}
+    for r in results:
+        for key, m in r.get("labelled", {}).items():
+            arm = key.split("/")[1]
+            for recipe, d in (m.get("downstream") or {}).items():
+                rows.setdefault((arm, recipe), {}).setdefault(r["domain"], []).append(d)
+    for (arm, recipe), by_domain in rows.items():
+        cells, far_vs_aug = [], []
+        for r in results:
+            if "anchors" not in r:
+                continue
+            ds = by_domain.get(r["domain"], [])
+            vs_refs, vs_aug = _mean([d["vs_refs"] for d in ds]), _mean([d["vs_aug"] for d in ds])
+            gap = _mean([d["gap_closed"] for d in ds])
+            mark = "" if r["anchors"]["usable"] else " ✗"
+            cells.append(f"{_fmt(vs_refs, 1, True)} / {_fmt(vs_aug, 1, True)} / {_fmt(gap, 2)}{mark}")
+            if r["far"] and r["anchors"]["usable"] and vs_aug is not None:
+                far_vs_aug.append(vs_aug)
+        lines.append(f"| {arm} | {recipe} | " + " | ".join(cells) + f" | {_fmt(_mean(far_vs_aug), 1, True)} vs aug |")
+    return lines
+
+
+def _alignment_table(results: list[dict[str, Any]]) -> list[str]:
+    lines = [
+        "**Alignment and fidelity** (shipped classifier's features, to the test images; MMD² ratio to the unguided "
+        "arm of the same seed; garbage; label agreement of labelled runs; the pilot's choices per seed):",
+        "",
+        "| domain | variant | arm | MMD² ratio | garbage | label agreement | strength (seeds) | pilot cost |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        for variant in ("labelled", "unlabelled"):
+            runs = r.get(variant, {})
+            base = {k.split("/")[2]: m for k, m in runs.items() if k.split("/")[1] == "unguided"}
+            arms = dict.fromkeys(k.split("/")[1] for k in runs)
+            for arm in arms:
+                ms = {k.split("/")[2]: m for k, m in runs.items() if k.split("/")[1] == arm and "mmd2" in m}
+                ratio = _mean([m["mmd2"] / base[s]["mmd2"] for s, m in ms.items() if s in base and base[s].get("mmd2")])
+                strengths = [m.get("strength") for m in ms.values()]
+                if arm == "default":
+                    strengths += [p.get("chosen") for p in r.get("pilot_seeds", {}).get(variant, [])[len(ms) :]]
+                garbage = _mean([m["garbage"] for m in ms.values()])
+                lines.append(
+                    f"| {r['domain']} | {variant} | {arm} | {_fmt(ratio)} | {_fmt(garbage)} "
+                    f"| {_fmt(_mean([m.get('label_agreement') for m in ms.values()]))} | "
+                    f"{' / '.join(_fmt(s, 2) if isinstance(s, float) else str(s) for s in strengths)} "
+                    f"| {_fmt(_mean([m.get('pilot_cost') for m in ms.values()]), 3)} |"
+                )
+    return lines
+
+
+def _curve_lines(results: list[dict[str, Any]]) -> list[str]:
+    lines = ["**Size curve** (default arm, generation seed 0; points against the references with augmentation):", ""]
+    for r in results:
+        curve = r.get("curve")
+        if not curve or "points" not in curve:
+            continue
+        pts = ", ".join(f"{n}: {_fmt(p['vs_aug'], 1, True)}" for n, p in curve["points"].items())
+        lines.append(f"- {r['domain']} (s = {curve.get('strength')}): {pts}")
+    return lines
+
+
+def write_grids(results: list[dict[str, Any]], args: argparse.Namespace, folder: Path) -> list[Path]:
+    written = []
+    for r in results:
+        panels = []
+        for variant, arm in (("labelled", "unguided"), ("labelled", "default"), ("unlabelled", "default")):
+            path = args.out / "grids" / f"{r['domain']}-{variant}-{arm}.pt"
+            if path.is_file():
+                panels.append((f"{variant} {arm}", torch.load(path)))
+        refs = folder_images(args.out / "data" / r["domain"] / "refs", channels=1, size=32).images
+        panels.insert(0, ("references", refs[:64]))
+        folder.mkdir(parents=True, exist_ok=True)
+        target = folder / f"{r['domain']}.png"
+        target.write_bytes(grids_figure(panels))
+        written.append(target)
+    return written
+
+
+# ------------------------------------------------------------------------------------------------ main
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--results", type=Path, default=None, help="markdown file to put the table into (markers)")
+    ap.add_argument("--grids", type=Path, default=REPO / "docs" / "results" / "yardstick")
+    ap.add_argument("--domains", nargs="*", default=[*NEAR, *FAR, *UNREACHABLE])
+    ap.add_argument("--n", type=int, default=300)
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--gen-seeds", type=int, default=2)
+    ap.add_argument("--train-seeds", type=int, default=3)
+    ap.add_argument("--pilot-seeds", type=int, default=3)
+    ap.add_argument("--judge-steps", type=int, default=JUDGE_STEPS)
+    ap.add_argument("--judge-lr", type=float, default=None, help="the judge's peak learning rate (default: JUDGE's)")
+    ap.add_argument("--recipe", default="refs+aug+aug(ours)", choices=list(RECIPES))
+    ap.add_argument("--curve", type=int, nargs="*", default=[250, 1000, 4000])
+    ap.add_argument("--curve-domains", nargs="*", default=["fonts", "sevenseg"])
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (1: run two processes side by side)")
+    ap.add_argument("--smoke", action="store_true", help="one near and one far domain, tiny: seconds")
+    args = ap.parse_args(argv)
+    args.argv = list(argv if argv is not None else sys.argv[1:])
+    args.per_class = dict(PER_CLASS)
+    if args.smoke:
+        args.domains, args.n, args.steps, args.gen_seeds, args.train_seeds = ["noise", "fonts", "inverted"], 8, 2, 1, 1
+        args.pilot_seeds, args.judge_steps, args.curve, args.curve_domains = 1, 5, [4, 8], ["fonts"]
+        args.per_class = {"refs": 2, "test": 3, "oracle": 2}
+        args.grids = None if args.out is None else args.out / "grids-png"
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    temp = None
+    if args.out is None:
+        temp = tempfile.TemporaryDirectory(prefix="yardstick-")
+        args.out = Path(temp.name)
+    t0 = time.perf_counter()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    scorer = Scorer()
+    results = []
+    for name in args.domains:
+        print(f"[{time.perf_counter() - t0:7.0f} s] {name}", flush=True)
+        results.append(run_domain(name, args, scorer))
+    text = render(results, args, time.perf_counter() - t0)
+    (args.out / "results.md").write_text(text + "\n")
+    (args.out / "results.json").write_text(json.dumps(results, indent=1, default=float))
+    if args.grids is not None:
+        write_grids(results, args, args.grids)
+    if args.results is not None:
+        _insert(args.results, text)
+    print(text)
+    report = {"results": results, "markdown": text}
+    if temp is not None:
+        temp.cleanup()
+    return report
+
+
+def _insert(path: Path, text: str) -> None:
+    doc = path.read_text() if path.is_file() else ""
+    block = f"{START}\n{text}\n{END}"
+    if START in doc and END in doc:
+        doc = doc[: doc.index(START)] + block + doc[doc.index(END) + len(END) :]
+    else:
+        doc = doc.rstrip() + "\n\n" + block + "\n"
+    path.write_text(doc)
+
+
+if __name__ == "__main__":
+    main()
