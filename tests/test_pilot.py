@@ -16,10 +16,12 @@ from guidance import RBFKernel, mmd2
 from pipeline.checks.pilot import (
     Candidate,
     bootstrap_mmd2,
+    bootstrap_weights,
     class_tv,
     class_tv_standard_error,
     is_feasible,
     ladder,
+    paired_constraint_ses,
     samples_per_candidate,
     search,
 )
@@ -393,3 +395,79 @@ def test_guidance_that_flips_labels_is_infeasible():
     weaker = _candidate(0.16, 0.1)
     weaker.agreement = 0.5 - 0.9 * math.sqrt(2 * 0.25 / 64)
     assert is_feasible(weaker, noisy, n=64) == []
+
+
+# ------------------------------------------------------------------ v5: what the job keeps, paired constraint errors
+
+
+def test_a_masked_bootstrap_set_is_the_mmd2_of_its_kept_samples():
+    gen = torch.Generator().manual_seed(3)
+    x, held = torch.randn(40, 5, generator=gen), torch.randn(30, 5, generator=gen) + 0.3
+    keep = torch.rand(40, generator=gen) > 0.3
+    kernel = RBFKernel(2.0)
+    values, _ = bootstrap_mmd2([x, x], held, kernel, draws=20, seed=0, masks=[keep.double(), None])
+    expected = float(mmd2(x[keep].double(), held.double(), kernel, unbiased=True))
+    assert float(values[0]) == pytest.approx(expected, rel=1e-9)
+    assert float(values[1]) == pytest.approx(float(mmd2(x.double(), held.double(), kernel, unbiased=True)), rel=1e-9)
+
+
+def _with_samples(c: Candidate, in_ball: torch.Tensor, n: int = 64) -> Candidate:
+    c.per_sample = {
+        "kept": torch.ones(n, dtype=torch.float64),
+        "in_ball": in_ball.double(),
+        "hits": in_ball.double()[:, None].repeat(1, 8),
+        "garbage": torch.zeros(n, dtype=torch.float64),
+        "outside": torch.zeros(n, dtype=torch.float64),
+    }
+    return c
+
+
+def test_a_constraint_gap_within_its_paired_bootstrap_error_is_feasible():
+    """Precision 58/64 unguided; the candidate loses 8 samples from the reference balls and gains 5 (55/64): a gap of
+    4.7 points, beyond the unpaired binomial error (3.6) but within the paired bootstrap's (~5.6: 13 discordant
+    samples). A one-sided loss of 8 (50/64, 12.5 points) stays beyond its paired error."""
+    n = 64
+    base_in = torch.ones(n, dtype=torch.bool)
+    base_in[:6] = False
+    cand_in = base_in.clone()
+    cand_in[6:14] = False  # 8 leave
+    cand_in[:5] = True  # 5 join
+    assert (int(base_in.sum()), int(cand_in.sum())) == (58, 55)
+    base = _with_samples(_candidate(0.0, 0.5, precision=58 / n), base_in)
+    cand = _with_samples(_candidate(0.01, 0.4, precision=55 / n), cand_in)
+    assert any(v.startswith("precision") for v in is_feasible(cand, base, n))  # binomial error alone: refused
+    w, _ = bootstrap_weights(n, 10, draws=1000, seed=0)
+    cand.constraint_se = paired_constraint_ses(cand, base, w)
+    assert cand.constraint_se["precision"] == pytest.approx(math.sqrt(13) / n, rel=0.15)
+    assert not any(v.startswith("precision") for v in is_feasible(cand, base, n))
+    worse_in = base_in.clone()
+    worse_in[6:14] = False
+    worse = _with_samples(_candidate(0.02, 0.4, precision=50 / n), worse_in)
+    worse.constraint_se = paired_constraint_ses(worse, base, w)
+    assert any(v.startswith("precision") for v in is_feasible(worse, base, n))
+
+
+def test_with_the_label_filter_on_agreement_is_of_what_the_job_keeps_and_it_may_discard_at_most_half():
+    base = _candidate(0.0, 0.5)
+    base.agreement, base.kept = 1.0, 0.97
+    flips = _candidate(0.04, 0.4)
+    flips.agreement, flips.kept = 1.0, 0.86  # 14% discarded by the filter: fine (the reserve replaces them)
+    assert is_feasible(flips, base, 64) == []
+    too_many = _candidate(0.08, 0.3)
+    too_many.agreement, too_many.kept = 1.0, 0.4
+    assert any("label filter keeps" in v for v in is_feasible(too_many, base, 64))
+    unfiltered = _candidate(0.04, 0.4)
+    unfiltered.agreement = 0.86  # the filter off: the agreement constraint binds, as before
+    base_off = _candidate(0.0, 0.5)
+    base_off.agreement = 1.0
+    assert any("label agreement" in v for v in is_feasible(unfiltered, base_off, 64))
+
+
+def test_label_filter_auto_is_on_for_the_shipped_classifier_judge_only():
+    from pipeline.checks.fidelity import LabelJudge, label_filter_on
+
+    classifier = LabelJudge("classifier", "shipped", True, lambda lat, img: torch.zeros(len(lat)))
+    knn = LabelJudge("knn", "5-NN", False, lambda lat, img: torch.zeros(len(lat)))
+    assert label_filter_on("auto", classifier) and not label_filter_on("auto", knn)
+    assert label_filter_on(True, knn) and not label_filter_on(False, classifier)
+    assert not label_filter_on(True, None)

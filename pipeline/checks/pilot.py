@@ -667,10 +667,12 @@ def _evaluate_candidate(ctx: Any, space: _ScoringSpace, n: int, strength: float)
     if labels is not None and ctx.judge is not None and ctx.proportions is not None:
         judged = ctx.judge(latents, images)
         agree = judged == labels.cpu()
-        agreement = float(agree.double().mean())
-        per_sample["agree"] = agree.double()
         if label_filter_on(cfg.label_filter, ctx.judge):  # the job keeps only what the judge agrees with
             keep, kept = agree, float(agree.double().mean())
+            agreement = 1.0 if keep.any() else 0.0  # of what the job keeps
+        else:
+            agreement = float(agree.double().mean())
+            per_sample["agree"] = agree.double()
         tv = class_tv(judged[keep], ctx.proportions) if keep.any() else 1.0
     bad = outside | far
     per_sample.update(
