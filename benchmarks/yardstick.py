@@ -387,8 +387,8 @@ def render(results: list[dict[str, Any]], args: argparse.Namespace, seconds: flo
             lines.append(f"| {r['domain']} | {'far' if r['far'] else 'near'} | not run | | | | | | | |")
             continue
         if a is None:
-            reach = r.get("reach") or {}
-            said = "refused" if reach.get("refused") else "did not refuse"
+            reach = r.get("reach")
+            said = "not run" if reach is None else "refused" if reach.get("refused") else "did not refuse"
             lines.append(f"| {r['domain']} | unreachable | reach check {said} | | | | | | | |")
             continue
         accs = " | ".join(f"{a[arm]['mean']:.3f}" for arm in ("refs", "refs_aug", "oracle", "refs_2x"))

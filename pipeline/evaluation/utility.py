@@ -557,6 +557,27 @@ def digits_anchor_case(
     )
 
 
+def _real_sets(
+    real: str | Path, real_test: str | Path | None, test_fraction: float, anchors_real: str | Path | None
+) -> tuple[LabelledImages, LabelledImages, LabelledImages | None]:
+    """(real train part, test images, oracle images or None) of `augment utility`'s folders, classes checked."""
+    if real_test is None:
+        real_train, test = split_real(folder_images(real, channels=1, size=32), test_fraction, seed=0)
+    else:
+        real_train = folder_images(real, channels=1, size=32)
+        test = folder_images(real_test, channels=1, size=32)
+        if test.classes != real_train.classes:
+            raise InputError(f"{real_test}: classes {test.classes} differ from {real}'s {real_train.classes}")
+    oracle_extra = None
+    if anchors_real is not None:
+        oracle_extra = folder_images(anchors_real, channels=1, size=32)
+        if oracle_extra.classes != real_train.classes:
+            raise InputError(
+                f"{anchors_real}: classes {oracle_extra.classes} differ from {real}'s {real_train.classes}"
+            )
+    return real_train, test, oracle_extra
+
+
 def utility_eval(
     run_dir: str | Path,
     real: str | Path,
@@ -584,22 +605,9 @@ def utility_eval(
     except ValueError as exc:
         raise InputError(str(exc)) from exc
     steps = JUDGE_STEPS if steps is None else steps
-    real_all = None
-    if real_test is None:
-        real_all = folder_images(real, channels=1, size=32)
-        real_train, test = split_real(real_all, test_fraction, seed=0)
-    else:
-        real_train = folder_images(real, channels=1, size=32)
-        test = folder_images(real_test, channels=1, size=32)
-        if test.classes != real_train.classes:
-            raise InputError(f"{real_test}: classes {test.classes} differ from {real}'s {real_train.classes}")
+    real_train, test, oracle_extra = _real_sets(real, real_test, test_fraction, anchors_real)
     size = real_train.images.shape[-1]
     classes = real_train.classes
-    oracle_extra = None
-    if anchors_real is not None:
-        oracle_extra = folder_images(anchors_real, channels=1, size=32)
-        if oracle_extra.classes != classes:
-            raise InputError(f"{anchors_real}: classes {oracle_extra.classes} differ from {real}'s {classes}")
     synthetic = run_samples(run_dir, classes, limit)
     if synthetic.images.shape[-1] != size or synthetic.images.shape[1] != real_train.images.shape[1]:
         synthetic.images = torch.nn.functional.interpolate(synthetic.images, size=(size, size), mode="bilinear")
