@@ -754,7 +754,7 @@ def build_pipeline(
     modules: dict[str, Any] = {}
     with building(device, dtype):
         for name, (kind, config) in shapes[family].items():
-            modules[name] = build_component(kind, config).eval().requires_grad_(False)
+            modules[name] = build_component(kind, config).train(False).requires_grad_(False)
     pipe = PIPELINES[family](
         **modules,
         **make_tokenizers(family, tmp),

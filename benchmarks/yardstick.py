@@ -42,6 +42,7 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image
+from safetensors.torch import load_file, save_file
 
 from pipeline.config import AugmentConfig
 from pipeline.evaluation.domains import DOMAINS, make_domain
@@ -313,9 +314,9 @@ def _arm(root, name, variant, arm, settings, seed, args, scorer, refs, test, anc
         recipes = args.recipes if arm == "default" else [args.recipe]
         metrics["downstream"] = downstream(refs, syn_images, test, recipes, args, anchor)
     if seed == 0:
-        grid = args.out / "grids" / f"{name}-{variant}-{arm}.pt"
+        grid = args.out / "grids" / f"{name}-{variant}-{arm}.safetensors"
         grid.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(syn_images.images[:64].clone(), grid)
+        save_file({"images": syn_images.images[:64].contiguous()}, grid)
     return metrics
 
 
@@ -476,9 +477,9 @@ def write_grids(results: list[dict[str, Any]], args: argparse.Namespace, folder:
     for r in results:
         panels = []
         for variant, arm in (("labelled", "unguided"), ("labelled", "default"), ("unlabelled", "default")):
-            path = args.out / "grids" / f"{r['domain']}-{variant}-{arm}.pt"
+            path = args.out / "grids" / f"{r['domain']}-{variant}-{arm}.safetensors"
             if path.is_file():
-                panels.append((f"{variant} {arm}", torch.load(path)))
+                panels.append((f"{variant} {arm}", load_file(path)["images"]))
         refs = folder_images(args.out / "data" / r["domain"] / "refs", channels=1, size=32).images
         panels.insert(0, ("references", refs[:64]))
         folder.mkdir(parents=True, exist_ok=True)

@@ -1,7 +1,7 @@
 """Tiny randomly initialised diffusers text-to-image pipelines, one per model family, built offline.
 
 `build_tiny_pipeline(family, tmp)` returns the stock diffusers pipeline of the family with tiny random modules
-(seeded, `.eval()`), and `save_tiny_pipeline(family, path)` writes it with `save_pretrained`, so that
+(seeded, in inference mode), and `save_tiny_pipeline(family, path)` writes it with `save_pretrained`, so that
 `DiffusionPipeline.from_pretrained(path)` loads it back with nothing fetched (the way diffusers' own tests
 build theirs, "get_dummy_components", but with no tokenizer or config from the hub: every tokenizer is
 character-level and built here).
@@ -157,12 +157,12 @@ def _clip_config(tokenizer: CLIPTokenizer, hidden: int = 16, projection: int = 1
 
 def _clip(tokenizer: CLIPTokenizer, hidden: int = 16) -> CLIPTextModel:
     torch.manual_seed(0)
-    return CLIPTextModel(_clip_config(tokenizer, hidden)).eval()
+    return CLIPTextModel(_clip_config(tokenizer, hidden)).train(False)
 
 
 def _clip_with_projection(tokenizer: CLIPTokenizer, hidden: int = 16, projection: int = 16):
     torch.manual_seed(0)
-    return CLIPTextModelWithProjection(_clip_config(tokenizer, hidden, projection)).eval()
+    return CLIPTextModelWithProjection(_clip_config(tokenizer, hidden, projection)).train(False)
 
 
 def _t5(tokenizer: T5TokenizerFast, d_model: int = 32) -> T5EncoderModel:
@@ -182,7 +182,7 @@ def _t5(tokenizer: T5TokenizerFast, d_model: int = 32) -> T5EncoderModel:
         eos_token_id=tokenizer.eos_token_id,
         decoder_start_token_id=tokenizer.pad_token_id,
     )
-    return T5EncoderModel(config).eval()
+    return T5EncoderModel(config).train(False)
 
 
 def _gemma(tokenizer: GemmaTokenizerFast, hidden: int = 16) -> Gemma2Model:
@@ -200,7 +200,7 @@ def _gemma(tokenizer: GemmaTokenizerFast, hidden: int = 16) -> Gemma2Model:
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
     )
-    return Gemma2Model(config).eval()
+    return Gemma2Model(config).train(False)
 
 
 # ---------------------------------------------------------------------------------------------- VAEs
@@ -220,7 +220,7 @@ def _kl_vae(latent_channels: int = 4, **config) -> AutoencoderKL:
         norm_num_groups=4,
         sample_size=16,
         **config,
-    ).eval()
+    ).train(False)
 
 
 def _dc_vae(**config) -> AutoencoderDC:
@@ -243,7 +243,7 @@ def _dc_vae(**config) -> AutoencoderDC:
         decoder_norm_types="rms_norm",
         decoder_act_fns="silu",
         **config,
-    ).eval()
+    ).train(False)
 
 
 # ---------------------------------------------------------------------------------------------- denoisers
@@ -260,7 +260,7 @@ def _unet(cross_attention_dim: int, **config) -> UNet2DConditionModel:
         norm_num_groups=4,
         cross_attention_dim=cross_attention_dim,
         **config,
-    ).eval()
+    ).train(False)
 
 
 # ---------------------------------------------------------------------------------------------- families
@@ -351,7 +351,7 @@ def _sd3(tmp: Path) -> StableDiffusion3Pipeline:
         caption_projection_dim=16,
         pooled_projection_dim=16 + 16,
         pos_embed_max_size=16,
-    ).eval()
+    ).train(False)
     return StableDiffusion3Pipeline(
         transformer=transformer,
         scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0),
@@ -388,7 +388,7 @@ def _flux(tmp: Path) -> FluxPipeline:
         pooled_projection_dim=16,
         guidance_embeds=True,
         axes_dims_rope=(4, 4, 8),
-    ).eval()
+    ).train(False)
     scheduler = FlowMatchEulerDiscreteScheduler(  # FLUX.1-dev's scheduler config
         num_train_timesteps=1000,
         shift=3.0,
@@ -435,7 +435,7 @@ def _pixart(tmp: Path) -> PixArtAlphaPipeline:
         norm_type="ada_norm_single",
         norm_elementwise_affine=False,
         norm_eps=1e-6,
-    ).eval()
+    ).train(False)
     scheduler = DPMSolverMultistepScheduler(  # PixArt-alpha's
         num_train_timesteps=1000,
         beta_start=0.0001,
@@ -472,7 +472,7 @@ def _sana(tmp: Path) -> SanaPipeline:
         caption_channels=16,
         sample_size=8,
         patch_size=1,
-    ).eval()
+    ).train(False)
     scheduler = DPMSolverMultistepScheduler(  # Sana's
         num_train_timesteps=1000,
         beta_start=0.0001,
