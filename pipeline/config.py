@@ -209,10 +209,11 @@ class AugmentConfig(BaseModel):
     pilot_factor: float = Field(
         default=2.0, gt=1.0, le=16.0, description="ratio of consecutive candidate strengths of the pilot's ladder"
     )
-    pilot_rule: Literal["strongest", "weakest", "lowest"] = Field(
-        default="strongest",
-        description="which feasible candidate the pilot chooses: the strongest or weakest whose held-out MMD² is "
-        "within one (paired bootstrap) standard error of the lowest, or the lowest itself",
+    pilot_rule: Literal["middle", "strongest", "weakest", "lowest"] = Field(
+        default="middle",
+        description="which feasible candidate the pilot chooses among those whose held-out MMD² is within one "
+        "(paired bootstrap) standard error of the lowest: the middle one (on the geometric ladder), the strongest "
+        "or the weakest; or the lowest itself",
     )
     pilot_bootstrap: int = Field(
         default=200, ge=20, le=10000, description="bootstrap draws of the pilot's standard errors"

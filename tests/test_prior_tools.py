@@ -62,6 +62,6 @@ def test_pilot_stability_smoke_runs_the_pilot_per_seed_and_tables_the_choices() 
     (row,) = results
     assert [r["seed"] for r in row["runs"]] == [0, 1]
     assert all(r["chosen"] is not None and r["chosen"] >= 0 for r in row["runs"])
-    assert all(set(r["choices"]) == {"lowest", "weakest", "strongest"} for r in row["runs"])
+    assert all(set(r["choices"]) == {"lowest", "weakest", "middle", "strongest"} for r in row["runs"])
     assert row["within_factor_2"] == (row["ratio"] is not None and row["ratio"] <= 2)
     assert "| latent |" in pilot_stability.table(results)
