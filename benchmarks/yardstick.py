@@ -13,18 +13,20 @@ Per domain, in this order (every number cached under <out>/cache as soon as it i
    and its numbers are not used to decide;
 2. labelled arms (`LABELLED_ARMS`) on the class folders, unlabelled arms (`UNLABELLED_ARMS`) on the same images in
    one folder, each for `--gen-seeds` generation seeds, `--n` kept samples: MMD² in the shipped classifier's
-   features to the test images (ratio to the unguided arm of the same seed), garbage, label agreement, the
-   pilot's choice and cost;
-3. downstream, for labelled arms: the judge trained by each recipe of `RECIPES` (the default arm; the others
+   features to the test images (ratio to the unguided arm of the same seed), garbage (against the test images
+   and the prior's own digits) and off-domain (against the test images alone), label agreement and the judged
+   class histogram, the pilot's choice and its cost at a 10,000-sample job;
+3. downstream, for labelled arms: the judge trained by each recipe of `--recipes` (the default arm; the others
    by `--recipe`) for `--train-seeds` seeds, reported against the references alone, against the references with
    augmentation, and as the share of the gap from augmentation to the oracle it closes;
 4. the pilot's choice for a third seed (the default arm), for the stability floor;
-5. the size curve on two far domains: the default arm with `--curve` kept samples (the first 250 / 1,000 of one
-   4,000-sample run: nested subsets), by the recommended recipe.
+5. the size curve on two far domains (`--curve-domains`): the default arm with `--curve` kept samples (the
+   first 250 / 1,000 of one 4,000-sample run: nested subsets), by the recommended recipe.
 Then a results table (<out>/results.md and, with `--results`, between the markers of docs/results.md) and seed-0
 sample grids (docs/results/yardstick/<domain>.png).
 
-    python benchmarks/yardstick.py --out runs/yardstick --results docs/results.md    # ~60-80 min on 2 cores
+    python benchmarks/yardstick.py --out runs/yardstick --results docs/results.md    # ~2 h on 1 core
+    (two processes with --threads 1 on disjoint --domains, then --cached-only --results: ~1 h on 2 cores)
     python benchmarks/yardstick.py --smoke --out /tmp/yardstick                     # the test suite: seconds
 """
 
@@ -32,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import sys
 import tempfile
@@ -49,8 +52,10 @@ from pipeline.evaluation.domains import DOMAINS, make_domain
 from pipeline.evaluation.far_domains import FAR_DOMAINS, make_far_domain
 from pipeline.evaluation.report import grids_figure
 from pipeline.evaluation.utility import (
+    ANCHOR_ARMS,
     JUDGE_STEPS,
     LabelledImages,
+    anchor_flags,
     anchors,
     folder_images,
     judge,
@@ -84,6 +89,11 @@ RECIPES: dict[str, dict[str, Any]] = {
 #: The default arm's recipes in a run (`--recipes`; every recipe of RECIPES was compared in the first run,
 #: results §8: pre-training on ours and ours without augmentation lost to these two on every usable domain).
 DEFAULT_ARM_RECIPES = ["refs+aug+ours", "refs+aug+aug(ours)"]
+#: References per class of the far domains: at 13 (the near domains') the judge saturates on printed and
+#: seven-segment digits (fonts 0.954 / +aug 0.986 / oracle 0.999, sevenseg 0.992 / 0.994 / 1.000: no room for
+#: synthetic data to show anything); at 5 (50 images) fonts 0.88 / 0.954 / 0.995, sevenseg 0.77 / 0.86 / 1.00,
+#: textured 0.70 / 0.75 / 0.99 (2 seeds, measured before the run).
+FAR_REFS = 5
 PER_CLASS = {"refs": 13, "test": 60, "oracle": 100, "prior": 60}
 
 
@@ -140,14 +150,18 @@ def prepare(out: Path, name: str, per_class: dict[str, int]) -> Path:
 
 def prior_digits(out: Path, per_class: int) -> LabelledImages:
     """The prior's own style for the garbage rule: `per_class` of its held-out MNIST digits per class (once)."""
-    root = out / "data" / "prior-digits"
-    if not (root / "done").is_file():
+    root = out / "data" / f"prior-digits-{per_class}"
+    if not root.is_dir():  # written aside and renamed: processes started side by side never read half of it
         x, y = load_mnist_arrays()
         _, held = mnist_split()
         rows = np.concatenate([held[y[held] == c][:per_class] for c in range(10)])
-        _write(root / "images", np.asarray(x, dtype=np.uint8)[rows].reshape(-1, 28, 28), y[rows])
-        (root / "done").write_text(str(len(rows)))
-    return folder_images(root / "images", channels=1, size=32)
+        aside = root.with_name(f"{root.name}.tmp-{os.getpid()}")
+        _write(aside, np.asarray(x, dtype=np.uint8)[rows].reshape(-1, 28, 28), y[rows])
+        try:
+            aside.rename(root)
+        except OSError:  # another process renamed its copy first
+            shutil.rmtree(aside)
+    return folder_images(root, channels=1, size=32)
 
 
 # ------------------------------------------------------------------------------------------------ cache
@@ -204,10 +218,11 @@ def generate(cfg: AugmentConfig) -> dict[str, Any]:
 class Scorer:
     """The shipped classifier's features (MMD², garbage: a space independent of the guided latents) and digits.
 
-    Garbage is `measures.metrics.garbage` against what a sample may fairly look like, pooled as that function
-    asks: the domain's test images *and* the prior's own digits (`prior`, its held-out MNIST digits), so only
-    images of neither kind count. Off-domain is the same rule against the test images alone: a clean handwritten
-    digit is off-domain on printed fonts, not garbage."""
+    Off-domain is `measures.metrics.garbage` against the domain's test images: farther from every test image than
+    any test image is from its nearest other one. Garbage is an image of neither kind a sample may fairly take:
+    off-domain *and*, by the same rule, off the prior's own digits (`prior`, its held-out MNIST digits). A clean
+    handwritten digit is off-domain on printed fonts, not garbage. (Each set keeps its own threshold: pooled into
+    one set, the largest nearest-neighbour distance of the pool can fall below the test images' own.)"""
 
     def __init__(self, prior: torch.Tensor) -> None:
         self.classifier = load_shipped_classifier()
@@ -225,11 +240,13 @@ class Scorer:
         """MMD² (unbiased, RBF with the test features' median bandwidth) to the test images, garbage (against the
         test images and the prior's digits), off-domain (against the test images), the pilot's cost."""
         f_syn, f_test = self.feats(images), self.feats(test.images)
+        off_domain = torch.tensor(M.garbage(f_syn, f_test)["mask"])
+        off_prior = torch.tensor(M.garbage(f_syn, self.prior_feats)["mask"])
         return {
             "kept": len(images),
             "mmd2": float(M.mmd2_permutation_test(f_syn, f_test, n_permutations=0)["mmd2"]),
-            "garbage": M.garbage(f_syn, torch.cat([f_test, self.prior_feats]))["rate"],
-            "off_domain": M.garbage(f_syn, f_test)["rate"],
+            "garbage": float((off_domain & off_prior).double().mean()),
+            "off_domain": float(off_domain.double().mean()),
             "strength": record["summary"].get("strength"),
             "pilot_cost_10k": pilot_cost_at(record, JOB_SIZE),
             "seconds": record["summary"].get("seconds", {}).get("total"),
@@ -271,6 +288,19 @@ def downstream(
     return out
 
 
+def _more_recipes(arm: dict[str, Any] | None, recipes: list[str], cache: Path, run: Path, refs, test, args, anchor):
+    """Recipes asked for after the arm was run (`--recipes`): trained on the run's kept samples, cached apart."""
+    if not arm or "refused" in arm:
+        return
+    for recipe in [r for r in recipes if r not in arm.setdefault("downstream", {})]:
+        value = cached(
+            cache.with_name(f"{cache.name}-{recipe}.json"),
+            lambda r=recipe: downstream(refs, run_samples(run, refs.classes), test, [r], args, anchor)[r],
+        )
+        if value is not None:
+            arm["downstream"][recipe] = value
+
+
 def _judge_kw(args: argparse.Namespace) -> dict[str, Any]:
     kw: dict[str, Any] = {} if args.judge_lr is None else {"lr": args.judge_lr}
     if args.judge_bn_batches is not None:
@@ -291,7 +321,8 @@ def run_domain(name: str, args: argparse.Namespace, scorer: Scorer) -> dict[str,
 
 
 def _domain(name: str, args: argparse.Namespace, scorer: Scorer) -> dict[str, Any]:
-    root = prepare(args.out, name, args.per_class)
+    per_class = {**args.per_class, "refs": args.far_refs} if name in FAR_DOMAINS else args.per_class
+    root = prepare(args.out, name, per_class)
     cache = args.out / "cache" / name
     refs = folder_images(root / "refs", channels=1, size=32)
     test = folder_images(root / "test", channels=1, size=32)
@@ -305,6 +336,8 @@ def _domain(name: str, args: argparse.Namespace, scorer: Scorer) -> dict[str, An
         cache / "anchors.json",
         lambda: anchors(refs, oracle, test, seeds=args.train_seeds, steps=args.judge_steps, **_judge_kw(args)),
     )
+    if result["anchors"]:  # the flags of today's rule from the cached means
+        result["anchors"].update(anchor_flags(*(result["anchors"][a]["mean"] for a in ANCHOR_ARMS)))
     result["labelled"], result["unlabelled"] = {}, {}
     for variant, arms in (("labelled", LABELLED_ARMS), ("unlabelled", UNLABELLED_ARMS)):
         for arm, settings in arms.items():
@@ -316,6 +349,12 @@ def _domain(name: str, args: argparse.Namespace, scorer: Scorer) -> dict[str, An
                         root, name, v, a, st, sd, args, scorer, refs, test, result.get("anchors")
                     ),
                 )
+                run = args.out / "runs" / name / variant / arm / f"seed{seed}"
+                if args.rescore:
+                    result[variant][key] = _rescored(result[variant][key], run, variant, scorer, refs, test)
+                if variant == "labelled":
+                    wanted = args.recipes if arm == "default" else [args.recipe]
+                    _more_recipes(result[variant][key], wanted, cache / key, run, refs, test, args, result["anchors"])
     result["pilot_seeds"] = {
         variant: [
             cached(cache / f"pilot/{variant}{seed}.json", lambda v=variant, sd=seed: _pilot_choice(root, v, sd, args))
@@ -342,15 +381,8 @@ def _arm(root, name, variant, arm, settings, seed, args, scorer, refs, test, anc
     if "refused" in record:
         return record
     syn_images = _kept_images(out, refs.classes, variant)
-    metrics = scorer.set_metrics(syn_images.images, test, record)
-    metrics["label_fidelity"] = record.get("label_fidelity")
+    metrics = _set_scores(syn_images, variant, record, scorer, refs, test)
     if variant == "labelled":
-        digits = scorer.digits(syn_images.images)
-        target = torch.tensor([int(refs.classes[int(c)]) for c in syn_images.labels])
-        metrics["label_agreement"] = float((digits == target).double().mean())
-        planned = torch.bincount(refs.labels, minlength=len(refs.classes)).double() / len(refs.labels)
-        judged = torch.tensor([refs.classes.index(str(int(d))) if str(int(d)) in refs.classes else -1 for d in digits])
-        metrics["class_deviation"] = M.class_histogram(judged, planned)["max_deviation"]
         recipes = args.recipes if arm == "default" else [args.recipe]
         metrics["downstream"] = downstream(refs, syn_images, test, recipes, args, anchor)
     if seed == 0:
@@ -358,6 +390,29 @@ def _arm(root, name, variant, arm, settings, seed, args, scorer, refs, test, anc
         grid.parent.mkdir(parents=True, exist_ok=True)
         save_file({"images": syn_images.images[:64].contiguous()}, grid)
     return metrics
+
+
+def _set_scores(syn: LabelledImages, variant: str, record: dict, scorer: Scorer, refs, test) -> dict[str, Any]:
+    """The run's scores that need no training (cheap: `--rescore` recomputes them from the run folders)."""
+    metrics = scorer.set_metrics(syn.images, test, record)
+    metrics["label_fidelity"] = record.get("label_fidelity")
+    if variant == "labelled":
+        digits = scorer.digits(syn.images)
+        target = torch.tensor([int(refs.classes[int(c)]) for c in syn.labels])
+        metrics["label_agreement"] = float((digits == target).double().mean())
+        planned = torch.bincount(refs.labels, minlength=len(refs.classes)).double() / len(refs.labels)
+        judged = torch.tensor([refs.classes.index(str(int(d))) if str(int(d)) in refs.classes else -1 for d in digits])
+        metrics["class_deviation"] = M.class_histogram(judged, planned)["max_deviation"]
+    return metrics
+
+
+def _rescored(cached_arm: dict[str, Any] | None, out: Path, variant: str, scorer: Scorer, refs, test) -> Any:
+    """A cached arm with its set scores recomputed from its run folder (its downstream numbers kept)."""
+    if not cached_arm or "refused" in cached_arm or not (out / "run.json").is_file():
+        return cached_arm
+    record = json.loads((out / "run.json").read_text())
+    syn = _kept_images(out, refs.classes, variant)
+    return {**cached_arm, **_set_scores(syn, variant, record, scorer, refs, test)}
 
 
 def _kept_images(out: Path, classes: list[str], variant: str) -> LabelledImages:
@@ -417,10 +472,11 @@ def render(results: list[dict[str, Any]], args: argparse.Namespace, seconds: flo
         "",
         "**The judge's anchors** (test accuracy, mean over training seeds; flags: converged = doubling the steps "
         "moves the references alone < 0.5 points, aug = augmentation beats the references, oracle = 1,000 more real "
-        "images beat both):",
+        "images beat both, room = the oracle beats augmentation by 2 points or more):",
         "",
-        "| domain | kind | refs | refs + aug | oracle | refs, 2x steps | converged | aug | oracle | usable |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| domain | kind | refs / class | refs | refs + aug | oracle | refs, 2x steps | converged | aug | oracle "
+        "| room | usable |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         a = r.get("anchors")
@@ -433,8 +489,11 @@ def render(results: list[dict[str, Any]], args: argparse.Namespace, seconds: flo
             lines.append(f"| {r['domain']} | unreachable | reach check {said} | | | | | | | |")
             continue
         accs = " | ".join(f"{a[arm]['mean']:.3f}" for arm in ("refs", "refs_aug", "oracle", "refs_2x"))
-        flags = " | ".join("✓" if a[k] else "✗" for k in ("converged", "aug_helps", "oracle_helps", "usable"))
-        lines.append(f"| {r['domain']} | {'far' if r['far'] else 'near'} | {accs} | {flags} |")
+        flags = " | ".join(
+            "✓" if a.get(k, True) else "✗" for k in ("converged", "aug_helps", "oracle_helps", "room", "usable")
+        )
+        per_class = a["settings"]["n_refs"] // len(r.get("classes") or range(10))
+        lines.append(f"| {r['domain']} | {'far' if r['far'] else 'near'} | {per_class} | {accs} | {flags} |")
     lines += ["", *_downstream_table(results), "", *_alignment_table(results), "", *_curve_lines(results)]
     return "\n".join(lines)
 
@@ -547,6 +606,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--grids", type=Path, default=REPO / "docs" / "results" / "yardstick")
     ap.add_argument("--domains", nargs="*", default=[*NEAR, *FAR, *UNREACHABLE])
     ap.add_argument("--n", type=int, default=300)
+    ap.add_argument("--far-refs", type=int, default=FAR_REFS, help="references per class of the far domains")
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--gen-seeds", type=int, default=2)
     ap.add_argument("--train-seeds", type=int, default=3)
@@ -559,6 +619,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--recipes", nargs="*", default=DEFAULT_ARM_RECIPES, choices=list(RECIPES), help="the default arm's recipes"
     )
     ap.add_argument("--cached-only", action="store_true", help="render what the cache holds; compute nothing")
+    ap.add_argument("--rescore", action="store_true", help="recompute the set scores (no training) from the runs")
     ap.add_argument("--curve", type=int, nargs="*", default=[250, 1000, 4000])
     ap.add_argument("--curve-domains", nargs="*", default=["fonts", "textured"])
     ap.add_argument("--threads", type=int, default=None, help="torch threads (1: run two processes side by side)")
@@ -569,7 +630,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.smoke:
         args.domains, args.n, args.steps, args.gen_seeds, args.train_seeds = ["noise", "fonts", "inverted"], 8, 2, 1, 1
         args.pilot_seeds, args.judge_steps, args.curve, args.curve_domains = 1, 5, [4, 8], ["fonts"]
-        args.per_class = {"refs": 2, "test": 3, "oracle": 2, "prior": 3}
+        args.per_class, args.far_refs = {"refs": 2, "test": 3, "oracle": 2, "prior": 3}, 2
         args.grids = None if args.out is None else args.out / "grids-png"
     return args
 

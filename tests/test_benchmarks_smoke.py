@@ -165,14 +165,20 @@ def test_yardstick_smoke_runs_anchors_arms_curve_and_the_reach_refusal(tmp_path:
         anchors = by_domain[name]["anchors"]
         assert {"refs", "refs_aug", "oracle", "refs_2x", "usable"} <= set(anchors)
         default = by_domain[name]["labelled"]["labelled/default/seed0"]
-        assert set(default["downstream"]) == set(yardstick.RECIPES)
+        assert set(default["downstream"]) == set(yardstick.DEFAULT_ARM_RECIPES)
         assert all({"vs_refs", "vs_aug", "gap_closed"} <= set(d) for d in default["downstream"].values())
-        assert 0.0 <= default["garbage"] <= 1.0 and default["mmd2"] == default["mmd2"]
+        assert 0.0 <= default["garbage"] <= default["off_domain"] <= 1.0 and default["mmd2"] == default["mmd2"]
+        assert 0.0 <= default["class_deviation"] <= 1.0
     assert set(by_domain["fonts"]["curve"]["points"]) == {"4", "8"}
     assert "reach" in by_domain["inverted"]
     text = (tmp_path / "results.md").read_text()
-    assert "The judge's anchors" in text and "Size curve" in text
+    assert "The judge's anchors" in text and "Size curve" in text and "off-domain" in text
     assert (tmp_path / "grids-png" / "fonts.png").stat().st_size > 0
+    # --rescore recomputes the set scores from the run folders and keeps the trained numbers
+    again = yardstick.main(["--smoke", "--out", str(tmp_path), "--cached-only", "--rescore"])
+    rescored = {r["domain"]: r for r in again["results"]}["fonts"]["labelled"]["labelled/default/seed0"]
+    before = by_domain["fonts"]["labelled"]["labelled/default/seed0"]
+    assert rescored["downstream"] == before["downstream"] and rescored["mmd2"] == pytest.approx(before["mmd2"])
 
 
 @pytest.mark.slow

@@ -381,8 +381,12 @@ def test_relative_and_flags_on_fixed_numbers():
         "converged": True,
         "aug_helps": True,
         "oracle_helps": True,
+        "room": True,
         "usable": True,
     }
+    saturated = anchor_flags(0.955, 0.982, 0.997, 0.955)  # the oracle 1.5 points above augmentation: no room
+    assert saturated["oracle_helps"] and not saturated["room"] and not saturated["usable"]
+    assert anchor_flags(0.70, 0.75, 0.77, 0.70)["room"] is True  # exactly 2 points
     assert anchor_flags(0.70, 0.75, 0.85, 0.706)["converged"] is False  # 0.6 points: not converged
     assert anchor_flags(0.70, 0.75, 0.85, 0.696)["converged"] is True  # either direction, < 0.5 points
     worse_aug = anchor_flags(0.70, 0.69, 0.85, 0.70)

@@ -443,14 +443,22 @@ def _summary(accuracies: list[float]) -> dict[str, Any]:
     }
 
 
+#: The least gap (points) from augmentation to the oracle that a domain needs to decide anything: several times the
+#: seed noise of a 3-seed mean (about ±0.7 points, `JUDGE`'s note).
+ROOM_POINTS = 2.0
+
+
 def anchor_flags(refs: float, refs_aug: float, oracle: float, refs_2x: float) -> dict[str, bool]:
     """The judge's sanity flags from the anchors' mean accuracies: converged (doubling the steps moves the
     references alone by < CONVERGED_POINTS), aug_helps (standard augmentation beats the references alone),
-    oracle_helps (1,000 more real images beat both), usable (all three: the domain may decide)."""
+    oracle_helps (1,000 more real images beat both), room (the oracle beats augmentation by ROOM_POINTS or more:
+    a saturated judge, 98% with augmentation and 99.5% with the oracle, cannot tell useful synthetic data from
+    none), usable (all four: the domain may decide)."""
     flags = {
         "converged": bool(abs(refs_2x - refs) * 100 < CONVERGED_POINTS),
         "aug_helps": bool(refs_aug > refs),
         "oracle_helps": bool(oracle > max(refs, refs_aug)),
+        "room": bool((oracle - refs_aug) * 100 >= ROOM_POINTS),
     }
     return dict(flags, usable=all(flags.values()))
 
