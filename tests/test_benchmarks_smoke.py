@@ -163,7 +163,7 @@ def test_yardstick_smoke_runs_anchors_arms_curve_and_the_reach_refusal(tmp_path:
     assert list(by_domain) == ["noise", "fonts", "inverted"]
     for name in ("noise", "fonts"):
         anchors = by_domain[name]["anchors"]
-        assert {"refs", "refs_aug", "oracle", "refs_2x", "usable"} <= set(anchors)
+        assert {"refs", "refs_aug", "oracle", "refs_2x", "refs_aug_2x", "usable", "overfits"} <= set(anchors)
         default = by_domain[name]["labelled"]["labelled/default/seed0"]
         assert set(default["downstream"]) == set(yardstick.DEFAULT_ARM_RECIPES)
         assert all({"vs_refs", "vs_aug", "gap_closed"} <= set(d) for d in default["downstream"].values())
@@ -175,7 +175,8 @@ def test_yardstick_smoke_runs_anchors_arms_curve_and_the_reach_refusal(tmp_path:
     assert "The judge's anchors" in text and "Size curve" in text and "off-domain" in text
     assert (tmp_path / "grids-png" / "fonts.png").stat().st_size > 0
     # --rescore recomputes the set scores from the run folders and keeps the trained numbers
-    again = yardstick.main(["--smoke", "--out", str(tmp_path), "--cached-only", "--rescore"])
+    first_run = ["--smoke", "--out", str(tmp_path)]
+    again = yardstick.main([*first_run, "--cached-only", "--rescore"])
     rescored = {r["domain"]: r for r in again["results"]}["fonts"]["labelled"]["labelled/default/seed0"]
     before = by_domain["fonts"]["labelled"]["labelled/default/seed0"]
     assert rescored["downstream"] == before["downstream"] and rescored["mmd2"] == pytest.approx(before["mmd2"])

@@ -377,21 +377,37 @@ def test_relative_and_flags_on_fixed_numbers():
     assert relative(0.70, _fixed_anchors())["gap_closed"] == pytest.approx(-0.5)  # worse than augmentation
     assert relative(0.80, _fixed_anchors(oracle=0.74))["gap_closed"] is None  # no gap to close
 
-    assert anchor_flags(0.70, 0.75, 0.85, 0.702) == {
+    def arms(refs, aug, oracle, refs_2x, aug_2x=None):
+        """Anchor summaries from per-seed accuracies (a number: three equal seeds)."""
+        values = {"refs": refs, "refs_aug": aug, "oracle": oracle, "refs_2x": refs_2x, "refs_aug_2x": aug_2x}
+        seeds = {arm: v if isinstance(v, list) else [v] * 3 for arm, v in values.items() if v is not None}
+        return {arm: {"accuracies": acc, "mean": sum(acc) / len(acc)} for arm, acc in seeds.items()}
+
+    assert anchor_flags(arms(0.70, 0.75, 0.85, 0.702)) == {
         "converged": True,
         "aug_helps": True,
         "oracle_helps": True,
         "room": True,
         "usable": True,
+        "overfits": False,
     }
-    saturated = anchor_flags(0.955, 0.982, 0.997, 0.955)  # the oracle 1.5 points above augmentation: no room
+    saturated = anchor_flags(arms(0.955, 0.982, 0.997, 0.955))  # the oracle 1.5 points above augmentation: no room
     assert saturated["oracle_helps"] and not saturated["room"] and not saturated["usable"]
-    assert anchor_flags(0.70, 0.75, 0.77, 0.70)["room"] is True  # exactly 2 points
-    assert anchor_flags(0.70, 0.75, 0.85, 0.706)["converged"] is False  # 0.6 points: not converged
-    assert anchor_flags(0.70, 0.75, 0.85, 0.696)["converged"] is True  # either direction, < 0.5 points
-    worse_aug = anchor_flags(0.70, 0.69, 0.85, 0.70)
+    assert anchor_flags(arms(0.70, 0.75, 0.77, 0.70))["room"] is True  # exactly 2 points
+    # converged: doubling the steps raises neither baseline by 0.5 points or more, nor beyond two standard errors
+    assert anchor_flags(arms(0.70, 0.75, 0.85, 0.706))["converged"] is False  # +0.6 points on every seed
+    assert anchor_flags(arms(0.70, 0.75, 0.85, 0.70, aug_2x=0.756))["converged"] is False  # the augmented baseline
+    assert anchor_flags(arms(0.70, 0.75, 0.85, 0.70, aug_2x=0.754))["converged"] is True
+    # per-seed gains +3, −1, +1 points: mean +1.0, standard error 2/sqrt(3) = 1.155, two of them 2.31 > 1.0
+    noisy = arms([0.70, 0.72, 0.74], 0.80, 0.95, [0.73, 0.71, 0.75])
+    assert anchor_flags(noisy)["converged"] is True and anchor_flags(noisy)["overfits"] is False
+    # gains +3, +3.5, +4: mean +3.5, two standard errors 0.577 → undertrained
+    assert anchor_flags(arms([0.70, 0.72, 0.74], 0.80, 0.95, [0.73, 0.755, 0.78]))["converged"] is False
+    fall = anchor_flags(arms([0.86, 0.85, 0.875], 0.95, 1.0, [0.79, 0.743, 0.828]))  # fonts at 5 per class
+    assert fall["converged"] and fall["overfits"] and fall["usable"]
+    worse_aug = anchor_flags(arms(0.70, 0.69, 0.85, 0.70))
     assert not worse_aug["aug_helps"] and worse_aug["oracle_helps"] and not worse_aug["usable"]
-    weak_oracle = anchor_flags(0.70, 0.75, 0.74, 0.70)  # beats refs, not refs_aug
+    weak_oracle = anchor_flags(arms(0.70, 0.75, 0.74, 0.70))  # beats refs, not refs_aug
     assert weak_oracle["aug_helps"] and not weak_oracle["oracle_helps"] and not weak_oracle["usable"]
 
 
@@ -401,6 +417,7 @@ def test_anchors_trains_each_arm_as_documented(monkeypatch):
     refs, extra, test = _tiny(12, 0), _tiny(30, 1), _tiny(15, 2)
     calls = []
     accuracy = {("none", 100, 12): 0.70, ("real", 100, 12): 0.75, ("real", 100, 42): 0.85, ("none", 200, 12): 0.703}
+    accuracy[("real", 200, 12)] = 0.752
 
     def fake_judge(real, synthetic, test_, seed, *, affine, steps, **kw):
         assert synthetic is None and test_ is test
@@ -409,10 +426,11 @@ def test_anchors_trains_each_arm_as_documented(monkeypatch):
 
     monkeypatch.setattr(U, "judge", fake_judge)
     out = U.anchors(refs, extra, test, seeds=3, steps=100)
-    assert len(calls) == 12 and {c[3] for c in calls} == {0, 1, 2}
+    assert len(calls) == 15 and {c[3] for c in calls} == {0, 1, 2}
     assert out["refs"]["accuracies"] == pytest.approx([0.70, 0.71, 0.72])
     assert out["refs"]["mean"] == pytest.approx(0.71) and out["refs"]["std"] == pytest.approx(0.01)
     assert out["oracle"]["mean"] == pytest.approx(0.86) and out["refs_2x"]["mean"] == pytest.approx(0.713)
+    assert out["refs_aug_2x"]["mean"] == pytest.approx(0.762)
     assert out["converged"] and out["aug_helps"] and out["oracle_helps"] and out["usable"]
     assert out["settings"]["n_oracle_extra"] == 30 and out["settings"]["steps"] == 100
     assert U.relative(0.81, out)["gap_closed"] == pytest.approx(0.5)

@@ -413,11 +413,11 @@ JUDGE: dict[str, Any] = {
     "bn_batches": JUDGE_BN_BATCHES,
 }
 
-#: Doubling the training steps must move the references-alone accuracy by less than this (points) for the
-#: judge to count as converged.
+#: Doubling the training steps must not raise the references' accuracy, alone or augmented, by this many points
+#: or more (beyond the seed noise: `anchor_flags`) for the judge to count as converged.
 CONVERGED_POINTS = 0.5
 
-ANCHOR_ARMS: tuple[str, ...] = ("refs", "refs_aug", "oracle", "refs_2x")
+ANCHOR_ARMS: tuple[str, ...] = ("refs", "refs_aug", "oracle", "refs_2x", "refs_aug_2x")
 
 
 def judge(
@@ -448,19 +448,37 @@ def _summary(accuracies: list[float]) -> dict[str, Any]:
 ROOM_POINTS = 2.0
 
 
-def anchor_flags(refs: float, refs_aug: float, oracle: float, refs_2x: float) -> dict[str, bool]:
-    """The judge's sanity flags from the anchors' mean accuracies: converged (doubling the steps moves the
-    references alone by < CONVERGED_POINTS), aug_helps (standard augmentation beats the references alone),
-    oracle_helps (1,000 more real images beat both), room (the oracle beats augmentation by ROOM_POINTS or more:
-    a saturated judge, 98% with augmentation and 99.5% with the oracle, cannot tell useful synthetic data from
-    none), usable (all four: the domain may decide)."""
+def _rise(short: dict[str, Any], long: dict[str, Any]) -> tuple[float, float]:
+    """Points gained by doubling the steps (mean of the per-seed differences) and two standard errors of it."""
+    diff = 100 * (np.asarray(long["accuracies"], dtype=float) - np.asarray(short["accuracies"], dtype=float))
+    se = float(diff.std(ddof=1) / np.sqrt(len(diff))) if len(diff) > 1 else 0.0
+    return float(diff.mean()), 2 * se
+
+
+def anchor_flags(arms: dict[str, dict[str, Any]]) -> dict[str, bool]:
+    """The judge's sanity flags from the anchors' summaries (`anchors`' arms: "accuracies" per seed and "mean"):
+
+    - converged: doubling the steps does not raise the references' accuracy, alone (refs_2x) or augmented
+      (refs_aug_2x, the baseline synthetic data is compared with; skipped when absent), by CONVERGED_POINTS or more,
+      nor by more than two standard errors of the per-seed differences (an undertrained judge gains from more
+      steps; a fall is overfitting, which more steps cannot cure, and is reported as `overfits`);
+    - aug_helps: standard augmentation beats the references alone;
+    - oracle_helps: 1,000 more real images beat both;
+    - room: the oracle beats augmentation by ROOM_POINTS or more (a saturated judge, 98% with augmentation and
+      99.5% with the oracle, cannot tell useful synthetic data from none);
+    - usable: all four (the domain may decide); overfits (informational): a doubling lowers one of them by more
+      than its margin.
+    """
+    mean = {arm: float(arms[arm]["mean"]) for arm in ("refs", "refs_aug", "oracle")}
+    rises = [_rise(arms[s], arms[f"{s}_2x"]) for s in ("refs", "refs_aug") if f"{s}_2x" in arms]
     flags = {
-        "converged": bool(abs(refs_2x - refs) * 100 < CONVERGED_POINTS),
-        "aug_helps": bool(refs_aug > refs),
-        "oracle_helps": bool(oracle > max(refs, refs_aug)),
-        "room": bool((oracle - refs_aug) * 100 >= ROOM_POINTS),
+        "converged": all(rise < max(CONVERGED_POINTS, noise) for rise, noise in rises),
+        "aug_helps": mean["refs_aug"] > mean["refs"],
+        "oracle_helps": mean["oracle"] > max(mean["refs"], mean["refs_aug"]),
+        "room": (mean["oracle"] - mean["refs_aug"]) * 100 >= ROOM_POINTS,
     }
-    return dict(flags, usable=all(flags.values()))
+    overfits = any(rise <= -max(CONVERGED_POINTS, noise) for rise, noise in rises)
+    return dict(flags, usable=all(flags.values()), overfits=overfits)
 
 
 def anchors(
@@ -476,12 +494,13 @@ def anchors(
 
     - refs: the references alone; refs_2x: the same at 2·`steps` (is the judge converged?);
     - refs_aug: the references with `random_affine` augmentation (the practitioner's free alternative);
+      refs_aug_2x: the same at 2·`steps` (is the baseline synthetic data is compared with converged?);
     - oracle: the references + `oracle_extra` (more real labelled target images), augmented like refs_aug
       (the ceiling of the augmented recipe).
 
     Returns {arm: {"accuracies", "mean", "std"}} for ANCHOR_ARMS, the flags of `anchor_flags` at the top
-    level (converged, aug_helps, oracle_helps, usable) and "settings". Domains that are not `usable` should
-    not decide anything: their judge cannot tell real data from none.
+    level (converged, aug_helps, oracle_helps, room, usable, overfits) and "settings". Domains that are not
+    `usable` should not decide anything: their judge cannot tell real data from none.
     """
     if oracle_extra.classes != refs.classes:
         raise InputError(f"oracle images' classes {oracle_extra.classes} differ from the references' {refs.classes}")
@@ -491,12 +510,13 @@ def anchors(
         "refs_aug": (refs, "real", steps),
         "oracle": (_concat(refs, oracle_extra), "real", steps),
         "refs_2x": (refs, "none", 2 * steps),
+        "refs_aug_2x": (refs, "real", 2 * steps),
     }
     out: dict[str, Any] = {}
     for arm, (train, affine, arm_steps) in plan.items():
         runs = [judge(train, None, test, seed, affine=affine, **{**kw, "steps": arm_steps}) for seed in range(seeds)]
         out[arm] = _summary([r["accuracy"] for r in runs])
-    out.update(anchor_flags(*(out[a]["mean"] for a in ANCHOR_ARMS)))
+    out.update(anchor_flags(out))
     out["settings"] = {
         **JUDGE,
         **kw,
@@ -604,8 +624,8 @@ def utility_eval(
     (`JUDGE`; `steps` None: JUDGE_STEPS) with `recipe` and `affine`: (a) the real train part alone, (b) it
     + the run's samples, (c) the samples alone (augmented only under affine "all"), (d) real + the unguided
     run's samples. `anchors_real`: a folder of more real labelled target images (disjoint from the test
-    images): also the judge's anchors on this data (`anchors`: refs, refs_aug, oracle, refs_2x and the
-    flags) and every arm relative to them (`relative`)."""
+    images): also the judge's anchors on this data (`anchors`: refs, refs_aug, oracle, refs_2x, refs_aug_2x
+    and the flags) and every arm relative to them (`relative`)."""
     if recipe not in RECIPES:
         raise InputError(f"unknown recipe {recipe!r}: one of {', '.join(RECIPES)}")
     try:
@@ -681,9 +701,11 @@ def format_table(result: dict[str, Any]) -> str:
     yardstick = result.get("anchors")
     if yardstick:
         lines += ["", "| anchor | held-out accuracy (mean ± std) |", "|---|---|"]
-        for arm in ANCHOR_ARMS:
+        for arm in (a for a in ANCHOR_ARMS if a in yardstick):
             lines.append(f"| {arm} | {yardstick[arm]['mean']:.3f} ± {yardstick[arm]['std']:.3f} |")
-        flags = ", ".join(f"{f} {'yes' if yardstick[f] else 'NO'}" for f in ("converged", "aug_helps", "oracle_helps"))
+        names = ("converged", "aug_helps", "oracle_helps", "room")
+        flags = ", ".join(f"{f} {'yes' if yardstick.get(f, True) else 'NO'}" for f in names)
+        flags += " (more steps overfit the references)" if yardstick.get("overfits") else ""
         verdict = "usable" if yardstick["usable"] else "NOT usable: this judge cannot decide on this data"
         lines += [
             "",
