@@ -345,8 +345,11 @@ def _domain(name: str, args: argparse.Namespace, scorer: Scorer) -> dict[str, An
     if result["anchors"]:  # the flags of today's rule from the cached accuracies
         result["anchors"].update(anchor_flags(result["anchors"]))
     result["labelled"], result["unlabelled"] = {}, {}
-    fixed = {f"s{strength:g}": {"strength": strength} for strength in args.unlabelled_strengths}
-    for variant, arms in (("labelled", LABELLED_ARMS), ("unlabelled", {**UNLABELLED_ARMS, **fixed})):
+    extra = {variant: {a: st for (v, a), st in args.extra_arms.items() if v == variant} for variant in VARIANTS}
+    for variant, arms in (
+        ("labelled", {**LABELLED_ARMS, **extra["labelled"]}),
+        ("unlabelled", {**UNLABELLED_ARMS, **extra["unlabelled"]}),
+    ):
         for arm, settings in arms.items():
             for seed in range(args.gen_seeds):
                 key = f"{variant}/{arm}/seed{seed}"
@@ -619,6 +622,34 @@ def write_grids(results: list[dict[str, Any]], args: argparse.Namespace, folder:
 # ------------------------------------------------------------------------------------------------ main
 
 
+VARIANTS = ("labelled", "unlabelled")
+
+
+def extra_arm(text: str) -> tuple[tuple[str, str], dict[str, Any]]:
+    """`VARIANT/NAME:KEY=VALUE,...` -> ((variant, name), AugmentConfig settings); values read as JSON, else text."""
+    try:
+        head, body = text.split(":", 1)
+        variant, name = head.split("/", 1)
+        pairs = [item.split("=", 1) for item in body.split(",") if item]
+        settings = {key: _json_or_text(value) for key, value in pairs}
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected VARIANT/NAME:KEY=VALUE,...") from None
+    if variant not in VARIANTS or not name or not settings:
+        raise argparse.ArgumentTypeError(f"{text!r}: VARIANT is one of {', '.join(VARIANTS)}, with a name and settings")
+    try:  # a wrong key or value fails here, not an hour into the run
+        AugmentConfig.model_validate({"ref": ".", "out": ".", "n": 1, **settings})
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"{text!r}: {exc}") from None
+    return (variant, name), settings
+
+
+def _json_or_text(value: str) -> Any:
+    try:
+        return json.loads(value)
+    except json.JSONDecodeError:
+        return value
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", type=Path, default=None)
@@ -639,7 +670,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--recipes", nargs="*", default=DEFAULT_ARM_RECIPES, choices=list(RECIPES), help="the default arm's recipes"
     )
     ap.add_argument(
-        "--unlabelled-strengths", type=float, nargs="*", default=[], help="extra unlabelled arms at fixed strengths"
+        "--extra-arms",
+        nargs="*",
+        type=extra_arm,
+        default=[],
+        metavar="VARIANT/NAME:KEY=VALUE,...",
+        help="more arms, e.g. unlabelled/s0.32:strength=0.32 labelled/cfg1:cfg_scale=1,label_filter=false",
     )
     ap.add_argument("--cached-only", action="store_true", help="render what the cache holds; compute nothing")
     ap.add_argument("--rescore", action="store_true", help="recompute the set scores (no training) from the runs")
@@ -648,6 +684,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--threads", type=int, default=None, help="torch threads (1: run two processes side by side)")
     ap.add_argument("--smoke", action="store_true", help="one near and one far domain, tiny: seconds")
     args = ap.parse_args(argv)
+    args.extra_arms = dict(args.extra_arms)
     args.argv = list(argv if argv is not None else sys.argv[1:])
     args.per_class = dict(PER_CLASS)
     if args.smoke:

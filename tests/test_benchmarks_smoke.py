@@ -158,7 +158,7 @@ def test_domain_suite_smoke_runs_the_decision_suite_into_out(tmp_path: Path) -> 
 def test_yardstick_smoke_runs_anchors_arms_curve_and_the_reach_refusal(tmp_path: Path) -> None:
     import yardstick
 
-    report = yardstick.main(["--smoke", "--out", str(tmp_path)])
+    report = yardstick.main(["--smoke", "--out", str(tmp_path), "--extra-arms", "unlabelled/s0.02:strength=0.02"])
     by_domain = {r["domain"]: r for r in report["results"]}
     assert list(by_domain) == ["noise", "fonts", "inverted"]
     for name in ("noise", "fonts"):
@@ -169,14 +169,14 @@ def test_yardstick_smoke_runs_anchors_arms_curve_and_the_reach_refusal(tmp_path:
         assert all({"vs_refs", "vs_aug", "gap_closed"} <= set(d) for d in default["downstream"].values())
         assert 0.0 <= default["garbage"] <= default["off_domain"] <= 1.0 and default["mmd2"] == default["mmd2"]
         assert 0.0 <= default["class_deviation"] <= 1.0
+    assert by_domain["fonts"]["unlabelled"]["unlabelled/s0.02/seed0"]["strength"] == 0.02  # the extra arm
     assert set(by_domain["fonts"]["curve"]["points"]) == {"4", "8"}
     assert "reach" in by_domain["inverted"]
     text = (tmp_path / "results.md").read_text()
     assert "The judge's anchors" in text and "Size curve" in text and "off-domain" in text
     assert (tmp_path / "grids-png" / "fonts.png").stat().st_size > 0
     # --rescore recomputes the set scores from the run folders and keeps the trained numbers
-    first_run = ["--smoke", "--out", str(tmp_path)]
-    again = yardstick.main([*first_run, "--cached-only", "--rescore"])
+    again = yardstick.main(["--out", str(tmp_path), "--cached-only", "--rescore", "--smoke"])
     rescored = {r["domain"]: r for r in again["results"]}["fonts"]["labelled"]["labelled/default/seed0"]
     before = by_domain["fonts"]["labelled"]["labelled/default/seed0"]
     assert rescored["downstream"] == before["downstream"] and rescored["mmd2"] == pytest.approx(before["mmd2"])
