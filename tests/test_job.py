@@ -273,6 +273,24 @@ def test_two_processes_give_the_same_samples_as_one(tiny, tmp_path):
     assert workers == {"rank0", "rank1"}
 
 
+@pytest.mark.slow
+def test_two_cpu_processes_write_the_shipped_priors_bytes(tmp_path):
+    """At the shipped prior's size CPU float reductions depend on the intra-op thread count (the tiny models' do
+    not): the workers take the launcher's, so two processes write what one does, scores included."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # one process with 2 threads against 2 workers (1 thread each before the fix)
+    try:
+        common = dict(ref=str(REPO / "examples" / "thick_digits"), n=64, shard_size=32, steps=10, strength=0.16)
+        common.update(device="cpu", progress="quiet", cache_dir=str(tmp_path / "cache"))
+        run_job(AugmentConfig(out=str(tmp_path / "one"), **common))
+        run_job(AugmentConfig(out=str(tmp_path / "two"), processes=2, **common))
+    finally:
+        torch.set_num_threads(threads)
+    assert shard_bytes(tmp_path / "two") == shard_bytes(tmp_path / "one")
+
+
 def test_holdout_split_is_stratified_deterministic_and_recorded(tiny, tmp_path):
     cfg = tiny_job_config(tiny, tmp_path / "out", n=4, holdout=0.25, guidance="none")
     run_job(cfg)

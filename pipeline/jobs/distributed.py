@@ -40,8 +40,9 @@ def main(argv: list[str] | None = None) -> int:
     device = "cpu" if on_cpu else str(state.device)
     cfg = cfg.model_copy(update={"device": device, "processes": 1})
     logging.basicConfig(level=logging.INFO, format=f"[rank {state.process_index}] %(levelname)s %(message)s")
-    if on_cpu:
-        torch.set_num_threads(max(1, torch.get_num_threads() // max(1, state.num_processes)))
+    if on_cpu:  # the launcher's thread count when it gave one (byte-identical to one process), else a share
+        share = max(1, torch.get_num_threads() // max(1, state.num_processes))
+        torch.set_num_threads(int(spec.get("cpu_threads") or share))
     try:
         run = Run.join(cfg)
         run.ctx.worker = f"rank{state.process_index}"
