@@ -190,7 +190,8 @@ def cached(path: Path, compute: Any) -> Any:
 
 
 def arm_config(root: Path, out: Path, arm: dict[str, Any], args: argparse.Namespace, seed: int, n: int, flat: bool):
-    return AugmentConfig(
+    """The arm's job config: the suite's settings, any of them overridden by the arm's (`steps` too)."""
+    suite = dict(
         ref=str(root / ("refs_flat" if flat else "refs")),
         out=str(out),
         n=n,
@@ -202,8 +203,8 @@ def arm_config(root: Path, out: Path, arm: dict[str, Any], args: argparse.Namesp
         progress="quiet",
         device="cpu",
         **({"pilot_samples": 8, "pilot_max_strength": 0.04} if args.smoke else {}),
-        **arm,
     )
+    return AugmentConfig(**{**suite, **arm})
 
 
 def generate(cfg: AugmentConfig) -> dict[str, Any]:
@@ -253,6 +254,7 @@ class Scorer:
             "garbage": float((off_domain & off_prior).double().mean()),
             "off_domain": float(off_domain.double().mean()),
             "strength": record["summary"].get("strength"),
+            "steps": record["config"]["steps"],
             "pilot_cost_10k": pilot_cost_at(record, JOB_SIZE),
             "seconds": record["summary"].get("seconds", {}).get("total"),
         }
@@ -552,10 +554,11 @@ def _downstream_table(results: list[dict[str, Any]]) -> list[str]:
 def _alignment_table(results: list[dict[str, Any]]) -> list[str]:
     lines = [
         "**Alignment and fidelity** (shipped classifier's features, to the test images; MMD² ratio to the unguided "
-        "arm of the same seed (the references' own row: the real references against the same test images, over the "
-        "unguided arms' mean); garbage: farther from every test image *and* every prior digit than any of them is "
-        "from its nearest other one; off-domain: the same rule against the test images alone; labelled runs: label "
-        "agreement and the largest deviation of the judged class histogram from the references'; the pilot's "
+        "arm of the same seed and sampling steps (the references' own row: the real references against the same "
+        "test images, over the unguided arms' mean); garbage: farther from every test image *and* every prior digit "
+        "than any of them is from its nearest other one; off-domain: the same rule against the test images alone; "
+        "labelled runs: label agreement and the largest deviation of the judged class histogram from the "
+        "references'; the pilot's "
         f"choices per seed and its cost as a share of a {JOB_SIZE:,}-sample job):",
         "",
         "| domain | variant | arm | MMD² ratio | garbage | off-domain | label agreement | class deviation "
@@ -565,10 +568,10 @@ def _alignment_table(results: list[dict[str, Any]]) -> list[str]:
     for r in results:
         for variant in ("labelled", "unlabelled"):
             runs = {k: m for k, m in r.get(variant, {}).items() if m and "mmd2" in m}
-            base = {k.split("/")[2]: m for k, m in runs.items() if k.split("/")[1] == "unguided"}
             arms = dict.fromkeys(k.split("/")[1] for k in runs)
             for arm in arms:
                 ms = {k.split("/")[2]: m for k, m in runs.items() if k.split("/")[1] == arm and "mmd2" in m}
+                base = _unguided_like(runs, next(iter(ms.values())).get("steps"))
                 ratio = _mean([m["mmd2"] / base[s]["mmd2"] for s, m in ms.items() if s in base and base[s].get("mmd2")])
                 strengths = [m.get("strength") for m in ms.values()]
                 if arm == "default":
@@ -584,11 +587,20 @@ def _alignment_table(results: list[dict[str, Any]]) -> list[str]:
                     _fmt(_mean([m.get("pilot_cost_10k") for m in ms.values()]), 3),
                 ]
                 lines.append(f"| {r['domain']} | {variant} | {arm} | " + " | ".join(cells) + " |")
-            unguided = _mean([m["mmd2"] for m in base.values()])
+            unguided = _mean([m["mmd2"] for m in _unguided_like(runs, None).values()])
             if variant == "labelled" and unguided and r.get("refs_mmd2") is not None:
                 cells = [_fmt(r["refs_mmd2"] / unguided), *["–"] * 6]
                 lines.append(f"| {r['domain']} | real | the references | " + " | ".join(cells) + " |")
     return lines
+
+
+def _unguided_like(runs: dict[str, dict[str, Any]], steps: int | None) -> dict[str, dict[str, Any]]:
+    """{seed: metrics} of the unguided arm an arm's MMD² ratio is taken to: the one at the same sampling steps
+    (an extra arm `unguided50` for `steps=50` arms), else `unguided`."""
+    unguided = {k: m for k, m in runs.items() if k.split("/")[1].startswith("unguided")}
+    same = {k: m for k, m in unguided.items() if steps is not None and m.get("steps") == steps}
+    chosen = same or {k: m for k, m in unguided.items() if k.split("/")[1] == "unguided"}
+    return {k.split("/")[2]: m for k, m in chosen.items()}
 
 
 def _curve_lines(results: list[dict[str, Any]]) -> list[str]:

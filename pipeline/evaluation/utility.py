@@ -494,7 +494,7 @@ def anchors(
 
     - refs: the references alone; refs_2x: the same at 2·`steps` (is the judge converged?);
     - refs_aug: the references with `random_affine` augmentation (the practitioner's free alternative);
-      refs_aug_2x: the same at 2·`steps` (is the baseline synthetic data is compared with converged?);
+      refs_aug_2x: the same at 2·`steps` (has the baseline that synthetic data is compared with converged?);
     - oracle: the references + `oracle_extra` (more real labelled target images), augmented like refs_aug
       (the ceiling of the augmented recipe).
 
