@@ -14,9 +14,10 @@ Per domain, in this order (every number cached under <out>/cache as soon as it i
    does not beat both or has no room above augmentation, is flagged and its numbers are not used to decide;
 2. labelled arms (`LABELLED_ARMS`) on the class folders, unlabelled arms (`UNLABELLED_ARMS`) on the same images in
    one folder, each for `--gen-seeds` generation seeds, `--n` kept samples: MMD² in the shipped classifier's
-   features to the test images (ratio to the unguided arm of the same seed), garbage (against the test images
-   and the prior's own digits) and off-domain (against the test images alone), label agreement and the judged
-   class histogram, the pilot's choice and its cost at a 10,000-sample job;
+   features to the test images (ratio to the unguided arm of the same seed and sampling steps), garbage
+   (against the test images and the prior's own digits) and off-domain (against the test images alone), label
+   agreement and the judged class histogram, the pilot's choice and its cost at a 10,000-sample job
+   (`--extra-arms`: more arms, any settings, e.g. the job's default 50 sampling steps where the suite samples 20);
 3. downstream, for labelled arms: the judge trained by each recipe of `--recipes` (the default arm; the others
    by `--recipe`) for `--train-seeds` seeds, reported against the references alone, against the references with
    augmentation, and as the share of the gap from augmentation to the oracle it closes;
@@ -335,7 +336,7 @@ def _domain(name: str, args: argparse.Namespace, scorer: Scorer) -> dict[str, An
     test = folder_images(root / "test", channels=1, size=32)
     oracle = folder_images(root / "oracle", channels=1, size=32)
     result: dict[str, Any] = {"domain": name, "far": name not in NEAR, "reachable": name not in UNREACHABLE}
-    result["refs_mmd2"] = scorer.mmd2(refs.images, test)  # the real references' own distance (a floor for ours)
+    result["refs_mmd2"] = scorer.mmd2(refs.images, test)  # what real target images score
     if name in UNREACHABLE:  # the reach check must refuse: nothing else to measure
         cfg = arm_config(root, args.out / "runs" / name / "reach", {}, args, 0, args.n, flat=False)
         result["reach"] = cached(cache / "reach.json", lambda: _reach(cfg))
