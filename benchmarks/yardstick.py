@@ -230,9 +230,16 @@ class Scorer:
         self.classifier = load_shipped_classifier()
         self.features = classifier_extractor(self.classifier)
         self.prior_feats = self.feats(prior)
+        self._test: tuple[torch.Tensor, torch.Tensor] | None = None  # (a domain's test images, their features)
 
     def feats(self, images: torch.Tensor) -> torch.Tensor:
         return extract(self.features, images)
+
+    def test_feats(self, test: LabelledImages) -> torch.Tensor:
+        """The test images' features, extracted once per domain (every arm and seed is scored against them)."""
+        if self._test is None or self._test[0] is not test.images:
+            self._test = (test.images, self.feats(test.images))
+        return self._test[1]
 
     def digits(self, images: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
@@ -240,13 +247,13 @@ class Scorer:
 
     def mmd2(self, images: torch.Tensor, test: LabelledImages, *feats: torch.Tensor) -> float:
         """Unbiased MMD² in the classifier's features (RBF, the test features' median bandwidth) to the test images."""
-        f_images, f_test = feats or (self.feats(images), self.feats(test.images))
+        f_images, f_test = feats or (self.feats(images), self.test_feats(test))
         return float(M.mmd2_permutation_test(f_images, f_test, n_permutations=0)["mmd2"])
 
     def set_metrics(self, images: torch.Tensor, test: LabelledImages, record: dict[str, Any]) -> dict[str, Any]:
         """MMD² (unbiased, RBF with the test features' median bandwidth) to the test images, garbage (against the
         test images and the prior's digits), off-domain (against the test images), the pilot's cost."""
-        f_syn, f_test = self.feats(images), self.feats(test.images)
+        f_syn, f_test = self.feats(images), self.test_feats(test)
         off_domain = torch.tensor(M.garbage(f_syn, f_test)["mask"])
         off_prior = torch.tensor(M.garbage(f_syn, self.prior_feats)["mask"])
         return {
@@ -336,11 +343,12 @@ def _domain(name: str, args: argparse.Namespace, scorer: Scorer) -> dict[str, An
     test = folder_images(root / "test", channels=1, size=32)
     oracle = folder_images(root / "oracle", channels=1, size=32)
     result: dict[str, Any] = {"domain": name, "far": name not in NEAR, "reachable": name not in UNREACHABLE}
-    result["refs_mmd2"] = scorer.mmd2(refs.images, test)  # what real target images score
     if name in UNREACHABLE:  # the reach check must refuse: nothing else to measure
         cfg = arm_config(root, args.out / "runs" / name / "reach", {}, args, 0, args.n, flat=False)
         result["reach"] = cached(cache / "reach.json", lambda: _reach(cfg))
         return result
+    result["refs_per_class"] = per_class["refs"]
+    result["refs_mmd2"] = scorer.mmd2(refs.images, test)  # what real target images score
     result["anchors"] = cached(
         cache / "anchors.json",
         lambda: anchors(refs, oracle, test, seeds=args.train_seeds, steps=args.judge_steps, **_judge_kw(args)),
@@ -508,8 +516,7 @@ def render(results: list[dict[str, Any]], args: argparse.Namespace, seconds: flo
         marks = ["✓" if a.get(k, True) else "✗" for k in ("converged", "aug_helps", "oracle_helps", "room", "usable")]
         marks[0] += "*" if a.get("converged") and a.get("overfits") else ""
         flags = " | ".join(marks)
-        per_class = a["settings"]["n_refs"] // len(r.get("classes") or range(10))
-        lines.append(f"| {r['domain']} | {'far' if r['far'] else 'near'} | {per_class} | {accs} | {flags} |")
+        lines.append(f"| {r['domain']} | {'far' if r['far'] else 'near'} | {r['refs_per_class']} | {accs} | {flags} |")
     lines += ["", *_downstream_table(results), "", *_alignment_table(results), "", *_curve_lines(results)]
     return "\n".join(lines)
 
